@@ -1,0 +1,50 @@
+# ERNIE 4.5 export toolchain. `make install` once, then `make demo` / `make test-all`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MODEL  ?= baidu/ERNIE-4.5-0.3B-PT
+OUT    ?= artifacts/ernie-4.5-0.3b
+DTYPE  ?= float32
+SYNTH  ?= checkpoints/synthetic-full
+DEMO   ?= artifacts/synthetic-full
+PROMPT ?= Hello from ERNIE
+
+.PHONY: install test test-slow test-all demo export synthetic generate bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build of torch first: a bare `torch` would pull several GB of CUDA packages.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[export,runtime,test]'
+	touch $@
+
+test: install  ## the fast suite (tiny models), under 10 minutes on 2 cores
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install  ## full-size (0.36B) synthetic export, verification and generation
+	$(PY) -m pytest -q -m slow
+
+test-all: install  ## everything; what CI runs
+	$(PY) -m pytest -q
+
+synthetic: install  ## full-size synthetic checkpoint (RANDOM weights)
+	$(PY) -m ernie_export.synthetic --size full --out $(SYNTH)
+
+demo: install  ## offline main job: synthetic full-size checkpoint -> verified ONNX artifact -> generation
+	test -f $(SYNTH)/config.json || $(PY) -m ernie_export.synthetic --size full --out $(SYNTH)
+	$(PY) -m ernie_export --model $(SYNTH) --out $(DEMO) --overwrite
+	$(PY) -m runtime.generate --model $(DEMO) --prompt "$(PROMPT)" --max-new-tokens 32 --greedy
+
+export: install  ## make export MODEL=<dir|hub id> OUT=artifacts/<name> [DTYPE=float16]
+	$(PY) -m ernie_export --model $(MODEL) --out $(OUT) --dtype $(DTYPE)
+
+generate: install
+	$(PY) -m runtime.generate --model $(OUT) --prompt "$(PROMPT)"
+
+bench: install  ## runtime vs eager figures on the demo artifact
+	$(PY) -m runtime.bench --model $(DEMO) --checkpoint $(SYNTH)
+
+clean:
+	rm -rf $(VENV) checkpoints .pytest_cache

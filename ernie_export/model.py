@@ -1,0 +1,195 @@
+"""ERNIE 4.5 dense decoder in plain PyTorch, written for `torch.export`.
+
+In:  `ErnieConfig` and canonical weights (see weights.py).
+Out: `ErnieForCausalLM.forward(input_ids, attention_mask, position_ids, past)` ->
+     `(logits, present)`; the KV cache is an argument, never module state.
+
+Shapes: B batch, S new tokens, P past length (may be 0), T = P + S, H query heads,
+KV key/value heads, G = H // KV, D head_dim (NOT hidden // H for ERNIE 4.5: 16 x 128 != 1024).
+Mirrors transformers' `modeling_ernie4_5.py` numerically: RMSNorm statistics, RoPE (interleaved
+pairs, float32) and softmax (float32) stay in float32 whatever the weight dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ErnieConfig
+
+# Additive mask value: finite and representable in float16, so fully masked (padding) rows give
+# a uniform softmax instead of NaN, and a float16 graph cannot overflow it to -inf.
+MASK_VALUE = -65504.0
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (key, value), each [B, KV, P, D]
+
+
+def rope_inv_freq(cfg: ErnieConfig) -> torch.Tensor:
+    """Inverse frequencies [D/2] (float32) for the config's RoPE type."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    p = cfg.rope_parameters
+    if cfg.rope_type == "linear":
+        inv_freq = inv_freq / p["factor"]
+    elif cfg.rope_type == "llama3":
+        factor, lo, hi = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old_ctx = p["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_ctx / hi) * ~(wavelen > old_ctx / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids [B, S] -> cos, sin [B, 1, S, D/2] in float32."""
+    freqs = position_ids[..., None].float() * inv_freq  # [B, S, D/2]
+    return freqs.cos()[:, None], freqs.sin()[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE: rotate adjacent pairs (x[2i], x[2i+1]) by angle i. x [B, N, S, D]."""
+    xf = x.float().unflatten(-1, (-1, 2))  # [B, N, S, D/2, 2]
+    even, odd = xf[..., 0], xf[..., 1]  # each [B, N, S, D/2]
+    out = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)  # [B, N, S, D/2, 2]
+    return out.flatten(-2).to(x.dtype)  # [B, N, S, D]
+
+
+def attention_bias(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """attention_mask [B, T] (1 real, 0 pad) -> additive float32 bias [B, 1, 1, S, T].
+
+    Query i (of the S new tokens) sits at cache index P + i and may see keys j <= P + i that are not padding.
+    """
+    total = attention_mask.shape[1]
+    key_idx = torch.arange(total, device=attention_mask.device)  # [T]
+    query_idx = torch.arange(seq_len, device=attention_mask.device) + (total - seq_len)  # [S]
+    causal = key_idx[None, :] <= query_idx[:, None]  # [S, T]
+    allowed = causal[None] & (attention_mask[:, None, :] != 0)  # [B, S, T]
+    bias = torch.where(allowed, 0.0, MASK_VALUE).to(torch.float32)
+    return bias[:, None, None]  # [B, 1, 1, S, T]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.use_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.use_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.use_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scaling = cfg.head_dim ** -0.5
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.use_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.use_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.use_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.use_bias)
+
+    def forward(self, x, cos, sin, bias, past: tuple[torch.Tensor, torch.Tensor] | None):
+        b, s, _ = x.shape
+        kv, g, d = self.n_kv, self.n_heads // self.n_kv, self.head_dim
+        q = self.q_proj(x).view(b, s, kv * g, d).transpose(1, 2)  # [B, H, S, D]
+        k = self.k_proj(x).view(b, s, kv, d).transpose(1, 2)  # [B, KV, S, D]
+        v = self.v_proj(x).view(b, s, kv, d).transpose(1, 2)  # [B, KV, S, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)  # [B, KV, T, D]
+            v = torch.cat((past[1], v), dim=2)  # [B, KV, T, D]
+        # GQA without repeating K/V: the G query heads of one KV head form one matmul batch.
+        qg = q.reshape(b, kv, g * s, d)  # [B, KV, G*S, D]
+        scores = torch.matmul(qg, k.transpose(2, 3)) * self.scaling  # [B, KV, G*S, T]
+        scores = scores.float().unflatten(2, (g, s)) + bias  # [B, KV, G, S, T]
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).flatten(2, 3)  # [B, KV, G*S, T]
+        out = torch.matmul(probs, v)  # [B, KV, G*S, D]
+        out = out.view(b, kv * g, s, d).transpose(1, 2).reshape(b, s, kv * g * d)  # [B, S, H*D]
+        return self.o_proj(out), (k, v)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, bias, past):
+        h, present = self.self_attn(self.input_layernorm(x), cos, sin, bias, past)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, present
+
+
+class ErnieModel(nn.Module):
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class ErnieForCausalLM(nn.Module):
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = ErnieModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def lm_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, S] int64
+        attention_mask: torch.Tensor,  # [B, T] int64, 1 real / 0 pad, T = P + S
+        position_ids: torch.Tensor,  # [B, S] int64
+        past: KVCache | None = None,  # per layer ([B, KV, P, D], [B, KV, P, D]); None means P = 0
+        last_only: bool = False,  # logits for the last position only (what generation needs)
+    ) -> tuple[torch.Tensor, KVCache]:
+        x = self.model.embed_tokens(input_ids)  # [B, S, hidden]
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq)  # [B, 1, S, D/2]
+        bias = attention_bias(attention_mask, input_ids.shape[1])  # [B, 1, 1, S, T]
+        present: KVCache = []
+        for i, layer in enumerate(self.model.layers):
+            x, kv = layer(x, cos, sin, bias, None if past is None else past[i])
+            present.append(kv)
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]  # [B, 1, hidden]: left padding keeps every row's last token real
+        logits = F.linear(x, self.lm_weight())  # [B, S or 1, vocab]
+        return logits, present
+
+
+def build_model(cfg: ErnieConfig, weights: dict[str, torch.Tensor]) -> ErnieForCausalLM:
+    """An eval-mode model holding `weights` (dtype taken from the tensors)."""
+    dtype = weights["model.embed_tokens.weight"].dtype
+    with torch.device("meta"):
+        model = ErnieForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.inv_freq = rope_inv_freq(cfg)  # float32 always, recomputed after to_empty
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny synthetic checkpoints built locally at test time (no network)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: full-size (0.36B) synthetic model; CI runs these too")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    from ernie_export.synthetic import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny")
