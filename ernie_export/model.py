@@ -20,8 +20,8 @@ from torch import nn
 
 from .config import ErnieConfig
 
-# Additive mask value: finite and representable in float16, so fully masked (padding) rows give
-# a uniform softmax instead of NaN, and a float16 graph cannot overflow it to -inf.
+# Score of a hidden key: finite and representable in float16. It replaces the score (rather than
+# being added to it), so a fully masked padding row is exactly uniform instead of NaN or noise.
 MASK_VALUE = -65504.0
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (key, value), each [B, KV, P, D]
@@ -60,8 +60,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)  # [B, N, S, D]
 
 
-def attention_bias(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """attention_mask [B, T] (1 real, 0 pad) -> additive float32 bias [B, 1, 1, S, T].
+def attention_allowed(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """attention_mask [B, T] (1 real, 0 pad) -> boolean visibility [B, 1, 1, S, T].
 
     Query i (of the S new tokens) sits at cache index P + i and may see keys j <= P + i that are not padding.
     """
@@ -70,8 +70,7 @@ def attention_bias(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
     query_idx = torch.arange(seq_len, device=attention_mask.device) + (total - seq_len)  # [S]
     causal = key_idx[None, :] <= query_idx[:, None]  # [S, T]
     allowed = causal[None] & (attention_mask[:, None, :] != 0)  # [B, S, T]
-    bias = torch.where(allowed, 0.0, MASK_VALUE).to(torch.float32)
-    return bias[:, None, None]  # [B, 1, 1, S, T]
+    return allowed[:, None, None]  # [B, 1, 1, S, T]
 
 
 class RMSNorm(nn.Module):
@@ -107,8 +106,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.use_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.use_bias)
 
-    def forward(self, x, cos, sin, bias, past: tuple[torch.Tensor, torch.Tensor] | None):
-        b, s, _ = x.shape
+    def forward(self, x, b: int, s: int, cos, sin, allowed, past: tuple[torch.Tensor, torch.Tensor] | None):
+        # x [B*S, hidden]
         kv, g, d = self.n_kv, self.n_heads // self.n_kv, self.head_dim
         q = self.q_proj(x).view(b, s, kv * g, d).transpose(1, 2)  # [B, H, S, D]
         k = self.k_proj(x).view(b, s, kv, d).transpose(1, 2)  # [B, KV, S, D]
@@ -120,10 +119,10 @@ class Attention(nn.Module):
         # GQA without repeating K/V: the G query heads of one KV head form one matmul batch.
         qg = q.reshape(b, kv, g * s, d)  # [B, KV, G*S, D]
         scores = torch.matmul(qg, k.transpose(2, 3)) * self.scaling  # [B, KV, G*S, T]
-        scores = scores.float().unflatten(2, (g, s)) + bias  # [B, KV, G, S, T]
+        scores = torch.where(allowed, scores.float().unflatten(2, (g, s)), MASK_VALUE)  # [B, KV, G, S, T]
         probs = torch.softmax(scores, dim=-1).to(q.dtype).flatten(2, 3)  # [B, KV, G*S, T]
         out = torch.matmul(probs, v)  # [B, KV, G*S, D]
-        out = out.view(b, kv * g, s, d).transpose(1, 2).reshape(b, s, kv * g * d)  # [B, S, H*D]
+        out = out.view(b, kv * g, s, d).transpose(1, 2).reshape(b * s, kv * g * d)  # [B*S, H*D]
         return self.o_proj(out), (k, v)
 
 
@@ -135,8 +134,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, bias, past):
-        h, present = self.self_attn(self.input_layernorm(x), cos, sin, bias, past)
+    def forward(self, x, b, s, cos, sin, allowed, past):  # x [B*S, hidden]
+        h, present = self.self_attn(self.input_layernorm(x), b, s, cos, sin, allowed, past)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, present
@@ -170,18 +169,21 @@ class ErnieForCausalLM(nn.Module):
         past: KVCache | None = None,  # per layer ([B, KV, P, D], [B, KV, P, D]); None means P = 0
         last_only: bool = False,  # logits for the last position only (what generation needs)
     ) -> tuple[torch.Tensor, KVCache]:
-        x = self.model.embed_tokens(input_ids)  # [B, S, hidden]
+        b, s = input_ids.shape
+        # The residual stream is kept 2-D, [B*S, hidden], so every projection is a plain 2-D linear
+        # (ONNX Gemm with transB: the checkpoint's [out, in] weights are used as stored, never transposed).
+        x = self.model.embed_tokens(input_ids).flatten(0, 1)  # [B*S, hidden]
         cos, sin = rope_cos_sin(position_ids, self.inv_freq)  # [B, 1, S, D/2]
-        bias = attention_bias(attention_mask, input_ids.shape[1])  # [B, 1, 1, S, T]
+        allowed = attention_allowed(attention_mask, s)  # [B, 1, 1, S, T]
         present: KVCache = []
         for i, layer in enumerate(self.model.layers):
-            x, kv = layer(x, cos, sin, bias, None if past is None else past[i])
+            x, kv = layer(x, b, s, cos, sin, allowed, None if past is None else past[i])
             present.append(kv)
         x = self.model.norm(x)
         if last_only:
-            x = x[:, -1:]  # [B, 1, hidden]: left padding keeps every row's last token real
-        logits = F.linear(x, self.lm_weight())  # [B, S or 1, vocab]
-        return logits, present
+            x = x.view(b, s, -1)[:, -1]  # [B, hidden]: left padding keeps every row's last token real
+        logits = F.linear(x, self.lm_weight())  # [B*S or B, vocab]
+        return logits.view(b, -1, logits.shape[-1]), present  # [B, S or 1, vocab]
 
 
 def build_model(cfg: ErnieConfig, weights: dict[str, torch.Tensor]) -> ErnieForCausalLM:

@@ -19,3 +19,12 @@ def tiny_ckpt(tmp_path_factory):
     from ernie_export.synthetic import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_ckpt, tmp_path_factory):
+    from ernie_export.build import export_artifact
+
+    out = tmp_path_factory.mktemp("art") / "tiny"
+    export_artifact(str(tiny_ckpt), out, log=lambda m: None)
+    return out

@@ -1,0 +1,47 @@
+"""`python -m ernie_export --model <dir | hub id> --out artifacts/<name>`: export and verify."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+
+from .build import DEFAULT_MODEL, DEFAULT_OPSET, SourceError, export_artifact
+from .config import ConfigError
+from .export import DTYPES
+from .verify import VerificationError
+from .weights import WeightsError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ernie_export",
+                                 description="Export ERNIE 4.5 to prefill/decode ONNX graphs, verified against eager PyTorch.")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or hub id (default: %(default)s)")
+    ap.add_argument("--out", required=True, help="artifact directory to create, e.g. artifacts/ernie-4.5-0.3b")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    ap.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    ap.add_argument("--full-logits", action="store_true", help="logits for every position (evaluation), not just the last")
+    ap.add_argument("--no-verify", action="store_true", help="skip parity verification (the runtime will warn)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
+    args = ap.parse_args(argv)
+    try:
+        export_artifact(args.model, args.out, dtype=args.dtype, opset=args.opset, full_logits=args.full_logits,
+                        run_verify=not args.no_verify, overwrite=args.overwrite)
+    except (SourceError, ConfigError, WeightsError, VerificationError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"error: disk full while writing {args.out}; free space (the full float32 model needs ~1.5 GB) "
+                  "or choose another --out", file=sys.stderr)
+        else:
+            print(f"error: {e.strerror or e} ({getattr(e, 'filename', '')}); check the paths and permissions", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

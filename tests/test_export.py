@@ -1,0 +1,168 @@
+"""`python -m ernie_export`: graphs, shared weights, the manifest contract, verification, atomicity."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from ernie_export import build, verify
+from ernie_export.__main__ import main as export_main
+from ernie_export.build import SourceError, export_artifact
+from runtime.manifest import load_manifest
+from tests.helpers import left_pad, our_model
+
+QUIET = dict(log=lambda m: None)
+ELEM = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT16: "float16",
+        onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def _sig(values):
+    return {v.name: {"dtype": ELEM[v.type.tensor_type.elem_type],
+                     "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values}
+
+
+def test_tiny_export_verified(tiny_artifact):
+    parity = json.loads((tiny_artifact / "parity.json").read_text())
+    assert parity["status"] == "passed"
+    assert parity["prefill_max_abs_diff"] <= 1e-4 and parity["decode_max_abs_diff"] <= 1e-4
+    assert parity["present_max_abs_diff"] <= 1e-4 and parity["greedy_identical"]
+    manifest = load_manifest(tiny_artifact)
+    for role in ("prefill", "decode", "weights", "tokenizer", "chat_template", "generation", "parity"):
+        assert role in manifest["files"]
+    gen = json.loads((tiny_artifact / "generation.json").read_text())
+    assert gen["eos_token_ids"] == [2, 4]  # generation_config </s> and the chat template's <|end_of_sentence|>
+
+
+def test_manifest_contract_matches_graphs(tiny_artifact):
+    """The documented I/O contract is exactly what the graphs declare."""
+    manifest = load_manifest(tiny_artifact)
+    for graph in ("prefill", "decode"):
+        model = onnx.load(str(tiny_artifact / f"{graph}.onnx"), load_external_data=False)
+        contract = manifest["graphs"][graph]
+        assert _sig(model.graph.input) == contract["inputs"]
+        assert _sig(model.graph.output) == contract["outputs"]
+        assert list(contract["inputs"]) == [i.name for i in model.graph.input]
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "standard ONNX ops only"
+
+
+def test_weights_stored_once(tiny_artifact, tiny_ckpt):
+    """Both graphs reference one external file, which holds each parameter once."""
+    refs = {}
+    for graph in ("prefill", "decode"):
+        model = onnx.load(str(tiny_artifact / f"{graph}.onnx"), load_external_data=False)
+        for init in model.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                ext = {e.key: e.value for e in init.external_data}
+                refs.setdefault(init.name, set()).add((ext["location"], int(ext["offset"]), int(ext["length"])))
+    assert {loc for r in refs.values() for loc, _, _ in r} == {"weights.bin"}
+    assert all(len(r) == 1 for r in refs.values()), "a tensor named alike in both graphs is stored once"
+    assert "model.embed_tokens.weight" in refs and "model.layers.1.mlp.down_proj.weight" in refs
+    stored = {(off, length) for r in refs.values() for _, off, length in r}
+    assert len({off for off, _ in stored}) == len(stored)
+    param_bytes = sum(p.numel() * 4 for p in our_model(tiny_ckpt).parameters())
+    assert sum(length for _, length in stored) <= param_bytes
+    assert sorted(p.name for p in tiny_artifact.glob("*.bin")) == ["weights.bin"]
+
+
+def test_decode_graph_accepts_empty_past(tiny_artifact, tiny_ckpt):
+    """past_sequence_length = 0: the decode graph alone can prefill (a fresh chat turn)."""
+    sess = ort.InferenceSession(str(tiny_artifact / "decode.onnx"), providers=["CPUExecutionProvider"])
+    ids, mask, pos = left_pad([[7, 8, 9, 10], [11, 12]])
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+    feeds.update({i.name: np.zeros((2, 2, 0, 32), np.float32) for i in sess.get_inputs() if i.name.startswith("past")})
+    out = sess.run(None, feeds)
+    eager, _ = our_model(tiny_ckpt)(ids, mask, pos, last_only=True)
+    assert out[0].shape == (2, 1, 512) and out[1].shape == (2, 2, 4, 32)
+    assert np.abs(out[0] - eager.numpy()).max() <= 1e-4
+
+
+def test_full_logits_option(tiny_ckpt, tmp_path, tiny_artifact):
+    out = tmp_path / "full"
+    manifest = export_artifact(str(tiny_ckpt), out, full_logits=True, run_verify=False, **QUIET)
+    assert manifest["graphs"]["prefill"]["outputs"]["logits"]["shape"] == ["batch_size", "sequence_length", 512]
+    sess = ort.InferenceSession(str(out / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    ids, mask, pos = left_pad([[5, 6, 7, 8, 9]])
+    logits = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()})[0]
+    eager, _ = our_model(tiny_ckpt)(ids, mask, pos)
+    assert logits.shape == (1, 5, 512) and np.abs(logits - eager.numpy()).max() <= 1e-4
+    assert json.loads((out / "parity.json").read_text())["status"] == "skipped"
+
+
+def test_float16_export_reports_agreement(tiny_ckpt, tmp_path):
+    out = tmp_path / "fp16"
+    manifest = export_artifact(str(tiny_ckpt), out, dtype="float16", **QUIET)
+    parity = json.loads((out / "parity.json").read_text())
+    assert manifest["dtype"] == "float16" and parity["status"] == "passed"
+    assert parity["top1_agreement"] >= 0.99 and 0 < parity["decode_max_abs_diff"] < 0.1
+    assert manifest["graphs"]["decode"]["inputs"]["past_key_values.0.key"]["dtype"] == "float16"
+
+
+def test_bfloat16_export_is_marked_pending_without_cuda(tiny_ckpt, tmp_path):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a CUDA host verifies bfloat16 for real")
+    out = tmp_path / "bf16"
+    export_artifact(str(tiny_ckpt), out, dtype="bfloat16", **QUIET)
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["status"] == "pending" and "CUDA" in parity["reason"]
+
+
+def test_mismatch_fails_export_and_publishes_nothing(tiny_ckpt, tmp_path, monkeypatch):
+    """Verification is not warning-only: a difference above tolerance fails the export."""
+    monkeypatch.setattr(verify, "FP32_TOL", 0.0)
+    out = tmp_path / "bad"
+    with pytest.raises(verify.VerificationError, match="do not match eager"):
+        export_artifact(str(tiny_ckpt), out, **QUIET)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_mid_export_keeps_existing_artifact(tiny_ckpt, tmp_path, monkeypatch):
+    """An interrupted export (even with --overwrite) leaves the old artifact intact and no partial dir."""
+    out = tmp_path / "art"
+    export_artifact(str(tiny_ckpt), out, run_verify=False, **QUIET)
+    before = (out / "manifest.json").read_text()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "verify", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export_artifact(str(tiny_ckpt), out, overwrite=True, **QUIET)
+    assert (out / "manifest.json").read_text() == before
+    load_manifest(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_existing_output_needs_overwrite(tiny_ckpt, tiny_artifact, capsys):
+    assert export_main(["--model", str(tiny_ckpt), "--out", str(tiny_artifact)]) == 1
+    assert "already exists: pass --overwrite" in capsys.readouterr().err
+
+
+def test_bad_model_path_message(tmp_path, capsys):
+    assert export_main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
+    assert "no such checkpoint directory" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_id_refuses_clearly_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(SourceError, match="pass its directory"):
+        build.resolve_checkpoint("baidu/ERNIE-4.5-0.3B-PT")
+
+
+def test_cli_subprocess_offline_hub_default(tmp_path):
+    """The default model is the hub id; offline and uncached it fails with one clear line, exit 1."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", "ernie_export", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, cwd=str(build.Path(__file__).parent.parent))
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("error: cannot get baidu/ERNIE-4.5-0.3B-PT")
+    assert "Traceback" not in r.stderr
