@@ -83,7 +83,7 @@ def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opse
             with stage(f"tracing {name} graph (torch.export -> ONNX opset {opset}, {dtype})", log):
                 graphs[name] = trace(net, name, opset, full_logits)
         with stage("saving graphs with one shared weights file", log):
-            save_graphs(graphs, tmp)
+            weights_index = save_graphs(graphs, tmp)
             del graphs
             roles = {"prefill": "prefill.onnx", "decode": "decode.onnx", "weights": WEIGHTS_FILE}
             roles.update(write_tokenizer_files(ckpt, tmp, cfg))
@@ -95,7 +95,7 @@ def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opse
         (tmp / "parity.json").write_text(json.dumps(report, indent=2))
         roles["parity"] = "parity.json"
         with stage("writing manifest (sizes, SHA-256)", log):
-            manifest = write_manifest(tmp, roles, cfg, dtype, opset, full_logits, source=str(model))
+            manifest = write_manifest(tmp, roles, cfg, dtype, opset, full_logits, str(model), weights_index)
         publish(tmp, out)
     except BaseException as e:
         report = getattr(e, "report", None)

@@ -134,16 +134,18 @@ def _tidy(model: ir.Model, graph: str, cfg: ErnieConfig, full_logits: bool) -> N
     model.graph.name = f"ernie4_5_{graph}"
 
 
-def externalize(models: list[ir.Model], directory: Path) -> str:
+def externalize(models: dict[str, ir.Model], directory: Path) -> dict[str, dict]:
     """Write every large initializer once into `weights.bin` and point all graphs at it.
 
     Identical tensors (same bytes, dtype and shape) in several graphs share one stored copy.
-    Returns the SHA-256 of the weights file (computed while writing).
+    Returns, per graph, name -> {offset, length, dtype, shape}: the runtime maps the file once and
+    hands these tensors to both sessions, so the weights are resident once.
     """
-    digest = hashlib.sha256()
     stored: dict[bytes, int] = {}
+    index: dict[str, dict] = {}
     with open(directory / WEIGHTS_FILE, "wb") as f:
-        for model in models:
+        for graph, model in models.items():
+            index[graph] = {}
             for value in model.graph.initializers.values():
                 tensor = value.const_value
                 if tensor is None or tensor.nbytes < INLINE_BYTES:
@@ -151,22 +153,23 @@ def externalize(models: list[ir.Model], directory: Path) -> str:
                 data = tensor.tobytes()
                 key = hashlib.blake2b(data, digest_size=20).digest() + repr((tensor.dtype, tuple(tensor.shape))).encode()
                 if key not in stored:
-                    pad = -f.tell() % ALIGN
-                    f.write(b"\0" * pad)
-                    digest.update(b"\0" * pad)
+                    f.write(b"\0" * (-f.tell() % ALIGN))
                     stored[key] = f.tell()
                     f.write(data)
-                    digest.update(data)
                 value.const_value = ir.ExternalTensor(WEIGHTS_FILE, stored[key], len(data), tensor.dtype,
                                                       shape=tensor.shape, name=value.name, base_dir=directory)
+                index[graph][value.name] = {"offset": stored[key], "length": len(data),
+                                            "dtype": tensor.dtype.numpy().name, "shape": list(tensor.shape.numpy())}
                 del data
-    return digest.hexdigest()
+    return index
 
 
-def save_graphs(models: dict[str, ir.Model], directory: Path) -> None:
-    externalize(list(models.values()), directory)
+def save_graphs(models: dict[str, ir.Model], directory: Path) -> dict[str, dict]:
+    """Write `<graph>.onnx` for each model over one shared weights file; returns the weights index."""
+    index = externalize(models, directory)
     for name, model in models.items():
         ir.save(model, directory / f"{name}.onnx")
+    return index
 
 
 def eos_ids(ckpt: Path, cfg: ErnieConfig, tokenizer_config: dict, vocab: dict[str, int]) -> list[int]:
@@ -224,17 +227,13 @@ def write_tokenizer_files(ckpt: Path, directory: Path, cfg: ErnieConfig) -> dict
 
 
 def write_manifest(directory: Path, roles: dict[str, str], cfg: ErnieConfig, dtype: str, opset: int,
-                   full_logits: bool, source: str, weights_sha256: str | None = None) -> dict:
+                   full_logits: bool, source: str, weights_index: dict) -> dict:
     import onnx
     import onnxscript
 
     files = {}
     for role, name in roles.items():
-        path = directory / name
-        if role == "weights" and weights_sha256:
-            files[role] = {"path": name, "size": path.stat().st_size, "sha256": weights_sha256}
-        else:
-            files[role] = {"path": name, **file_entry(path)}
+        files[role] = {"path": name, **file_entry(directory / name)}
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -249,6 +248,7 @@ def write_manifest(directory: Path, roles: dict[str, str], cfg: ErnieConfig, dty
         "full_logits": full_logits,
         "graphs": io_contract(cfg, dtype, full_logits),
         "files": files,
+        "weights_index": weights_index,
         "exporter": {"ernie_export": __import__("ernie_export").__version__, "torch": torch.__version__,
                      "onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnx_ir": ir.__version__,
                      "python": platform.python_version()},

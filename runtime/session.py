@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -44,13 +45,38 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return so
 
 
-def open_session(path: Path, provider: str, threads: int | None = None) -> ort.InferenceSession:
+def open_session(path: Path, provider: str, threads: int | None = None,
+                 initializers: dict[str, ort.OrtValue] | None = None) -> ort.InferenceSession:
+    so = session_options(threads)
+    for name, value in (initializers or {}).items():
+        so.add_initializer(name, value)
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-    return ort.InferenceSession(str(path), session_options(threads), providers=providers)
+    return ort.InferenceSession(str(path), so, providers=providers)
+
+
+def map_weights(directory: Path, manifest: dict) -> dict[str, dict[str, ort.OrtValue]]:
+    """Memory-map the weights file ONCE; per graph, zero-copy OrtValues over it.
+
+    Two sessions that each load the external data would map (and count) the weights twice.
+    The OrtValues keep views of the mapping; they must outlive the sessions that use them.
+    """
+    index = manifest.get("weights_index") or {}
+    if not index or manifest.get("dtype") == "bfloat16":  # numpy has no bfloat16; CUDA copies anyway
+        return {}
+    mapping = np.memmap(directory / manifest["files"]["weights"]["path"], dtype=np.uint8, mode="r")
+    values = {}
+    for graph, tensors in index.items():
+        values[graph] = {name: ort.OrtValue.ortvalue_from_numpy(
+            np.ndarray(t["shape"], dtype=t["dtype"], buffer=mapping, offset=t["offset"]))
+            for name, t in tensors.items()}
+    return values
 
 
 def open_sessions(directory: str | Path, manifest: dict, provider: str = "cpu", threads: int | None = None):
+    """(prefill, decode, shared) — keep `shared` alive as long as the sessions."""
     directory = Path(directory)
     files = manifest["files"]
-    return (open_session(directory / files["prefill"]["path"], provider, threads),
-            open_session(directory / files["decode"]["path"], provider, threads))
+    shared = map_weights(directory, manifest) if provider == "cpu" else {}
+    sessions = tuple(open_session(directory / files[g]["path"], provider, threads, shared.get(g))
+                     for g in ("prefill", "decode"))
+    return (*sessions, shared)

@@ -1,0 +1,324 @@
+"""The torch-free driver end to end on the tiny exported model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from runtime import generate as G
+from runtime.chat import ChatTemplateError, StreamText, Text, compile_template
+from runtime.sampling import SamplingParams
+from tests.helpers import hf_model, left_pad, our_model
+
+ROOT = Path(__file__).resolve().parent.parent
+GREEDY = G.Options(max_new_tokens=32)
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_artifact):
+    g = G.load(tiny_artifact, "cpu")
+    g.generation["eos_token_ids"] = []  # compare full 32-token runs; EOS is tested on its own
+    return g
+
+
+def eager_greedy(model, prompt, n):
+    """Reference greedy loop: full recompute each step (no cache), last-position argmax."""
+    ids = list(prompt)
+    for _ in range(n):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model(x, torch.ones_like(x), torch.arange(len(ids))[None])[0] if not hasattr(model, "generate") \
+                else model(input_ids=x).logits
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+PROMPTS = ["Hello world", "The capital of France is", "def hello(name):"]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_greedy_matches_eager_and_transformers(gen, tiny_ckpt, chat):
+    """Guards the whole chain (graphs, IO binding, cache feeding, positions) against the references."""
+    prompt = G.encode_prompt(gen, PROMPTS[0], chat=chat)
+    [r] = G.generate(gen, [prompt], GREEDY)
+    assert len(r.token_ids) == 32
+    assert r.token_ids == eager_greedy(our_model(tiny_ckpt), prompt, 32)
+    assert r.token_ids == eager_greedy(hf_model(tiny_ckpt), prompt, 32)
+
+
+def test_left_padded_batch_equals_each_alone(gen, tiny_ckpt):
+    prompts = [G.encode_prompt(gen, p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) > 1
+    batch = G.generate(gen, prompts, GREEDY)
+    hf = hf_model(tiny_ckpt)
+    for p, r in zip(prompts, batch):
+        [alone] = G.generate(gen, [p], GREEDY)
+        assert r.token_ids == alone.token_ids == eager_greedy(hf, p, 32)
+        assert r.prompt_token_ids == p
+
+
+def test_seeded_sampling_is_reproducible(gen):
+    opts = G.Options(max_new_tokens=24, seed=7, sampling=SamplingParams(do_sample=True, temperature=1.5, top_p=0.95))
+    p = [G.encode_prompt(gen, PROMPTS[1])]
+    a, b = G.generate(gen, p, opts)[0], G.generate(gen, p, opts)[0]
+    c = G.generate(gen, p, replace(opts, seed=8))[0]
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_top_k_1_equals_greedy(gen):
+    p = [G.encode_prompt(gen, PROMPTS[2])]
+    sampled = G.generate(gen, p, G.Options(max_new_tokens=32, seed=3, sampling=SamplingParams(do_sample=True, top_k=1)))
+    assert sampled[0].token_ids == G.generate(gen, p, GREEDY)[0].token_ids
+
+
+def test_stop_string_stops_and_is_excluded(gen):
+    p = [G.encode_prompt(gen, PROMPTS[0])]
+    [full] = G.generate(gen, p, GREEDY)
+    text = full.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop
+    [r] = G.generate(gen, p, replace(GREEDY, stop=(stop,)))
+    assert r.finish_reason == "stop"
+    assert r.text == text[:text.find(stop)]
+    assert stop not in r.text and len(r.token_ids) < 32
+
+
+def test_eos_stops_each_sequence_on_its_own(gen):
+    prompts = [G.encode_prompt(gen, p) for p in PROMPTS[:2]]
+    free = G.generate(gen, prompts, GREEDY)
+    eos = free[0].token_ids[4]
+    gen.generation["eos_token_ids"] = [eos]
+    try:
+        stopped = G.generate(gen, prompts, GREEDY)
+    finally:
+        gen.generation["eos_token_ids"] = []
+    first = free[0].token_ids.index(eos)
+    assert stopped[0].finish_reason == "eos" and stopped[0].token_ids == free[0].token_ids[:first + 1]
+    if eos in free[1].token_ids:
+        assert stopped[1].token_ids == free[1].token_ids[:free[1].token_ids.index(eos) + 1]
+    else:
+        assert stopped[1].finish_reason == "length" and stopped[1].token_ids == free[1].token_ids
+
+
+def test_length_finish_reason_and_timings(gen):
+    [r] = G.generate(gen, [G.encode_prompt(gen, "Hi there")], G.Options(max_new_tokens=5))
+    assert r.finish_reason == "length" and len(r.token_ids) == 5
+    assert set(r.timings) >= {"time_to_first_token_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
+
+
+def test_streamed_text_equals_final_text(gen):
+    chunks = []
+    [r] = G.generate(gen, [G.encode_prompt(gen, PROMPTS[1])], GREEDY, on_text=lambda row, c: chunks.append(c))
+    assert "".join(chunks) == r.text
+
+
+def test_stream_never_splits_a_multibyte_character(gen):
+    """Byte-level tokens split UTF-8 characters; no chunk may carry a replacement character."""
+    text = "你好，世界！ Größe 🙂🚀 done"
+    ids = gen.text.encode(text)
+    assert gen.text.decode(ids[:1]).endswith("\ufffd") or len(ids) > len(text) // 2
+    stream = StreamText(gen.text, [])
+    chunks = [stream.push(t) for t in ids] + [stream.flush()]
+    assert "".join(chunks) == text
+    assert not any("\ufffd" in c for c in chunks)
+
+
+def test_stream_holds_back_a_possible_stop_string(gen):
+    stream = StreamText(gen.text, ["world!"])
+    out = "".join(stream.push(t) for t in gen.text.encode("hello world! more"))
+    assert stream.stopped and out + stream.flush() == "hello " and stream.final == "hello "
+
+
+def test_chat_turns_reuse_cache_and_equal_full_rerun(gen):
+    """Interactive chat feeds only the new turn through decode.onnx; result equals re-running it all."""
+    chat = G.Chat(gen, system="You are terse.")
+    opts = G.Options(max_new_tokens=8)
+    first = chat.turn("Hello there", opts)
+    cached_before = list(chat.token_ids)
+    second = chat.turn("And again?", opts)
+    new_turn = chat.token_ids[len(cached_before):len(chat.token_ids) - len(second.token_ids)]
+    assert chat.token_ids[:len(cached_before)] == cached_before
+    assert len(new_turn) < len(cached_before), "only the new turn is fed"
+    [rerun] = G.generate(gen, [cached_before + new_turn], opts)
+    assert rerun.token_ids == second.token_ids
+    assert first.token_ids == chat.token_ids[len(cached_before) - len(first.token_ids):len(cached_before)]
+    rendered = gen.text.render(chat.messages[:-1])
+    assert rendered.startswith("<|begin_of_sentence|>You are terse.\nUser: Hello there\nAssistant: ")
+    assert rendered.endswith("User: And again?\nAssistant: ")
+
+
+def _conversations():
+    return [
+        ([{"role": "user", "content": "Hi"}], True),
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], True),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+          {"role": "user", "content": "多轮 chat?"}], True),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], False),
+    ]
+
+
+@pytest.mark.parametrize("messages, add_prompt", _conversations())
+def test_chat_template_renders_like_transformers(gen, tiny_ckpt, messages, add_prompt):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_prompt)
+    assert gen.text.render(messages, add_generation_prompt=add_prompt) == expected
+
+
+@pytest.mark.parametrize("template", [
+    "{{ messages.__class__.__mro__[1].__subclasses__() }}",
+    "{{ ''.__class__.__base__.__subclasses__() }}",
+    "{% set x = messages.append(1) %}{{ x }}",
+    "{{ raise_exception('no system role') }}",
+])
+def test_hostile_or_failing_template_is_a_clear_error(gen, template):
+    text = Text(gen.text.tokenizer, template, {})
+    with pytest.raises(ChatTemplateError, match="chat template failed"):
+        text.render([{"role": "user", "content": "hi"}])
+    assert compile_template("{{ 1 + 1 }}").render() == "2"
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+def cli(args, capsys):
+    code = G.main(args)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_cli_json_and_batch(tiny_artifact, capsys):
+    code, out, _ = cli(["--model", str(tiny_artifact), "--prompt", "Hello world", "--prompt", "Hi",
+                        "--greedy", "--max-new-tokens", "6", "--json"], capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(rows) == 2
+    assert set(rows[0]) == {"prompt_token_ids", "token_ids", "text", "finish_reason", "timings"}
+    assert rows[0]["finish_reason"] in ("eos", "length", "stop")
+
+
+def test_cli_stream_equals_plain(tiny_artifact, capsys, tmp_path):
+    base = ["--model", str(tiny_artifact), "--prompt", "Hello", "--greedy", "--max-new-tokens", "12", "--chat"]
+    _, plain, _ = cli(base, capsys)
+    _, streamed, _ = cli(base + ["--stream"], capsys)
+    assert streamed == plain
+    (tmp_path / "p.txt").write_text("Hello\n\nHi there\n")
+    code, out, _ = cli(["--model", str(tiny_artifact), "--prompt-file", str(tmp_path / "p.txt"), "--json",
+                        "--greedy", "--max-new-tokens", "3"], capsys)
+    assert code == 0 and len(out.splitlines()) == 2
+
+
+def _corrupt(src: Path, dst: Path, how: str) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    if how == "no-manifest":
+        (dst / "manifest.json").unlink()
+    elif how == "version":
+        m = json.loads((dst / "manifest.json").read_text())
+        m["format_version"] = 99
+        (dst / "manifest.json").write_text(json.dumps(m))
+    elif how == "size":
+        with open(dst / "tokenizer.json", "a") as f:
+            f.write(" ")
+    elif how == "sha":
+        data = bytearray((dst / "weights.bin").read_bytes())
+        data[100] ^= 0xFF
+        (dst / "weights.bin").write_bytes(bytes(data))
+    elif how == "missing-file":
+        (dst / "decode.onnx").unlink()
+    return dst
+
+
+@pytest.mark.parametrize("how, message", [
+    ("no-manifest", "has no manifest.json"),
+    ("version", "format version 99 is not supported"),
+    ("size", "has 14433 bytes|truncated or modified"),
+    ("sha", "does not match its SHA-256"),
+    ("missing-file", r"decode.onnx \(decode\) is missing"),
+])
+def test_bad_artifacts_are_refused(tiny_artifact, tmp_path, capsys, how, message):
+    bad = _corrupt(tiny_artifact, tmp_path / how, how)
+    code, _, err = cli(["--model", str(bad), "--prompt", "hi"], capsys)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    import re
+    assert re.search(message, err)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "does not exist"),
+])
+def test_missing_artifact_dir(tmp_path, capsys, extra, message):
+    code, _, err = cli(["--model", str(tmp_path / "none"), "--prompt", "hi"] + extra, capsys)
+    assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "   "], "prompt is empty"),
+    (["--prompt", "hi", "--max-new-tokens", "200000"], "exceeds the model's context of 131072"),
+    (["--prompt", "hi", "--temperature", "-0.5"], "--temperature must be >= 0"),
+    (["--prompt", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--prompt", "hi", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--prompt", "hi", "--top-k", "-1"], "--top-k must be >= 0"),
+    (["--prompt", "hi", "--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+])
+def test_bad_requests_are_one_line_errors(tiny_artifact, capsys, args, message):
+    code, out, err = cli(["--model", str(tiny_artifact)] + args, capsys)
+    assert code == 2 and message in err and "Traceback" not in err and out == ""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this host has CUDA")
+def test_cuda_provider_without_cuda_is_an_error(tiny_artifact, capsys):
+    code, _, err = cli(["--model", str(tiny_artifact), "--prompt", "hi", "--provider", "cuda"], capsys)
+    assert code == 2 and "CUDAExecutionProvider is not available" in err and "--provider cpu" in err
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device")
+def test_cuda_greedy_matches_cpu(tiny_artifact):
+    cpu, cuda = G.load(tiny_artifact, "cpu"), G.load(tiny_artifact, "cuda")
+    assert cuda.provider == "cuda"
+    for g in (cpu, cuda):
+        g.generation["eos_token_ids"] = []
+    prompts = [G.encode_prompt(cpu, p) for p in PROMPTS]
+    assert [r.token_ids for r in G.generate(cuda, prompts, GREEDY)] == [r.token_ids for r in G.generate(cpu, prompts, GREEDY)]
+
+
+def test_unverified_artifact_warns(tiny_ckpt, tmp_path, capsys):
+    from ernie_export.build import export_artifact
+
+    out = export_artifact(str(tiny_ckpt), tmp_path / "nv", run_verify=False, log=lambda m: None)
+    assert out["files"]["parity"]
+    code, _, err = cli(["--model", str(tmp_path / "nv"), "--prompt", "hi", "--max-new-tokens", "2"], capsys)
+    assert code == 0 and "warning: " in err and "not verified" in err and "skipped" in err
+
+
+def test_runtime_never_imports_torch(tiny_artifact):
+    """A whole generation in a process where importing torch or transformers fails."""
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "from runtime.generate import main\n"
+        f"rc = main(['--model', {str(tiny_artifact)!r}, '--prompt', 'Hello', '--chat', '--max-new-tokens', '4', '--json'])\n"
+        "assert rc == 0, rc\n"
+        "assert not any(m == 'torch' or m.startswith(('torch.', 'transformers')) for m in sys.modules if sys.modules[m] is not None)\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("ok")
+
+
+def test_cli_subprocess_error_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "runtime.generate", "--model", str(tmp_path), "--prompt", "x"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
