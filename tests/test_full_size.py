@@ -1,0 +1,53 @@
+"""Full-size (0.36B, real ERNIE 4.5 0.3B shapes, random weights) export, verification and generation.
+
+Marked slow (about 3 minutes on 2 cores); `make test-all` and CI run it.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def full_artifact(tmp_path_factory):
+    from ernie_export.build import export_artifact
+    from ernie_export.synthetic import write_checkpoint
+
+    base = tmp_path_factory.mktemp("full")
+    ckpt = write_checkpoint(base / "ckpt", "full")
+    export_artifact(str(ckpt), base / "art", log=lambda m: print(m, file=sys.stderr))
+    return base / "art"
+
+
+def test_full_size_export_verified_and_weights_stored_once(full_artifact):
+    parity = json.loads((full_artifact / "parity.json").read_text())
+    assert parity["status"] == "passed" and parity["greedy_identical"]
+    assert max(parity["prefill_max_abs_diff"], parity["decode_max_abs_diff"], parity["present_max_abs_diff"]) <= 1e-4
+    manifest = json.loads((full_artifact / "manifest.json").read_text())
+    dims = manifest["model"]["dims"]
+    assert (dims["hidden_size"], dims["num_attention_heads"], dims["head_dim"], dims["num_key_value_heads"]) == (1024, 16, 128, 2)
+    params = 103424 * 1024 + 18 * (1024 * 2048 * 2 + 1024 * 256 * 2 + 3 * 1024 * 3072 + 2 * 1024) + 1024
+    total = sum(f.stat().st_size for f in full_artifact.iterdir())
+    assert total <= 1.1 * params * 4, f"artifact {total / 1e9:.2f} GB vs float32 weights {params * 4 / 1e9:.2f} GB"
+
+
+def test_full_size_generation_memory(full_artifact):
+    """Both sessions open, one resident copy of the weights: peak RSS <= 1.25x the weights file."""
+    cmd = [sys.executable, "-m", "runtime.generate", "--model", str(full_artifact), "--prompt", "Hello ERNIE",
+           "--greedy", "--max-new-tokens", "16", "--json", "--provider", "cpu"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["token_ids"]) >= 1 and out["finish_reason"] in ("eos", "length", "stop")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    weights = (full_artifact / "weights.bin").stat().st_size
+    assert peak <= 1.25 * weights, f"peak RSS {peak / 1e9:.2f} GB vs weights {weights / 1e9:.2f} GB"
