@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from runtime.generate import left_pad
 from runtime.session import open_session
 
 from .model import ErnieForCausalLM
@@ -52,16 +53,6 @@ def fixed_prompts(vocab: int) -> list[list[list[int]]]:
     hi = min(vocab, 400)
     draw = lambda n: rng.integers(5, hi, n).tolist()  # noqa: E731
     return [[draw(9)], [draw(4), draw(13), draw(8)]]
-
-
-def left_pad(prompts: list[list[int]], pad_id: int = 0):
-    width = max(map(len, prompts))
-    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = p
-        mask[row, width - len(p):] = 1
-    return ids, mask, np.maximum(mask.cumsum(-1) - 1, 0)
 
 
 def _max_diff(a: np.ndarray, b: torch.Tensor) -> float:

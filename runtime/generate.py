@@ -126,26 +126,37 @@ def _check_request(gen: Generator, prompts: list[list[int]], opts: Options, past
                          "shorten the prompt or lower --max-new-tokens")
 
 
-def generate(gen: Generator, prompts: list[list[int]], opts: Options,
-             on_text: Callable[[int, str], None] | None = None, _state: dict | None = None) -> list[Result]:
-    """Generate for a batch of token prompts (left padded); each row stops on its own.
+def left_pad(prompts: list[list[int]], pad_id: int = 0, past_len: int = 0):
+    """Token lists -> (input_ids [B, S], attention_mask [B, past_len + S], position_ids [B, S]), int64.
 
-    `on_text(row, chunk)` receives UTF-8-safe text as it is produced. `_state` (chat) carries a
-    cache to continue from and receives the final cache.
+    Prompts are left padded so every row's last token is real; positions count real tokens only.
+    A cache of `past_len` real tokens (chat) precedes them.
     """
-    past_len = _state.get("length", 0) if _state else 0
-    _check_request(gen, prompts, opts, past_len)
-    eos = set(gen.generation.get("eos_token_ids", []))
-    pad = gen.generation.get("pad_token_id") or 0
-    rng = np.random.default_rng(opts.seed)
-    b, width = len(prompts), max(map(len, prompts))
-    ids = np.full((b, width), pad, dtype=np.int64)
-    mask = np.zeros((b, past_len + width), dtype=np.int64)
+    width = max(map(len, prompts))
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), past_len + width), dtype=np.int64)
     mask[:, :past_len] = 1
     for row, p in enumerate(prompts):
         ids[row, width - len(p):] = p
         mask[row, past_len + width - len(p):] = 1
-    pos = np.maximum(mask.cumsum(-1) - 1, 0)[:, past_len:]
+    return ids, mask, np.maximum(mask.cumsum(-1) - 1, 0)[:, past_len:]
+
+
+def generate(gen: Generator, prompts: list[list[int]], opts: Options,
+             on_text: Callable[[int, str], None] | None = None, _state: dict | None = None) -> list[Result]:
+    """Generate for a batch of token prompts (left padded); each row stops on its own.
+
+    `on_text(row, chunk)` receives UTF-8-safe text as it is produced. `_state` (chat; {} for a new
+    conversation) carries a cache to continue from and receives the final cache, which then also
+    holds the last generated token.
+    """
+    past_len = _state.get("length", 0) if _state is not None else 0
+    _check_request(gen, prompts, opts, past_len)
+    eos = set(gen.generation.get("eos_token_ids", []))
+    pad = gen.generation.get("pad_token_id") or 0
+    rng = np.random.default_rng(opts.seed)
+    b = len(prompts)
+    ids, mask, pos = left_pad(prompts, pad, past_len)
 
     start = time.perf_counter()
     if _state and _state.get("past") is not None:
@@ -183,7 +194,7 @@ def generate(gen: Generator, prompts: list[list[int]], opts: Options,
                     chunk += streams[row].flush()
             if chunk and on_text:
                 on_text(row, chunk)
-        if all(reasons) and not _state:
+        if all(reasons) and _state is None:
             break
         mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
         pos = pos[:, -1:] + 1

@@ -6,15 +6,10 @@ import torch
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0):
-    """Left-pad token lists -> (input_ids, attention_mask, position_ids), each [B, S] int64."""
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, pos
+    """The runtime's left padding, as torch tensors: (input_ids, attention_mask, position_ids)."""
+    from runtime.generate import left_pad as np_left_pad
+
+    return tuple(torch.from_numpy(a) for a in np_left_pad(prompts, pad_id))
 
 
 def hf_model(ckpt, dtype=torch.float32):

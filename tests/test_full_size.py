@@ -6,7 +6,6 @@ Marked slow (about 3 minutes on 2 cores); `make test-all` and CI run it.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -41,13 +40,20 @@ def test_full_size_export_verified_and_weights_stored_once(full_artifact):
 
 
 def test_full_size_generation_memory(full_artifact):
-    """Both sessions open, one resident copy of the weights: peak RSS <= 1.25x the weights file."""
-    cmd = [sys.executable, "-m", "runtime.generate", "--model", str(full_artifact), "--prompt", "Hello ERNIE",
-           "--greedy", "--max-new-tokens", "16", "--json", "--provider", "cpu"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    """Both sessions open, one resident copy of the weights: peak RSS <= 1.25x the weights file.
+
+    Measured inside the generating process (VmHWM): this pytest process is far larger after the
+    export, and a spawned child's ru_maxrss can inherit that.
+    """
+    r = subprocess.run([sys.executable, "-m", "runtime.generate", "--model", str(full_artifact), "--prompt",
+                        "Hello ERNIE", "--greedy", "--max-new-tokens", "16", "--json", "--provider", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["token_ids"]) >= 1 and out["finish_reason"] in ("eos", "length", "stop")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    r = subprocess.run([sys.executable, "-m", "runtime.bench", "--worker", "ort", "--model", str(full_artifact),
+                        "--len", "128", "--batch", "1", "--new-tokens", "16"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    peak = json.loads(r.stdout.splitlines()[-1])["peak_rss_mb"] * 2**20
     weights = (full_artifact / "weights.bin").stat().st_size
     assert peak <= 1.25 * weights, f"peak RSS {peak / 1e9:.2f} GB vs weights {weights / 1e9:.2f} GB"

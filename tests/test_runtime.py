@@ -145,7 +145,9 @@ def test_chat_turns_reuse_cache_and_equal_full_rerun(gen):
     opts = G.Options(max_new_tokens=8)
     first = chat.turn("Hello there", opts)
     cached_before = list(chat.token_ids)
+    assert chat.state["length"] == len(chat.token_ids), "the cache holds every token, the last reply token too"
     second = chat.turn("And again?", opts)
+    assert chat.state["length"] == len(chat.token_ids)
     new_turn = chat.token_ids[len(cached_before):len(chat.token_ids) - len(second.token_ids)]
     assert chat.token_ids[:len(cached_before)] == cached_before
     assert len(new_turn) < len(cached_before), "only the new turn is fed"
