@@ -32,7 +32,6 @@ WEIGHTS_FILE = "weights.bin"
 ALIGN = 1 << 16
 INLINE_BYTES = 1024  # smaller constants stay inside the graph
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ONNX_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
 def cache_names(n_layers: int, prefix: str) -> list[str]:
@@ -55,10 +54,10 @@ def io_contract(cfg: ErnieConfig, dtype: str, full_logits: bool) -> dict:
         "outputs": {"logits": {"dtype": "float32", "shape": ["batch_size", logits_len, cfg.vocab_size]}},
     }
     for name in cache_names(cfg.num_hidden_layers, "present"):
-        prefill["outputs"][name] = {"dtype": ONNX_DTYPE[dtype], "shape": kv("sequence_length")}
-        decode["outputs"][name] = {"dtype": ONNX_DTYPE[dtype], "shape": kv("total_sequence_length")}
+        prefill["outputs"][name] = {"dtype": dtype, "shape": kv("sequence_length")}
+        decode["outputs"][name] = {"dtype": dtype, "shape": kv("total_sequence_length")}
     for name in cache_names(cfg.num_hidden_layers, "past_key_values"):
-        decode["inputs"][name] = {"dtype": ONNX_DTYPE[dtype], "shape": kv("past_sequence_length")}
+        decode["inputs"][name] = {"dtype": dtype, "shape": kv("past_sequence_length")}
     return {"prefill": prefill, "decode": decode}
 
 

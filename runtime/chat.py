@@ -79,6 +79,7 @@ class StreamText:
     """Incremental detokenisation of one sequence, with stop strings."""
     text: Text
     stops: list[str]
+    live: bool = True  # False: nobody reads chunks, so without stop strings push() skips decoding
     ids: list[int] = field(default_factory=list)
     emitted: int = 0
     stopped: bool = False
@@ -87,6 +88,8 @@ class StreamText:
     def push(self, token: int) -> str:
         """Add a token; return the newly safe text (may be empty). Sets `stopped` on a stop string."""
         self.ids.append(token)
+        if not self.live and not self.stops:
+            return ""  # the text is decoded once, by flush()
         full = self.text.decode(self.ids)
         hits = [full.find(s) for s in self.stops if s and s in full]
         if hits:

@@ -164,7 +164,7 @@ def generate(gen: Generator, prompts: list[list[int]], opts: Options,
     else:
         logits, past = gen.prefill(ids, mask, pos, None)
     prefill_s = time.perf_counter() - start
-    streams = [StreamText(gen.text, list(opts.stop)) for _ in prompts]
+    streams = [StreamText(gen.text, list(opts.stop), live=on_text is not None) for _ in prompts]
     seen = [list(p) for p in prompts]
     reasons: list[str | None] = [None] * b
     out: list[list[int]] = [[] for _ in prompts]
