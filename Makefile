@@ -45,7 +45,7 @@ generate: install
 	$(PY) -m runtime.generate --model $(OUT) --prompt "$(PROMPT)"
 
 bench: install  ## runtime vs eager figures on the demo artifact
-	$(PY) -m runtime.bench --model $(DEMO) --checkpoint $(SYNTH)
+	$(PY) -m tools.bench --model $(DEMO) --checkpoint $(SYNTH)
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

@@ -1,4 +1,8 @@
-"""`python -m ernie_export --model <dir | hub id> --out artifacts/<name>`: export and verify."""
+"""`python -m ernie_export --model <dir | hub id> --out artifacts/<name>`: export and verify.
+
+Only parses flags, calls `build.export_artifact`, and words its errors as one `error:` line
+(exit 1); `python -m ernie_export.verify` re-verifies a published artifact.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,12 @@ import argparse
 import errno
 import sys
 
-from .build import DEFAULT_MODEL, DEFAULT_OPSET, SourceError, export_artifact
+from .artifact import OutputExistsError
+from .build import DEFAULT_MODEL, DEFAULT_OPSET, export_artifact
 from .config import ConfigError
-from .export import DTYPES
+from .trace import DTYPES
 from .verify import VerificationError
-from .weights import WeightsError
+from .weights import SourceError, WeightsError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export_artifact(args.model, args.out, dtype=args.dtype, opset=args.opset, full_logits=args.full_logits,
                         run_verify=not args.no_verify, overwrite=args.overwrite)
-    except (SourceError, ConfigError, WeightsError, VerificationError, FileExistsError, FileNotFoundError) as e:
+    except OutputExistsError as e:
+        print(f"error: {e}: pass --overwrite to replace it, or choose another --out", file=sys.stderr)
+        return 1
+    except (SourceError, ConfigError, WeightsError, VerificationError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

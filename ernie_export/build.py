@@ -1,7 +1,8 @@
 """The export pipeline: checkpoint -> verified artifact directory, stage by stage.
 
 In:  a local checkpoint directory or a Hugging Face hub id, an output path and options.
-Out: the published artifact directory (atomically), its manifest and parity report.
+Out: the published artifact directory (atomically) and its manifest; on any failure nothing is
+     published and an existing artifact at the output path is untouched.
 """
 
 from __future__ import annotations
@@ -13,42 +14,17 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import logging
-
 import torch
 
+from .artifact import WEIGHTS_FILE, describe, publish, save_graphs, staging_dir, write_manifest, write_tokenizer_files
 from .config import load_config
-from .export import DTYPES, WEIGHTS_FILE, publish, save_graphs, staging_dir, trace, write_manifest, write_tokenizer_files
 from .model import build_model
-from .verify import verify
-from .weights import load_weights
+from .trace import DTYPES, trace
+from .verify import verify, write_parity
+from .weights import is_hub_id, load_weights, resolve_checkpoint
 
 DEFAULT_MODEL = "baidu/ERNIE-4.5-0.3B-PT"
 DEFAULT_OPSET = 18
-logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notices
-
-
-class SourceError(RuntimeError):
-    """The --model argument names nothing we can load."""
-
-
-def resolve_checkpoint(model: str) -> Path:
-    """A local directory as is; otherwise a hub id through huggingface_hub's cache or a download."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise SourceError(f"--model {model}: no such checkpoint directory; pass a directory containing config.json "
-                          "and *.safetensors, or a hub id like baidu/ERNIE-4.5-0.3B-PT")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
-    try:
-        return Path(snapshot_download(model, allow_patterns=patterns))
-    except Exception as e:  # offline, no cache, unknown repo, gated, ...
-        raise SourceError(f"cannot get {model} from the Hugging Face hub or its local cache ({type(e).__name__}); "
-                          "with no network, download the checkpoint elsewhere and pass its directory: "
-                          "--model /path/to/ERNIE-4.5-0.3B-PT") from None
 
 
 @contextmanager
@@ -59,13 +35,21 @@ def stage(label: str, log):
     log(f"[export] {label}: {time.perf_counter() - start:.1f}s")
 
 
+def source_of(model: str) -> dict:
+    """What the manifest records about the source: a hub id as given; a local checkpoint by its
+    directory name only (an absolute build path says nothing on another host, and leaks)."""
+    if is_hub_id(model):
+        return {"source": model, "source_kind": "hub"}
+    return {"source": Path(model).expanduser().resolve().name, "source_kind": "local"}
+
+
 def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opset: int = DEFAULT_OPSET,
                     full_logits: bool = False, run_verify: bool = True, overwrite: bool = False,
                     log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
     """Export, verify and publish; returns the manifest. Nothing is left behind on failure."""
     out = Path(out)
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+        raise ValueError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     ckpt = resolve_checkpoint(model)
     t0 = time.perf_counter()
     tmp = staging_dir(out, overwrite)
@@ -76,7 +60,7 @@ def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opse
             eager32 = build_model(cfg, weights)
             net = eager32 if dtype == "float32" else build_model(cfg, {k: v.to(DTYPES[dtype]) for k, v in weights.items()})
             del weights
-            if (ckpt / "config.json").read_text().find("RANDOM weights") >= 0:
+            if cfg.synthetic:
                 log("[export] note: this is a synthetic checkpoint with RANDOM weights")
         graphs = {}
         for name in ("prefill", "decode"):
@@ -87,15 +71,16 @@ def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opse
             del graphs
             roles = {"prefill": "prefill.onnx", "decode": "decode.onnx", "weights": WEIGHTS_FILE}
             roles.update(write_tokenizer_files(ckpt, tmp, cfg))
+            roles["parity"] = "parity.json"
+            manifest = describe(cfg, dtype, opset, full_logits, source_of(model), roles, weights_index)
         if run_verify:
             with stage("verifying against eager PyTorch (onnx.checker, ONNX Runtime parity)", log):
-                report = verify(tmp, eager32, dtype)
+                report = verify(tmp, manifest, eager32)
         else:
             report = {"dtype": dtype, "status": "skipped", "reason": "exported with --no-verify"}
-        (tmp / "parity.json").write_text(json.dumps(report, indent=2))
-        roles["parity"] = "parity.json"
+        write_parity(tmp, report)
         with stage("writing manifest (sizes, SHA-256)", log):
-            manifest = write_manifest(tmp, roles, cfg, dtype, opset, full_logits, str(model), weights_index)
+            manifest = write_manifest(tmp, manifest)
         publish(tmp, out)
     except BaseException as e:
         report = getattr(e, "report", None)

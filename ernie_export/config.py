@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SUPPORTED_MODEL_TYPES = ("ernie4_5",)
@@ -46,20 +46,16 @@ class ErnieConfig:
     rope_theta: float = 500000.0
     rope_type: str = "default"
     rope_parameters: dict = field(default_factory=dict)  # the whole rope dict, for scaled types
-    hidden_act: str = "silu"
     use_bias: bool = False
     tie_word_embeddings: bool = True
-    torch_dtype: str = "bfloat16"
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = 0
+    synthetic: bool = False  # written by ernie_export.synthetic: RANDOM weights, output is noise
 
     @property
     def num_kv_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _rope(raw: dict) -> tuple[float, str, dict]:
@@ -132,10 +128,10 @@ def parse_config(raw: dict) -> ErnieConfig:
         rope_parameters=rope_params,
         use_bias=bool(raw.get("use_bias", False)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-        torch_dtype=str(raw.get("torch_dtype", raw.get("dtype", "bfloat16"))),
         bos_token_id=raw.get("bos_token_id", 1),
         eos_token_id=raw.get("eos_token_id", 2),
         pad_token_id=raw.get("pad_token_id", 0),
+        synthetic=bool(raw.get("synthetic")),
     )
 
 

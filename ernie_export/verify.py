@@ -1,17 +1,30 @@
-"""Verify an exported artifact against the eager model it came from.
+"""Verify an artifact against the eager model it came from — at export, or again later elsewhere.
 
-In:  the staging directory holding prefill.onnx / decode.onnx, the eager float32 model, the dtype.
+In:  an artifact directory (staged or published) with its manifest, the eager float32 model, and
+     an ONNX Runtime provider.
 Out: a parity report (written to `parity.json`); `VerificationError` when any check fails.
 
-Checks: `onnx.checker` (full) and strict shape inference on both graphs; then ONNX Runtime runs
-the graphs on fixed prompts (one alone, one left-padded batch). float32: max abs logit difference
-<= 1e-4 at prefill and each of 16 chained decode steps (the graph's own presents fed back), every
-present within 1e-4, identical greedy tokens for 32 steps. float16/bfloat16: max abs difference
-and top-1 agreement against float32 eager (teacher-forced), failing below 99%.
+Checks: `onnx.checker` (full) and strict shape inference on both graphs; then the runtime's own
+decode loop (`runtime.step.decode_loop`, the sessions opened as the runtime opens them) runs the
+graphs on fixed prompts (one alone, one left-padded batch), teacher-forced on eager's greedy
+tokens. float32: max abs logit difference <= 1e-4 at prefill and each of 16 chained decode steps
+(the graph's own presents fed back), every present within 1e-4, identical greedy tokens for 32
+steps. float16/bfloat16: max abs difference and top-1 agreement against float32 eager, failing
+below 99%.
+
+    python -m ernie_export.verify --model ARTIFACT [--checkpoint DIR | HUB_ID] [--provider cuda]
+
+re-verifies a published artifact (e.g. a bfloat16 export whose status is `pending` until a CUDA
+host runs it) and atomically replaces its `parity.json` and manifest with the new result.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,31 +33,36 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from runtime.generate import left_pad
-from runtime.session import open_session
+from runtime.contract import GRAPHS, MANIFEST, PAST, ArtifactError, cache_names, load_manifest
+from runtime.session import PROVIDERS, ProviderError, open_model, resolve_provider
+from runtime.step import KVCache, Model, decode_loop, left_pad
 
-from .model import ErnieForCausalLM
+from .artifact import publish, staging_dir, write_manifest
+from .config import ConfigError, ErnieConfig, load_config
+from .model import ErnieForCausalLM, build_model
+from .weights import SourceError, WeightsError, load_weights, resolve_checkpoint
 
 FP32_TOL = 1e-4
 CHECKED_STEPS = 16
 GREEDY_STEPS = 32
 MIN_TOP1 = 0.99
+PARITY_FILE = "parity.json"
 
 
 class VerificationError(RuntimeError):
     """The exported graphs do not match the eager model."""
 
 
-def check_onnx(directory: Path) -> None:
-    for name in ("prefill.onnx", "decode.onnx"):
-        path = directory / name
+def check_onnx(directory: Path, manifest: dict) -> None:
+    for graph in GRAPHS:
+        path = directory / manifest["files"][graph]["path"]
         try:
             onnx.checker.check_model(str(path), full_check=True)
             with tempfile.TemporaryDirectory() as tmp:
-                onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / name), check_type=True,
+                onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / path.name), check_type=True,
                                                        strict_mode=True, data_prop=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-            raise VerificationError(f"{name} fails the ONNX checker: {str(e).splitlines()[0]}") from None
+            raise VerificationError(f"{path.name} fails the ONNX checker: {str(e).splitlines()[0]}") from None
 
 
 def fixed_prompts(vocab: int) -> list[list[list[int]]]:
@@ -59,59 +77,59 @@ def _max_diff(a: np.ndarray, b: torch.Tensor) -> float:
     return float(np.abs(a.astype(np.float32) - b.float().numpy()).max())
 
 
-def compare(prefill: ort.InferenceSession, decode: ort.InferenceSession, eager: ErnieForCausalLM,
-            prompts: list[list[int]], steps: int) -> dict:
-    """Run both sides teacher-forced on eager's greedy tokens; collect differences and top-1 agreement."""
-    n = eager.config.num_hidden_layers
-    ids, mask, pos = left_pad(prompts)
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-    outs = prefill.run(None, feeds)
+def compare(model: Model, eager: ErnieForCausalLM, prompts: list[list[int]], steps: int) -> dict:
+    """Run the runtime's decode loop teacher-forced on eager's greedy tokens; collect differences."""
+    ids, mask, pos = map(torch.from_numpy, left_pad(prompts))
     with torch.no_grad():
-        e_logits, e_past = eager(*map(torch.from_numpy, (ids, mask, pos)), last_only=True)
-    logit_diffs = [_max_diff(outs[0][:, -1], e_logits[:, -1])]
-    present_diff = max(_max_diff(outs[1 + i], t) for i, t in enumerate(x for kv in e_past for x in kv))
-    agree = total = 0
-    mismatch_step = None
-    for step in range(steps):
+        e_logits, e_past = eager(ids, mask, pos, last_only=True)
+    names = cache_names(eager.config.num_hidden_layers, PAST)
+    stats = {"logit_diffs": [], "present_diff": 0.0, "agree": 0, "total": 0, "mismatch_step": None, "step": 0}
+
+    def pick(logits: np.ndarray, cache: KVCache) -> tuple[np.ndarray, bool]:
+        nonlocal e_logits, e_past
+        step = stats["step"]
+        if step <= CHECKED_STEPS:  # prefill, then the first CHECKED_STEPS decode steps
+            stats["logit_diffs"].append(_max_diff(logits, e_logits[:, -1]))
+            eager_cache = (t for kv in e_past for t in kv)
+            stats["present_diff"] = max(stats["present_diff"], max(
+                _max_diff(cache.values[name].numpy(), t) for name, t in zip(names, eager_cache)))
         e_next = e_logits[:, -1].argmax(-1).numpy()
-        o_next = outs[0][:, -1].argmax(-1)
-        agree += int((e_next == o_next).sum())
-        total += len(e_next)
-        if mismatch_step is None and (e_next != o_next).any():
-            mismatch_step = step
-        token = e_next[:, None].astype(np.int64)
-        mask = np.concatenate([mask, np.ones_like(token)], axis=1)
-        pos = pos[:, -1:] + 1
-        feeds = {"input_ids": token, "attention_mask": mask, "position_ids": pos}
-        feeds.update({f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}": outs[1 + i] for i in range(2 * n)})
-        outs = decode.run(None, feeds)
+        same = e_next == logits.argmax(-1)
+        stats["agree"] += int(same.sum())
+        stats["total"] += len(same)
+        if stats["mismatch_step"] is None and not same.all():
+            stats["mismatch_step"] = step
+        token = torch.from_numpy(e_next[:, None].astype(np.int64))
+        grown = torch.from_numpy(np.concatenate([cache.mask, np.ones((len(e_next), 1), np.int64)], axis=1))
         with torch.no_grad():
-            e_logits, e_past = eager(*map(torch.from_numpy, (token, mask, pos)), e_past, last_only=True)
-        if step < CHECKED_STEPS:
-            logit_diffs.append(_max_diff(outs[0][:, -1], e_logits[:, -1]))
-            present_diff = max(present_diff, max(_max_diff(outs[1 + i], t)
-                                                 for i, t in enumerate(x for kv in e_past for x in kv)))
-    return {"prefill_max_abs_diff": logit_diffs[0], "decode_max_abs_diff": max(logit_diffs[1:]),
-            "present_max_abs_diff": present_diff, "top1_agreement": agree / total, "top1_total": total,
-            "first_greedy_mismatch_step": mismatch_step}
+            e_logits, e_past = eager(token, grown, torch.from_numpy(cache.next_positions()), e_past, last_only=True)
+        stats["step"] += 1
+        return e_next.astype(np.int64), step == steps - 1
+
+    decode_loop(model, prompts, pick)
+    return {"prefill_max_abs_diff": stats["logit_diffs"][0], "decode_max_abs_diff": max(stats["logit_diffs"][1:]),
+            "present_max_abs_diff": stats["present_diff"], "top1_agreement": stats["agree"] / stats["total"],
+            "top1_total": stats["total"], "first_greedy_mismatch_step": stats["mismatch_step"]}
 
 
-def verify(directory: Path, eager32: ErnieForCausalLM, dtype: str) -> dict:
-    """Run every check; return the report or raise VerificationError."""
-    check_onnx(directory)
+def _default_provider(dtype: str) -> str:
+    cuda = PROVIDERS["cuda"] in ort.get_available_providers()
+    return "cuda" if dtype == "bfloat16" and cuda else "cpu"
+
+
+def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider: str | None = None) -> dict:
+    """Run every check on the graphs `manifest` describes; return the report or raise VerificationError."""
+    dtype = manifest["dtype"]
+    check_onnx(directory, manifest)
     report: dict = {"dtype": dtype, "onnx_checker": "passed", "tolerance": FP32_TOL if dtype == "float32" else None}
-    providers = ort.get_available_providers()
-    if dtype == "bfloat16":
-        if "CUDAExecutionProvider" not in providers:
-            report.update(status="pending", reason="ONNX Runtime's CPU provider has no bfloat16 kernels; "
-                          "verification is pending a CUDA host (run `python -m ernie_export.verify` there)")
-            return report
-        provider = "cuda"
-    else:
-        provider = "cpu"
-    prefill, decode = (open_session(directory / f"{g}.onnx", provider) for g in ("prefill", "decode"))
-    runs = [compare(prefill, decode, eager32, p, GREEDY_STEPS) for p in fixed_prompts(eager32.config.vocab_size)]
-    merged = {
+    provider = provider or _default_provider(dtype)
+    if dtype == "bfloat16" and provider == "cpu":
+        report.update(status="pending", reason="ONNX Runtime's CPU provider has no bfloat16 kernels; verification "
+                      "is pending a CUDA host (run `python -m ernie_export.verify --model ARTIFACT --provider cuda` there)")
+        return report
+    model = open_model(directory, manifest, provider)
+    runs = [compare(model, eager32, p, GREEDY_STEPS) for p in fixed_prompts(eager32.config.vocab_size)]
+    report.update({
         "provider": provider,
         "prefill_max_abs_diff": max(r["prefill_max_abs_diff"] for r in runs),
         "decode_max_abs_diff": max(r["decode_max_abs_diff"] for r in runs),
@@ -119,13 +137,12 @@ def verify(directory: Path, eager32: ErnieForCausalLM, dtype: str) -> dict:
         "top1_agreement": sum(r["top1_agreement"] * r["top1_total"] for r in runs) / sum(r["top1_total"] for r in runs),
         "greedy_steps": GREEDY_STEPS, "checked_decode_steps": CHECKED_STEPS,
         "greedy_identical": all(r["first_greedy_mismatch_step"] is None for r in runs),
-    }
-    report.update(merged)
+    })
     if dtype == "float32":
         failures = [f"{k} {report[k]:.3g} > {FP32_TOL}" for k in
                     ("prefill_max_abs_diff", "decode_max_abs_diff", "present_max_abs_diff") if report[k] > FP32_TOL]
         if not report["greedy_identical"]:
-            failures.append("greedy tokens differ from eager within 32 steps")
+            failures.append(f"greedy tokens differ from eager within {GREEDY_STEPS} steps")
     else:
         failures = [] if report["top1_agreement"] >= MIN_TOP1 else [
             f"top-1 agreement {report['top1_agreement']:.2%} < {MIN_TOP1:.0%}"]
@@ -135,3 +152,85 @@ def verify(directory: Path, eager32: ErnieForCausalLM, dtype: str) -> dict:
         err.report = report
         raise err
     return report
+
+
+def write_parity(directory: Path, report: dict) -> None:
+    (directory / PARITY_FILE).write_text(json.dumps(report, indent=2))
+
+
+class CheckpointNeeded(SourceError):
+    """The artifact came from a local checkpoint, and no checkpoint was given."""
+
+
+def _checkpoint_for(manifest: dict, checkpoint: str | None) -> tuple[Path, ErnieConfig]:
+    model = manifest["model"]
+    if checkpoint is None and model.get("source_kind") != "hub":
+        raise CheckpointNeeded(f"the artifact was exported from a local checkpoint ({model.get('source')}); "
+                               "give the directory of that checkpoint")
+    ckpt = resolve_checkpoint(checkpoint or model["source"])
+    cfg = load_config(ckpt)
+    dims = model["dims"]
+    wrong = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads", "num_key_value_heads", "head_dim") if getattr(cfg, k) != dims[k]]
+    if wrong:
+        raise SourceError(f"checkpoint {ckpt} is not the one this artifact came from ({', '.join(wrong)} differ)")
+    return ckpt, cfg
+
+
+def reverify(artifact: str | Path, checkpoint: str | None = None, provider: str = "auto") -> dict:
+    """Verify a published artifact on `provider`, then atomically replace its parity.json and manifest.
+
+    The new directory is staged next to the artifact with hard links to the unchanged files, and
+    swapped in by the same `publish()` an export uses. A failed verification is recorded too (the
+    runtime then warns), and raised.
+    """
+    artifact = Path(artifact)
+    manifest = load_manifest(artifact)
+    ckpt, cfg = _checkpoint_for(manifest, checkpoint)
+    device = resolve_provider(provider)
+    eager32 = build_model(cfg, load_weights(ckpt, cfg, torch.float32))
+    error = None
+    try:
+        report = verify(artifact, manifest, eager32, device)
+    except VerificationError as e:
+        report, error = e.report, e
+    tmp = staging_dir(artifact, overwrite=True)
+    try:
+        for entry in manifest["files"].values():
+            if entry["path"] != PARITY_FILE:
+                os.link(artifact / entry["path"], tmp / entry["path"])
+        write_parity(tmp, report)
+        write_manifest(tmp, manifest)
+        publish(tmp, artifact)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if error is not None:
+        raise error
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ernie_export.verify", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="published artifact directory")
+    ap.add_argument("--checkpoint", help="the checkpoint it was exported from (default: the manifest's hub id)")
+    ap.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+    args = ap.parse_args(argv)
+    try:
+        report = reverify(args.model, args.checkpoint, args.provider)
+    except CheckpointNeeded as e:
+        print(f"error: {e}: pass --checkpoint DIR", file=sys.stderr)
+        return 1
+    except (ArtifactError, SourceError, ConfigError, WeightsError, VerificationError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ProviderError as e:
+        print(f"error: --provider {e.provider}: {e.problem}", file=sys.stderr)
+        return 1
+    print(f"{args.model}: parity {report['status']} on {report.get('provider', 'no provider')} "
+          f"(written to {PARITY_FILE} and {MANIFEST})")
+    return 0 if report["status"] == "passed" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
-"""Load ERNIE 4.5 weights from safetensors into the canonical (Hugging Face) names.
+"""Find a checkpoint, and load ERNIE 4.5 weights from safetensors into the canonical (Hugging Face) names.
 
-In:  a checkpoint directory with `model.safetensors` or a sharded `model.safetensors.index.json`;
+In:  a local directory or a hub id (`resolve_checkpoint`); a checkpoint directory with `model.safetensors` or a sharded `model.safetensors.index.json`;
      tensors in bfloat16, float16 or float32; names either `model.*` or the original release's
      `ernie.*` with fused `qkv_proj` / `up_gate_proj`; `lm_head.weight` optional when tied.
 Out: {canonical name: tensor} checked against the config — every missing, unexpected and
@@ -21,6 +21,34 @@ from .config import ErnieConfig
 
 class WeightsError(ValueError):
     """The checkpoint's tensors do not match its config; the message lists every problem."""
+
+
+class SourceError(RuntimeError):
+    """The model argument names nothing we can load."""
+
+
+def is_hub_id(model: str) -> bool:
+    path = Path(model).expanduser()
+    return not path.exists() and not model.startswith((".", "/", "~")) and model.count("/") == 1
+
+
+def resolve_checkpoint(model: str) -> Path:
+    """A local directory as is; otherwise a hub id through huggingface_hub's cache or a download."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if not is_hub_id(model):
+        raise SourceError(f"{model}: no such checkpoint directory; pass a directory containing config.json "
+                          "and *.safetensors, or a hub id like baidu/ERNIE-4.5-0.3B-PT")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+    try:
+        return Path(snapshot_download(model, allow_patterns=patterns))
+    except Exception as e:  # offline, no cache, unknown repo, gated, ...
+        raise SourceError(f"cannot get {model} from the Hugging Face hub or its local cache ({type(e).__name__}); "
+                          "with no network, download the checkpoint elsewhere and pass its directory "
+                          "(e.g. /path/to/ERNIE-4.5-0.3B-PT)") from None
 
 
 def expected_shapes(cfg: ErnieConfig) -> dict[str, tuple[int, ...]]:

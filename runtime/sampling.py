@@ -12,8 +12,19 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class OptionError(ValueError):
+    """A generation option with a value it cannot take. Says which option, in the API's own name;
+    front ends word it their way (the CLI as `--top-p`, the server as a request field)."""
+
+    def __init__(self, option: str, problem: str):
+        super().__init__(f"{option} {problem}")
+        self.option, self.problem = option, problem
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """How the next token is chosen. These field defaults mean "off" (greedy, no filtering); the
+    defaults a user gets come from the artifact, through `Options.from_artifact`."""
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0  # 0: off
@@ -22,13 +33,13 @@ class SamplingParams:
 
     def validate(self) -> "SamplingParams":
         if not self.temperature >= 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+            raise OptionError("temperature", f"must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise OptionError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"--top-k must be >= 0, got {self.top_k}")
+            raise OptionError("top_k", f"must be >= 0, got {self.top_k}")
         if not self.repetition_penalty > 0:
-            raise ValueError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+            raise OptionError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
         return self
 
     @property

@@ -1,7 +1,8 @@
 """ONNX Runtime sessions for an artifact's two graphs.
 
-In:  an artifact directory, its validated manifest, a provider choice (auto | cpu | cuda).
-Out: (prefill, decode) `InferenceSession`s that share one memory-mapped weights file.
+In:  an artifact directory, its manifest, a provider choice (auto | cpu | cuda).
+Out: a `Model` (step.py): the prefill and decode sessions, sharing one memory-mapped weights file,
+     each checked against the manifest's I/O section before use.
 
 Weight prepacking is off: each session would otherwise keep its own packed copy of every
 weight (2x the weight bytes for two sessions). Measured here, the Gemm(transB) graphs lose
@@ -16,11 +17,18 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .contract import GRAPHS, GraphIO, check_cache_pairing
+from .step import Model, Step
+
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 class ProviderError(RuntimeError):
     """The requested execution provider cannot be used on this host."""
+
+    def __init__(self, provider: str, problem: str):
+        super().__init__(f"provider {provider}: {problem}")
+        self.provider, self.problem = provider, problem
 
 
 def resolve_provider(choice: str) -> str:
@@ -29,10 +37,10 @@ def resolve_provider(choice: str) -> str:
     if choice == "auto":
         return "cuda" if PROVIDERS["cuda"] in available else "cpu"
     if choice not in PROVIDERS:
-        raise ProviderError(f"unknown provider {choice!r}: use auto, cpu or cuda")
+        raise ProviderError(choice, "unknown; use auto, cpu or cuda")
     if PROVIDERS[choice] not in available:
-        raise ProviderError(f"--provider {choice}: {PROVIDERS[choice]} is not available in this onnxruntime "
-                            f"(available: {', '.join(available)}); install onnxruntime-gpu on a CUDA host, or use --provider cpu")
+        raise ProviderError(choice, f"{PROVIDERS[choice]} is not available in this onnxruntime (available: "
+                            f"{', '.join(available)}); install onnxruntime-gpu on a CUDA host, or use the cpu provider")
     return choice
 
 
@@ -72,11 +80,17 @@ def map_weights(directory: Path, manifest: dict) -> dict[str, dict[str, ort.OrtV
     return values
 
 
-def open_sessions(directory: str | Path, manifest: dict, provider: str = "cpu", threads: int | None = None):
-    """(prefill, decode, shared) — keep `shared` alive as long as the sessions."""
+def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", threads: int | None = None) -> Model:
+    """Both graphs over the shared weights, each session's I/O checked against the manifest."""
     directory = Path(directory)
-    files = manifest["files"]
     shared = map_weights(directory, manifest) if provider == "cpu" else {}
-    sessions = tuple(open_session(directory / files[g]["path"], provider, threads, shared.get(g))
-                     for g in ("prefill", "decode"))
-    return (*sessions, shared)
+    vocab, full = manifest["model"]["dims"]["vocab_size"], manifest.get("full_logits", False)
+    steps = []
+    for graph in GRAPHS:
+        io = GraphIO.from_manifest(manifest, graph)
+        path = directory / manifest["files"][graph]["path"]
+        session = open_session(path, provider, threads, shared.get(graph))
+        io.check_session(session, path)
+        steps.append(Step(session, io, provider, vocab, full))
+    check_cache_pairing(steps[0].io, steps[1].io)
+    return Model(*steps, weights=shared)

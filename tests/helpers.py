@@ -7,7 +7,7 @@ import torch
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0):
     """The runtime's left padding, as torch tensors: (input_ids, attention_mask, position_ids)."""
-    from runtime.generate import left_pad as np_left_pad
+    from runtime.step import left_pad as np_left_pad
 
     return tuple(torch.from_numpy(a) for a in np_left_pad(prompts, pad_id))
 

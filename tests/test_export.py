@@ -14,8 +14,9 @@ import torch
 
 from ernie_export import build, verify
 from ernie_export.__main__ import main as export_main
-from ernie_export.build import SourceError, export_artifact
-from runtime.manifest import load_manifest
+from ernie_export.build import export_artifact
+from ernie_export.weights import SourceError, resolve_checkpoint
+from runtime.contract import load_manifest
 from tests.helpers import left_pad, our_model
 
 QUIET = dict(log=lambda m: None)
@@ -155,7 +156,7 @@ def test_hub_id_refuses_clearly_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(SourceError, match="pass its directory"):
-        build.resolve_checkpoint("baidu/ERNIE-4.5-0.3B-PT")
+        resolve_checkpoint("baidu/ERNIE-4.5-0.3B-PT")
 
 
 def test_cli_subprocess_offline_hub_default(tmp_path):

@@ -51,7 +51,7 @@ def test_full_size_generation_memory(full_artifact):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["token_ids"]) >= 1 and out["finish_reason"] in ("eos", "length", "stop")
-    r = subprocess.run([sys.executable, "-m", "runtime.bench", "--worker", "ort", "--model", str(full_artifact),
+    r = subprocess.run([sys.executable, "-m", "tools.bench", "--worker", "ort", "--model", str(full_artifact),
                         "--len", "128", "--batch", "1", "--new-tokens", "16"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     peak = json.loads(r.stdout.splitlines()[-1])["peak_rss_mb"] * 2**20

@@ -13,21 +13,22 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from runtime.cli import main as cli_main
 from runtime import generate as G
-from runtime.chat import ChatTemplateError, StreamText, Text, compile_template
+from runtime.chat import Chat
 from runtime.sampling import SamplingParams
-from tests.helpers import hf_model, left_pad, our_model
+from runtime.text import ChatTemplateError, StreamText, Text, compile_template
+from tests.helpers import hf_model, our_model
 
 ROOT = Path(__file__).resolve().parent.parent
-GREEDY = G.Options(max_new_tokens=32)
+# Greedy, exactly 32 tokens: compare full runs; EOS is tested on its own.
+GREEDY = G.Options(max_new_tokens=32, sampling=SamplingParams(), ignore_eos=True)
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 @pytest.fixture(scope="module")
 def gen(tiny_artifact):
-    g = G.load(tiny_artifact, "cpu")
-    g.generation["eos_token_ids"] = []  # compare full 32-token runs; EOS is tested on its own
-    return g
+    return G.load(tiny_artifact, "cpu")
 
 
 def eager_greedy(model, prompt, n):
@@ -67,7 +68,7 @@ def test_left_padded_batch_equals_each_alone(gen, tiny_ckpt):
 
 
 def test_seeded_sampling_is_reproducible(gen):
-    opts = G.Options(max_new_tokens=24, seed=7, sampling=SamplingParams(do_sample=True, temperature=1.5, top_p=0.95))
+    opts = replace(GREEDY, max_new_tokens=24, seed=7, sampling=SamplingParams(do_sample=True, temperature=1.5, top_p=0.95))
     p = [G.encode_prompt(gen, PROMPTS[1])]
     a, b = G.generate(gen, p, opts)[0], G.generate(gen, p, opts)[0]
     c = G.generate(gen, p, replace(opts, seed=8))[0]
@@ -77,7 +78,7 @@ def test_seeded_sampling_is_reproducible(gen):
 
 def test_top_k_1_equals_greedy(gen):
     p = [G.encode_prompt(gen, PROMPTS[2])]
-    sampled = G.generate(gen, p, G.Options(max_new_tokens=32, seed=3, sampling=SamplingParams(do_sample=True, top_k=1)))
+    sampled = G.generate(gen, p, replace(GREEDY, seed=3, sampling=SamplingParams(do_sample=True, top_k=1)))
     assert sampled[0].token_ids == G.generate(gen, p, GREEDY)[0].token_ids
 
 
@@ -97,11 +98,7 @@ def test_eos_stops_each_sequence_on_its_own(gen):
     prompts = [G.encode_prompt(gen, p) for p in PROMPTS[:2]]
     free = G.generate(gen, prompts, GREEDY)
     eos = free[0].token_ids[4]
-    gen.generation["eos_token_ids"] = [eos]
-    try:
-        stopped = G.generate(gen, prompts, GREEDY)
-    finally:
-        gen.generation["eos_token_ids"] = []
+    stopped = G.generate(replace(gen, eos_ids=frozenset({eos})), prompts, replace(GREEDY, ignore_eos=False))
     first = free[0].token_ids.index(eos)
     assert stopped[0].finish_reason == "eos" and stopped[0].token_ids == free[0].token_ids[:first + 1]
     if eos in free[1].token_ids:
@@ -111,7 +108,7 @@ def test_eos_stops_each_sequence_on_its_own(gen):
 
 
 def test_length_finish_reason_and_timings(gen):
-    [r] = G.generate(gen, [G.encode_prompt(gen, "Hi there")], G.Options(max_new_tokens=5))
+    [r] = G.generate(gen, [G.encode_prompt(gen, "Hi there")], replace(GREEDY, max_new_tokens=5))
     assert r.finish_reason == "length" and len(r.token_ids) == 5
     assert set(r.timings) >= {"time_to_first_token_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
 
@@ -141,13 +138,13 @@ def test_stream_holds_back_a_possible_stop_string(gen):
 
 def test_chat_turns_reuse_cache_and_equal_full_rerun(gen):
     """Interactive chat feeds only the new turn through decode.onnx; result equals re-running it all."""
-    chat = G.Chat(gen, system="You are terse.")
-    opts = G.Options(max_new_tokens=8)
+    chat = Chat(gen, system="You are terse.")
+    opts = replace(GREEDY, max_new_tokens=8)
     first = chat.turn("Hello there", opts)
     cached_before = list(chat.token_ids)
-    assert chat.state["length"] == len(chat.token_ids), "the cache holds every token, the last reply token too"
+    assert chat.cache.length == len(chat.token_ids), "the cache holds every token, the last reply token too"
     second = chat.turn("And again?", opts)
-    assert chat.state["length"] == len(chat.token_ids)
+    assert chat.cache.length == len(chat.token_ids)
     new_turn = chat.token_ids[len(cached_before):len(chat.token_ids) - len(second.token_ids)]
     assert chat.token_ids[:len(cached_before)] == cached_before
     assert len(new_turn) < len(cached_before), "only the new turn is fed"
@@ -194,7 +191,7 @@ def test_hostile_or_failing_template_is_a_clear_error(gen, template):
 # ---- the command line -------------------------------------------------------------------------
 
 def cli(args, capsys):
-    code = G.main(args)
+    code = cli_main(args)
     cap = capsys.readouterr()
     return code, cap.out, cap.err
 
@@ -289,8 +286,6 @@ def test_cuda_provider_without_cuda_is_an_error(tiny_artifact, capsys):
 def test_cuda_greedy_matches_cpu(tiny_artifact):
     cpu, cuda = G.load(tiny_artifact, "cpu"), G.load(tiny_artifact, "cuda")
     assert cuda.provider == "cuda"
-    for g in (cpu, cuda):
-        g.generation["eos_token_ids"] = []
     prompts = [G.encode_prompt(cpu, p) for p in PROMPTS]
     assert [r.token_ids for r in G.generate(cuda, prompts, GREEDY)] == [r.token_ids for r in G.generate(cpu, prompts, GREEDY)]
 
@@ -305,19 +300,28 @@ def test_unverified_artifact_warns(tiny_ckpt, tmp_path, capsys):
 
 
 def test_runtime_never_imports_torch(tiny_artifact):
-    """A whole generation in a process where importing torch or transformers fails."""
+    """Every module of the runtime package imports, and `python -m runtime.generate` runs a whole chat
+    generation, in a process where importing torch, transformers or ernie_export fails."""
     code = (
-        "import sys\n"
-        "sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "from runtime.generate import main\n"
-        f"rc = main(['--model', {str(tiny_artifact)!r}, '--prompt', 'Hello', '--chat', '--max-new-tokens', '4', '--json'])\n"
-        "assert rc == 0, rc\n"
-        "assert not any(m == 'torch' or m.startswith(('torch.', 'transformers')) for m in sys.modules if sys.modules[m] is not None)\n"
+        "import importlib, pkgutil, runpy, sys\n"
+        "blocked = ('torch', 'transformers', 'ernie_export')\n"
+        "for m in blocked: sys.modules[m] = None\n"
+        "import runtime\n"
+        "names = [i.name for i in pkgutil.walk_packages(runtime.__path__, 'runtime.')]\n"
+        "assert {'runtime.contract', 'runtime.step', 'runtime.generate', 'runtime.cli'} <= set(names), names\n"
+        "for name in names: importlib.import_module(name)\n"
+        f"sys.argv = ['generate', '--model', {str(tiny_artifact)!r}, '--prompt', 'Hello', '--chat', '--max-new-tokens', '4', '--json']\n"
+        "try:\n"
+        "    runpy.run_module('runtime.generate', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "loaded = [m for m in sys.modules if sys.modules[m] is not None and m.split('.')[0] in blocked]\n"
+        "assert not loaded, loaded\n"
         "print('ok')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().endswith("ok")
+    assert r.stdout.strip().endswith("ok") and '"token_ids"' in r.stdout
 
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path):

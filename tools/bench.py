@@ -2,8 +2,8 @@
 
 In:  --model ARTIFACT [--checkpoint CKPT] [--prompt-lens 128 1024] [--batches 1 4] [--new-tokens 128].
 Out: a table (and --json file) of time to first token, prefill tokens/s, decode tokens/s and peak
-     resident memory per configuration, with eager figures and ratios when torch is installed
-     (transformers' implementation where installed, else ernie_export's eager model).
+     resident memory per configuration, with eager figures and ratios when torch and transformers
+     are installed (transformers' eager model, the project's numerical reference).
 
 Every configuration runs in its own subprocess so peak RSS is that configuration's alone. Prompts
 are fixed random token ids; EOS is ignored so every run decodes exactly --new-tokens tokens.
@@ -42,74 +42,53 @@ def peak_rss_mb() -> float:
 
 
 def worker_ort(model: str, length: int, batch: int, new: int, threads: int | None) -> dict:
-    from .generate import Options, generate, load
+    from runtime.generate import generate, load
 
     t0 = time.perf_counter()
     gen = load(model, "auto", threads, verify_hashes=False)
     load_s = time.perf_counter() - t0
-    gen.generation["eos_token_ids"] = []
     prompts = _prompts(length, batch)
-    generate(gen, [p[:16] for p in prompts], Options(max_new_tokens=4))  # warm-up
-    [r, *_] = generate(gen, prompts, Options(max_new_tokens=new))
+    generate(gen, [p[:16] for p in prompts], gen.options(max_new_tokens=4, greedy=True, ignore_eos=True))  # warm-up
+    [r, *_] = generate(gen, prompts, gen.options(max_new_tokens=new, greedy=True, ignore_eos=True))
     t = r.timings
     return {"ttft_s": t["time_to_first_token_s"], "prefill_tok_s": t["prefill_tokens_per_s"],
             "decode_tok_s": t["decode_tokens_per_s"], "load_s": round(load_s, 2), "peak_rss_mb": round(peak_rss_mb())}
 
 
 def worker_eager(checkpoint: str, length: int, batch: int, new: int, threads: int | None) -> dict:
+    """transformers' eager model (the numerical reference), timed per token by a streamer."""
     import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
 
     if threads:
         torch.set_num_threads(threads)
     prompts = torch.tensor(_prompts(length, batch))
     mask = torch.ones_like(prompts)
-    if importlib.util.find_spec("transformers"):
-        from transformers import AutoModelForCausalLM
-        from transformers.generation.streamers import BaseStreamer
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    marks = []
 
-        impl = "transformers"
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-        marks = []
+    class Clock(BaseStreamer):
+        def put(self, value):
+            marks.append(time.perf_counter())
 
-        class Clock(BaseStreamer):
-            def put(self, value):
-                marks.append(time.perf_counter())
+        def end(self):
+            marks.append(time.perf_counter())
 
-            def end(self):
-                marks.append(time.perf_counter())
-
-        with torch.no_grad():
-            model.generate(prompts[:, :16], attention_mask=mask[:, :16], max_new_tokens=4, do_sample=False)
-            marks.clear()
-            start = time.perf_counter()
-            model.generate(prompts, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                           streamer=Clock(), pad_token_id=0)
-        first = marks[1]  # marks[0]: the prompt; marks[1]: first new token
-        end = marks[-1]
-    else:
-        from ernie_export.config import load_config
-        from ernie_export.model import build_model
-        from ernie_export.weights import load_weights
-
-        impl = "ernie_export eager"
-        cfg = load_config(checkpoint)
-        model = build_model(cfg, load_weights(checkpoint, cfg))
-        with torch.no_grad():
-            start = time.perf_counter()
-            logits, past = model(prompts, mask, torch.arange(length).repeat(batch, 1), last_only=True)
-            tok = logits[:, -1].argmax(-1, keepdim=True)
-            first = time.perf_counter()
-            for i in range(new - 1):
-                mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.int64)], 1)
-                logits, past = model(tok, mask, torch.full((batch, 1), length + i), past, last_only=True)
-                tok = logits[:, -1].argmax(-1, keepdim=True)
-            end = time.perf_counter()
-    return {"impl": impl, "ttft_s": round(first - start, 4), "prefill_tok_s": round(length * batch / (first - start), 2),
+    with torch.no_grad():
+        model.generate(prompts[:, :16], attention_mask=mask[:, :16], max_new_tokens=4, do_sample=False)
+        marks.clear()
+        start = time.perf_counter()
+        model.generate(prompts, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                       streamer=Clock(), pad_token_id=0)
+    first, end = marks[1], marks[-1]  # marks[0]: the prompt; marks[1]: first new token
+    return {"impl": "transformers", "ttft_s": round(first - start, 4),
+            "prefill_tok_s": round(length * batch / (first - start), 2),
             "decode_tok_s": round((new - 1) * batch / (end - first), 2), "peak_rss_mb": round(peak_rss_mb())}
 
 
 def _run(kind: str, target: str, length: int, batch: int, new: int, threads: int | None) -> dict:
-    cmd = [sys.executable, "-m", "runtime.bench", "--worker", kind, "--model", target, "--len", str(length),
+    cmd = [sys.executable, "-m", "tools.bench", "--worker", kind, "--model", target, "--len", str(length),
            "--batch", str(batch), "--new-tokens", str(new)] + (["--threads", str(threads)] if threads else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -118,7 +97,7 @@ def _run(kind: str, target: str, length: int, batch: int, new: int, threads: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="artifact directory (or checkpoint, for --worker eager)")
     ap.add_argument("--checkpoint", help="the checkpoint the artifact came from (eager comparison)")
     ap.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 1024])
@@ -134,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         fn = worker_ort if args.worker == "ort" else worker_eager
         print(json.dumps(fn(args.model, args.len, args.batch, args.new_tokens, args.threads)))
         return 0
-    has_torch = importlib.util.find_spec("torch") is not None and args.checkpoint
+    has_torch = all(importlib.util.find_spec(m) for m in ("torch", "transformers")) and args.checkpoint
     rows = []
     header = (f"{'prompt':>6} {'batch':>5} | {'TTFT s':>7} {'prefill t/s':>11} {'decode t/s':>10} {'RSS MB':>7}"
               + (f" | {'eager TTFT':>10} {'prefill':>8} {'decode':>7} {'RSS MB':>7} | {'prefill x':>9} {'decode x':>8}"

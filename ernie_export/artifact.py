@@ -1,9 +1,10 @@
-"""Trace the model into `prefill.onnx` and `decode.onnx` and write a self-contained artifact.
+"""Write the artifact directory: graphs over one weights file, text files, manifest; publish atomically.
 
-In:  an eager `ErnieForCausalLM`, the checkpoint directory (tokenizer, generation config).
+In:  traced ONNX IR models, the checkpoint directory (tokenizer, generation config), the config.
 Out: an artifact directory: both graphs referencing ONE shared external-data file
      (`weights.bin`, each tensor stored once, 64 KiB aligned for memory mapping), the
-     tokenizer, chat template, generation defaults and `manifest.json` (the versioned contract).
+     tokenizer, chat template, generation defaults and `manifest.json` (the versioned contract,
+     whose format and I/O section `runtime.contract` defines).
 
 The directory is assembled under a temporary sibling and renamed into place by `publish()`
 only after verification passed, so a failed export never leaves an artifact the runtime accepts.
@@ -16,121 +17,24 @@ import json
 import os
 import platform
 import shutil
-import warnings
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
+import onnxscript
 import torch
-from torch import nn
 
-from runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_entry
+from runtime.contract import FORMAT, FORMAT_VERSION, MANIFEST, file_entry, io_contract
 
 from .config import ErnieConfig
-from .model import ErnieForCausalLM
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 1 << 16
 INLINE_BYTES = 1024  # smaller constants stay inside the graph
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def cache_names(n_layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
-
-
-def io_contract(cfg: ErnieConfig, dtype: str, full_logits: bool) -> dict:
-    """Names, dtypes and symbolic shapes of both graphs: what other runtimes embed."""
-    kv = lambda length: ["batch_size", cfg.num_key_value_heads, length, cfg.head_dim]  # noqa: E731
-    logits_len = "sequence_length" if full_logits else 1
-    ids = lambda: {"dtype": "int64", "shape": ["batch_size", "sequence_length"]}  # noqa: E731
-    prefill = {
-        "inputs": {"input_ids": ids(), "attention_mask": ids(), "position_ids": ids()},
-        "outputs": {"logits": {"dtype": "float32", "shape": ["batch_size", logits_len, cfg.vocab_size]}},
-    }
-    decode = {
-        "inputs": {"input_ids": ids(),
-                   "attention_mask": {"dtype": "int64", "shape": ["batch_size", "total_sequence_length"]},
-                   "position_ids": ids()},
-        "outputs": {"logits": {"dtype": "float32", "shape": ["batch_size", logits_len, cfg.vocab_size]}},
-    }
-    for name in cache_names(cfg.num_hidden_layers, "present"):
-        prefill["outputs"][name] = {"dtype": dtype, "shape": kv("sequence_length")}
-        decode["outputs"][name] = {"dtype": dtype, "shape": kv("total_sequence_length")}
-    for name in cache_names(cfg.num_hidden_layers, "past_key_values"):
-        decode["inputs"][name] = {"dtype": dtype, "shape": kv("past_sequence_length")}
-    return {"prefill": prefill, "decode": decode}
-
-
-class _Prefill(nn.Module):
-    def __init__(self, model: ErnieForCausalLM, full_logits: bool):
-        super().__init__()
-        self.net, self.full_logits = model, full_logits
-
-    def forward(self, input_ids, attention_mask, position_ids):
-        logits, present = self.net(input_ids, attention_mask, position_ids, None, last_only=not self.full_logits)
-        return (logits.float(), *[t for kv in present for t in kv])
-
-
-class _Decode(_Prefill):
-    def forward(self, input_ids, attention_mask, position_ids, past):
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, present = self.net(input_ids, attention_mask, position_ids, pairs, last_only=not self.full_logits)
-        return (logits.float(), *[t for kv in present for t in kv])
-
-
-def trace(model: ErnieForCausalLM, graph: str, opset: int, full_logits: bool) -> ir.Model:
-    """torch.export -> ONNX for one graph. Example lengths are >= 2 so no dim is specialised."""
-    cfg = model.config
-    n = cfg.num_hidden_layers
-    b, s, p = 2, 5, 3
-    dtype = model.model.embed_tokens.weight.dtype
-    ids = torch.randint(0, cfg.vocab_size, (b, s))
-    pos = torch.arange(p, p + s).repeat(b, 1)
-    seq = {0: "batch_size", 1: "sequence_length"}
-    if graph == "prefill":
-        module = _Prefill(model, full_logits)
-        args = (ids, torch.ones(b, s, dtype=torch.int64), pos)
-        dyn = {"input_ids": seq, "attention_mask": seq, "position_ids": seq}
-        in_names = ["input_ids", "attention_mask", "position_ids"]
-    else:
-        module = _Decode(model, full_logits)
-        past = [torch.zeros(b, cfg.num_key_value_heads, p, cfg.head_dim, dtype=dtype) for _ in range(2 * n)]
-        args = (ids, torch.ones(b, p + s, dtype=torch.int64), pos, past)
-        dyn = {"input_ids": seq, "attention_mask": {0: "batch_size", 1: "total_sequence_length"}, "position_ids": seq,
-               "past": [{0: "batch_size", 2: "past_sequence_length"}] * (2 * n)}
-        in_names = ["input_ids", "attention_mask", "position_ids"] + cache_names(n, "past_key_values")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, dynamic_shapes=dyn,
-                                    input_names=in_names, output_names=["logits"] + cache_names(n, "present"),
-                                    optimize=True, verbose=False)
-    onnx_model = program.model
-    _tidy(onnx_model, graph, cfg, full_logits)
-    return onnx_model
-
-
-def _tidy(model: ir.Model, graph: str, cfg: ErnieConfig, full_logits: bool) -> None:
-    """Canonical initializer names, contract dim names on outputs, and no vendor-specific ops."""
-    g = model.graph
-    inits = list(g.initializers.values())
-    g.initializers.clear()
-    for v in inits:
-        if v.name.startswith("net."):
-            v.name = v.name[len("net."):]
-        g.register_initializer(v)
-    total = "sequence_length" if graph == "prefill" else "total_sequence_length"
-    for out in g.outputs:
-        if out.name.startswith("present."):
-            out.shape = ir.Shape(["batch_size", cfg.num_key_value_heads, total, cfg.head_dim])
-        else:
-            out.shape = ir.Shape(["batch_size", "sequence_length" if full_logits else 1, cfg.vocab_size])
-    for node in g.all_nodes():
-        node.metadata_props.clear()  # exporter stack traces: large and not part of the contract
-    foreign = sorted({n.domain for n in g.all_nodes() if n.domain not in ("", "ai.onnx")})
-    if foreign:
-        raise RuntimeError(f"the {graph} graph uses non-standard op domains {foreign}; it would not run everywhere")
-    model.producer_name = "ernie_export"
-    model.graph.name = f"ernie4_5_{graph}"
+class OutputExistsError(FileExistsError):
+    """The output directory exists and replacing it was not asked for."""
 
 
 def externalize(models: dict[str, ir.Model], directory: Path) -> dict[str, dict]:
@@ -225,33 +129,37 @@ def write_tokenizer_files(ckpt: Path, directory: Path, cfg: ErnieConfig) -> dict
     return roles
 
 
-def write_manifest(directory: Path, roles: dict[str, str], cfg: ErnieConfig, dtype: str, opset: int,
-                   full_logits: bool, source: str, weights_index: dict) -> dict:
-    import onnx
-    import onnxscript
+def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source: dict,
+             roles: dict[str, str], weights_index: dict) -> dict:
+    """The manifest, with file paths but not yet their sizes and hashes (`write_manifest` adds them).
 
-    files = {}
-    for role, name in roles.items():
-        files[role] = {"path": name, **file_entry(directory / name)}
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": {"type": "ernie4_5", "source": source, "dims": {
-            "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+    Verification runs the staged graphs through this dict exactly as the runtime will read it.
+    """
+    dims = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
             "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
             "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
             "max_position_embeddings": cfg.max_position_embeddings, "rope_type": cfg.rope_type,
-            "rope_theta": cfg.rope_theta}},
+            "rope_theta": cfg.rope_theta}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {"type": "ernie4_5", **source, "synthetic": cfg.synthetic, "dims": dims},
         "dtype": dtype,
         "opset": opset,
         "full_logits": full_logits,
-        "graphs": io_contract(cfg, dtype, full_logits),
-        "files": files,
+        "graphs": io_contract(dims, dtype, full_logits),
+        "files": {role: {"path": name} for role, name in roles.items()},
         "weights_index": weights_index,
         "exporter": {"ernie_export": __import__("ernie_export").__version__, "torch": torch.__version__,
                      "onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnx_ir": ir.__version__,
                      "python": platform.python_version()},
     }
+
+
+def write_manifest(directory: Path, manifest: dict) -> dict:
+    """Record every listed file's size and SHA-256, then write `manifest.json`; returns the manifest."""
+    manifest = {**manifest, "files": {role: {"path": entry["path"], **file_entry(directory / entry["path"])}
+                                      for role, entry in manifest["files"].items()}}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -259,7 +167,7 @@ def write_manifest(directory: Path, roles: dict[str, str], cfg: ErnieConfig, dty
 def staging_dir(out: Path, overwrite: bool) -> Path:
     """A fresh temporary sibling of `out` (same filesystem, so the final rename is atomic)."""
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
+        raise OutputExistsError(f"{out} already exists")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,129 @@
+"""`python -m runtime.generate`: the command line over the generation API.
+
+In:  flags (`--model`, prompts, generation options), or a terminal for interactive chat.
+Out: generated text on stdout (plain, streamed or one JSON object per prompt); every failure is
+     one `error:` line on stderr and exit status 2.
+
+This module only maps flags onto `Options.from_artifact` and words the library's errors as flags;
+it decides no default of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .chat import Chat
+from .contract import ArtifactError
+from .generate import Generator, InputError, Options, encode_prompt, generate, load
+from .sampling import OptionError
+from .session import ProviderError
+from .text import ChatTemplateError
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m runtime.generate", description="Generate with an exported ERNIE 4.5 artifact.")
+    ap.add_argument("--model", required=True, help="artifact directory written by `make export`")
+    ap.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    ap.add_argument("--prompt-file", help="one prompt per line, run as one batch")
+    ap.add_argument("--chat", action="store_true", help="apply the chat template to the prompt as a user message")
+    ap.add_argument("--system", help="system message (with --chat or interactive chat)")
+    ap.add_argument("--max-new-tokens", type=int)
+    ap.add_argument("--temperature", type=float)
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--repetition-penalty", type=float)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--greedy", action="store_true", help="greedy decoding whatever the artifact's defaults say")
+    ap.add_argument("--ignore-eos", action="store_true", help="decode exactly --max-new-tokens tokens")
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not part of the output")
+    ap.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's choice)")
+    ap.add_argument("--stream", action="store_true", help="print text as it is generated")
+    ap.add_argument("--json", action="store_true", help="one JSON object per prompt: ids, text, finish_reason, timings")
+    return ap
+
+
+def options_from_args(gen: Generator, args: argparse.Namespace) -> Options:
+    """Flags onto the artifact's defaults; an absent flag keeps the artifact's value."""
+    return gen.options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, repetition_penalty=args.repetition_penalty, greedy=args.greedy,
+                       seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+def flag_message(e: Exception) -> str:
+    """The library's error, with option names worded as this command's flags."""
+    if isinstance(e, OptionError):
+        flag = "--" + e.option.replace("_", "-")
+        return f"{flag} {e.problem.replace(e.option, flag)}"
+    if isinstance(e, ProviderError):
+        return f"--provider {e.provider}: {e.problem.replace('the cpu provider', '--provider cpu')}"
+    return str(e)
+
+
+def _interactive(gen: Generator, opts: Options, system: str | None) -> None:
+    chat = Chat(gen, system)
+    print("Interactive chat (Ctrl-D to quit). The KV cache is kept between turns.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not line.strip():
+            continue
+        chat.turn(line, opts, lambda row, chunk: print(chunk, end="", flush=True))
+        print()
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts += [ln for ln in Path(args.prompt_file).read_text().splitlines() if ln.strip()]
+    return prompts
+
+
+def run(args: argparse.Namespace) -> None:
+    prompts = _prompts(args)
+    gen = load(args.model, args.provider, args.threads)
+    for w in gen.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    opts = options_from_args(gen, args)
+    interactive = not prompts and args.prompt is None and not args.prompt_file and sys.stdin.isatty()
+    if (args.chat or interactive) and gen.text.template_source is None:
+        raise InputError(f"{'--chat' if args.chat else 'interactive chat'}: this artifact has no chat template (its "
+                         "checkpoint had none); pass --prompt without --chat, or re-export a checkpoint that has one")
+    if interactive:
+        return _interactive(gen, opts, args.system)
+    if not prompts:
+        raise InputError("no prompt: pass --prompt TEXT or --prompt-file FILE (or run in a terminal for interactive chat)")
+    if args.stream and len(prompts) > 1:
+        raise InputError("--stream prints one sequence; drop --stream to run several prompts as a batch")
+    token_prompts = [encode_prompt(gen, p, args.chat, args.system) for p in prompts]
+    on_text = (lambda row, chunk: print(chunk, end="", flush=True)) if args.stream and not args.json else None
+    for r in generate(gen, token_prompts, opts, on_text):
+        if args.json:
+            print(json.dumps(r.to_json(), ensure_ascii=False))
+        elif args.stream:
+            print()
+        else:
+            print(r.text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except (ArtifactError, ProviderError, InputError, ChatTemplateError, ValueError, OSError) as e:
+        print(f"error: {flag_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""The artifact contract: `manifest.json` and the graphs' inputs and outputs, named in ONE place.
+
+In:  an artifact directory written by `python -m ernie_export` (the runtime), or the model's
+     dimensions (the exporter, which writes what this module reads).
+Out: `load_manifest()` -> the manifest dict after checking format, version and every file's size
+     and SHA-256; `io_contract()` -> the I/O section of the manifest; `GraphIO` -> one graph's
+     input and output names with the explicit past <-> present pairing, read from the manifest
+     and checked against the ONNX Runtime session. `ArtifactError` says what is wrong and what to do.
+
+Nothing else in the project spells a graph input or output name: the exporter traces with these
+names, the runtime binds by the names the manifest lists, and verification reads them here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT = "ernie4_5-onnx"
+FORMAT_VERSION = 1  # bump on any change of graph I/O names, dtypes, shapes or file layout
+MANIFEST = "manifest.json"
+REQUIRED_FILES = ("prefill", "decode", "weights", "tokenizer", "generation")
+GRAPHS = ("prefill", "decode")
+
+INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
+TOKEN_INPUTS = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
+PAST, PRESENT = "past_key_values", "present"
+CACHE_KINDS = ("key", "value")
+
+# ONNX Runtime's type strings -> the manifest's dtype names.
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+             "tensor(int64)": "int64"}
+
+
+class ArtifactError(RuntimeError):
+    """An artifact directory the runtime must not use; the message says what to do."""
+
+
+def cache_names(n_layers: int, prefix: str) -> list[str]:
+    """`{prefix}.{layer}.key` / `.value`, layer by layer: the order of the graphs' cache I/O."""
+    return [f"{prefix}.{i}.{kind}" for i in range(n_layers) for kind in CACHE_KINDS]
+
+
+def past_for(present: str) -> str:
+    """The decode input a present output is fed back as: `present.3.key` -> `past_key_values.3.key`."""
+    return PAST + present[len(PRESENT):]
+
+
+def io_contract(dims: dict, dtype: str, full_logits: bool) -> dict:
+    """Names, dtypes and symbolic shapes of both graphs, in graph order: what other runtimes embed.
+
+    `dims` holds num_hidden_layers, num_key_value_heads, head_dim and vocab_size. Cache tensors are
+    [batch_size, kv_heads, length, head_dim] in the export dtype; logits are always float32.
+    """
+    n, kv_heads, head_dim = dims["num_hidden_layers"], dims["num_key_value_heads"], dims["head_dim"]
+    kv = lambda length: {"dtype": dtype, "shape": ["batch_size", kv_heads, length, head_dim]}  # noqa: E731
+    ids = {"dtype": "int64", "shape": ["batch_size", "sequence_length"]}
+    logits = {"dtype": "float32", "shape": ["batch_size", "sequence_length" if full_logits else 1, dims["vocab_size"]]}
+    contract = {}
+    for graph, mask_len, total in (("prefill", "sequence_length", "sequence_length"),
+                                   ("decode", "total_sequence_length", "total_sequence_length")):
+        inputs = {INPUT_IDS: ids, ATTENTION_MASK: {"dtype": "int64", "shape": ["batch_size", mask_len]},
+                  POSITION_IDS: ids}
+        if graph == "decode":
+            inputs.update({name: kv("past_sequence_length") for name in cache_names(n, PAST)})
+        outputs = {LOGITS: logits, **{name: kv(total) for name in cache_names(n, PRESENT)}}
+        contract[graph] = {"inputs": inputs, "outputs": outputs}
+    return contract
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """One graph's I/O as the manifest states it; `past[i]` is fed from the output `present[i]`."""
+    graph: str
+    inputs: dict[str, dict]  # name -> {dtype, shape}, in graph order
+    outputs: dict[str, dict]
+    past: tuple[str, ...]  # cache inputs (empty for prefill)
+    present: tuple[str, ...]  # cache outputs
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, graph: str) -> "GraphIO":
+        try:
+            section = manifest["graphs"][graph]
+            inputs, outputs = dict(section["inputs"]), dict(section["outputs"])
+        except (KeyError, TypeError):
+            raise ArtifactError(f"the manifest has no I/O section for the {graph} graph; re-run the export") from None
+        missing = [n for n in TOKEN_INPUTS if n not in inputs] + [n for n in (LOGITS,) if n not in outputs]
+        if missing:
+            raise ArtifactError(f"the manifest's {graph} graph lacks {', '.join(missing)}; re-run the export")
+        present = tuple(n for n in outputs if n.startswith(PRESENT + "."))
+        past = tuple(n for n in inputs if n.startswith(PAST + "."))
+        unfed = sorted(set(past) - {past_for(p) for p in present})
+        if unfed:
+            raise ArtifactError(f"the manifest's {graph} graph takes {', '.join(unfed)} but outputs no matching "
+                                "present.*; re-run the export")
+        return cls(graph, inputs, outputs, past, present)
+
+    def check_session(self, session, path: Path) -> None:
+        """Refuse a graph whose declared I/O differs from the manifest's (names, order, dtypes)."""
+        for kind, declared, expected in (("inputs", session.get_inputs(), self.inputs),
+                                         ("outputs", session.get_outputs(), self.outputs)):
+            actual = [(v.name, ORT_TYPES.get(v.type, v.type)) for v in declared]
+            wanted = [(name, spec["dtype"]) for name, spec in expected.items()]
+            if actual != wanted:
+                diff = next((f"{a} vs {w}" for a, w in zip(actual, wanted) if a != w),
+                            f"{len(actual)} vs {len(wanted)} {kind}")
+                raise ArtifactError(f"{path.name} {kind} disagree with the manifest (graph vs manifest: {diff}); "
+                                    "the artifact is inconsistent: re-run the export")
+
+
+def check_cache_pairing(prefill: GraphIO, decode: GraphIO) -> None:
+    """Prefill's presents must feed exactly decode's past inputs."""
+    fed, taken = {past_for(p) for p in prefill.present}, set(decode.past)
+    if fed != taken:
+        odd = sorted(fed ^ taken)[:4]
+        raise ArtifactError(f"the manifest's prefill presents do not match decode's past inputs ({', '.join(odd)}); "
+                            "re-run the export")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: Path) -> dict:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def load_manifest(directory: str | Path, verify_hashes: bool = True) -> dict:
+    """Read and validate `manifest.json` of an artifact directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact directory {directory} does not exist: run `make export` (or `python -m ernie_export`) first")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory} has no {MANIFEST}: it is not a complete artifact; re-run the export")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); re-run the export") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not an {FORMAT} manifest (format={manifest.get('format')!r}); re-run the export")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"artifact format version {version!r} is not supported by this runtime (it reads version "
+                            f"{FORMAT_VERSION}); re-export with a matching ernie_export or upgrade the runtime")
+    files = manifest.get("files", {})
+    missing_roles = [r for r in REQUIRED_FILES if r not in files]
+    if missing_roles:
+        raise ArtifactError(f"{path} lists no {', '.join(missing_roles)} file; re-run the export")
+    for role, entry in files.items():
+        f = directory / entry["path"]
+        if not f.is_file():
+            raise ArtifactError(f"artifact file {f} ({role}) is missing; re-run the export or restore the file")
+        if f.stat().st_size != entry["size"]:
+            raise ArtifactError(f"artifact file {f} has {f.stat().st_size} bytes, the manifest says {entry['size']}: "
+                                "it is truncated or modified; re-run the export or restore the file")
+        if verify_hashes and sha256_file(f) != entry["sha256"]:
+            raise ArtifactError(f"artifact file {f} does not match its SHA-256 in the manifest: it is corrupt or "
+                                "modified; re-run the export or restore the file")
+    return manifest
+
+
+def read_json_file(directory: Path, manifest: dict, role: str) -> dict:
+    """A JSON file the manifest lists under `role` (generation, parity), or {} when it lists none."""
+    entry = manifest["files"].get(role)
+    if entry is None:
+        return {}
+    try:
+        return json.loads((directory / entry["path"]).read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{entry['path']} is not valid JSON ({e}); re-run the export") from None

@@ -1,0 +1,126 @@
+"""One model step with IO binding, the KV cache it carries, and THE decode loop.
+
+In:  the two graphs' sessions with their `GraphIO` (from the manifest), token prompts, and a
+     `pick(logits, cache)` callback that chooses the next tokens.
+Out: last-position logits [B, V] as a host numpy array and a `KVCache` whose values are
+     ONNX Runtime values on the device (on CUDA the cache never visits the host).
+
+`decode_loop()` is the only generation loop in the project: the runtime's `generate()`, the
+exporter's verification (teacher-forced against eager PyTorch) and the benchmark all run it.
+
+The feeding rules (the contract other drivers follow): prompts are left padded; the attention
+mask is 1 for real tokens and 0 for padding and covers the cache plus the new tokens; a token's
+position counts the real tokens before it. The cache grows with the sequence: it is never
+preallocated to the model's full context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from .contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, GraphIO, past_for
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token lists -> (input_ids [B, S], attention_mask [B, S], position_ids [B, S]), int64.
+
+    Left padding keeps every row's last token real; positions count real tokens only.
+    """
+    width = max(map(len, prompts))
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+    return ids, mask, np.maximum(mask.cumsum(-1) - 1, 0)
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """What the model has seen: per cache input name, [B, KV, T, D] values; and its mask [B, T]."""
+    values: dict[str, ort.OrtValue]  # keyed by the decode graph's past input names
+    mask: np.ndarray  # int64 [B, T]: 1 where the cached position holds a real token
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def next_positions(self) -> np.ndarray:
+        """[B, 1]: the position of a token appended now (the number of real tokens cached)."""
+        return self.mask.sum(-1, keepdims=True)
+
+
+@dataclass
+class Step:
+    """One graph run with IO binding: logits land in a reused host buffer, presents stay on the device."""
+    session: ort.InferenceSession
+    io: GraphIO
+    device: str  # "cpu" or "cuda"
+    vocab: int
+    full_logits: bool = False  # artifact exported with --full-logits: logits [B, S, V]
+    _logits: ort.OrtValue | None = None  # host buffer reused across steps of the same batch size
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray,
+                 cache: KVCache | None) -> tuple[np.ndarray, KVCache]:
+        io = self.session.io_binding()
+        for name, array in ((INPUT_IDS, ids), (ATTENTION_MASK, mask), (POSITION_IDS, pos)):
+            io.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+        for name in self.io.past:
+            io.bind_ortvalue_input(name, cache.values[name])
+        batch = ids.shape[0]
+        if self.full_logits:
+            io.bind_output(LOGITS, "cpu")
+        else:
+            if self._logits is None or self._logits.shape()[0] != batch:
+                self._logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, 1, self.vocab], np.float32, "cpu")
+            io.bind_ortvalue_output(LOGITS, self._logits)
+        for name in self.io.present:
+            io.bind_output(name, self.device)
+        self.session.run_with_iobinding(io)
+        values = dict(zip((LOGITS, *self.io.present), io.get_outputs()))  # in binding order
+        presents = {past_for(name): values[name] for name in self.io.present}
+        return values[LOGITS].numpy()[:, -1], KVCache(presents, mask)
+
+
+@dataclass
+class Model:
+    """The two graphs of one artifact: prefill starts a sequence, decode continues a cache."""
+    prefill: Step
+    decode: Step
+    weights: dict = field(default_factory=dict, repr=False)  # mapped weights the sessions use: keep alive
+
+    def start(self, prompts: list[list[int]], pad_id: int, cache: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
+        """Feed left-padded prompts, after `cache` when given (several tokens through decode)."""
+        ids, mask, pos = left_pad(prompts, pad_id)
+        if cache is None:
+            return self.prefill(ids, mask, pos, None)
+        return self.decode(ids, np.concatenate([cache.mask, mask], axis=1), pos + cache.next_positions(), cache)
+
+    def advance(self, tokens: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """Feed one token per row ([B] int64) after `cache`."""
+        mask = np.concatenate([cache.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
+        return self.decode(tokens.reshape(-1, 1), mask, cache.next_positions(), cache)
+
+
+Pick = Callable[[np.ndarray, KVCache], tuple[np.ndarray, bool]]
+
+
+def decode_loop(model: Model, prompts: list[list[int]], pick: Pick, *, pad_id: int = 0,
+                cache: KVCache | None = None, keep_last: bool = False) -> KVCache:
+    """Prefill `prompts` (after `cache`), then: tokens, done = pick(logits, cache); feed tokens; repeat.
+
+    When `pick` says done, the loop ends without running the model again, unless `keep_last`
+    (a conversation): then the final tokens are fed too, so the returned cache holds every token.
+    """
+    logits, cache = model.start(prompts, pad_id, cache)
+    while True:
+        tokens, done = pick(logits, cache)
+        if done and not keep_last:
+            return cache
+        logits, cache = model.advance(tokens, cache)
+        if done:
+            return cache
