@@ -167,3 +167,69 @@ def test_cli_subprocess_offline_hub_default(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().startswith("error: cannot get baidu/ERNIE-4.5-0.3B-PT")
     assert "Traceback" not in r.stderr
+
+
+def test_manifest_records_source_without_build_paths(tiny_artifact, tiny_ckpt):
+    manifest = load_manifest(tiny_artifact)
+    assert manifest["model"]["source"] == "tiny" and manifest["model"]["source_kind"] == "local"
+    assert manifest["model"]["synthetic"] is True
+    assert str(tiny_ckpt.parent) not in (tiny_artifact / "manifest.json").read_text()
+
+
+def test_reverify_entry_point_on_cpu(tiny_ckpt, tmp_path, capsys):
+    """`python -m ernie_export.verify` re-verifies a published artifact and rewrites parity.json and the
+    manifest atomically (hard-linked staging, one publish); the runtime then sees a verified artifact."""
+    from ernie_export.verify import main as verify_main
+    from runtime.generate import load
+
+    out = tmp_path / "art"
+    export_artifact(str(tiny_ckpt), out, run_verify=False, **QUIET)
+    assert json.loads((out / "parity.json").read_text())["status"] == "skipped"
+    weights_inode = (out / "weights.bin").stat().st_ino
+    assert verify_main(["--model", str(out), "--checkpoint", str(tiny_ckpt), "--provider", "cpu"]) == 0
+    assert "parity passed on cpu" in capsys.readouterr().out
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["status"] == "passed" and parity["provider"] == "cpu" and parity["greedy_identical"]
+    load_manifest(out)  # sizes and SHA-256 match the rewritten parity.json
+    assert (out / "weights.bin").stat().st_ino == weights_inode, "unchanged files are linked, not copied"
+    assert load(out, "cpu").warnings == ["this artifact comes from a synthetic checkpoint with RANDOM weights: its text is noise"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"], "no staging directory left behind"
+
+
+def test_reverify_against_another_checkpoint_fails_and_records_it(tiny_ckpt, tiny_artifact, tmp_path, capsys):
+    """Negative control: same shapes, other weights -> exit 1, and parity.json says failed."""
+    import shutil
+
+    from ernie_export.synthetic import write_checkpoint
+    from ernie_export.verify import main as verify_main
+
+    other = write_checkpoint(tmp_path / "other", "tiny", seed=1)
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    assert verify_main(["--model", str(art), "--checkpoint", str(other), "--provider", "cpu"]) == 1
+    assert "do not match eager" in capsys.readouterr().err
+    assert json.loads((art / "parity.json").read_text())["status"] == "failed"
+    load_manifest(art)
+
+
+def test_reverify_needs_the_local_checkpoint(tiny_artifact, tmp_path, capsys):
+    from ernie_export.synthetic import write_checkpoint
+    from ernie_export.verify import main as verify_main
+
+    assert verify_main(["--model", str(tiny_artifact), "--provider", "cpu"]) == 1
+    assert "exported from a local checkpoint (tiny)" in capsys.readouterr().err
+    wrong = write_checkpoint(tmp_path / "wrong", "tiny")
+    cfg = json.loads((wrong / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    assert verify_main(["--model", str(tiny_artifact), "--checkpoint", str(wrong)]) == 1
+    assert "not the one this artifact came from (num_hidden_layers differ)" in capsys.readouterr().err
+
+
+def test_export_side_needs_no_jinja2():
+    """Verification runs the runtime's loop without its text side: the export extra stays free of jinja2."""
+    code = ("import sys; sys.modules['jinja2'] = None\n"
+            "import ernie_export.__main__, ernie_export.build, ernie_export.verify\nprint('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=str(build.Path(__file__).parent.parent))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -328,3 +328,106 @@ def test_cli_subprocess_error_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "runtime.generate", "--model", str(tmp_path), "--prompt", "x"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+# ---- one home for defaults and for the I/O contract ---------------------------------------------
+
+def test_api_defaults_equal_cli_defaults(gen, tiny_artifact):
+    """The API, `gen.options()` and the CLI with no flags all give the artifact's generation.json."""
+    from runtime.cli import options_from_args, parser
+
+    cli_opts = options_from_args(gen, parser().parse_args(["--model", str(tiny_artifact), "--prompt", "x"]))
+    assert cli_opts == gen.defaults == gen.options() == G.Options.from_artifact(gen.generation)
+    g = json.loads((tiny_artifact / "generation.json").read_text())
+    s = gen.defaults.sampling
+    assert (gen.defaults.max_new_tokens, s.do_sample, s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (
+        g["max_new_tokens"], g["do_sample"], g["temperature"], g["top_p"], g["top_k"], g["repetition_penalty"])
+    assert s.do_sample and s.temperature == 0.8, "the synthetic generation_config samples: a real default, not greedy"
+    assert not gen.defaults.ignore_eos
+
+
+def test_flags_override_only_what_they_name(gen, tiny_artifact):
+    from runtime.cli import options_from_args, parser
+
+    parse = lambda *a: options_from_args(gen, parser().parse_args(["--model", str(tiny_artifact), *a]))  # noqa: E731
+    assert parse("--greedy").sampling.greedy and parse("--greedy").sampling.top_p == gen.defaults.sampling.top_p
+    assert parse("--top-k", "5").sampling == replace(gen.defaults.sampling, top_k=5)
+    assert parse("--max-new-tokens", "7") == replace(gen.defaults, max_new_tokens=7)
+
+
+def test_generate_without_options_uses_artifact_defaults(gen):
+    """No Options given: the artifact's sampling defaults (seeded here), not a hidden greedy default."""
+    p = [G.encode_prompt(gen, PROMPTS[1])]
+    sampled = G.generate(gen, p, replace(gen.defaults, max_new_tokens=24, seed=5, ignore_eos=True))
+    greedy = G.generate(gen, p, replace(GREEDY, max_new_tokens=24))
+    assert sampled[0].token_ids != greedy[0].token_ids
+    [r] = G.generate(gen, p)
+    assert 1 <= len(r.token_ids) <= gen.defaults.max_new_tokens
+
+
+def test_ignore_eos_decodes_exactly_max_new_tokens(gen, tiny_artifact):
+    prompts = [G.encode_prompt(gen, p) for p in PROMPTS[:2]]
+    free = G.generate(gen, prompts, GREEDY)
+    eos = free[0].token_ids[2]
+    stops = replace(gen, eos_ids=frozenset({eos}))
+    assert G.generate(stops, prompts, replace(GREEDY, ignore_eos=False))[0].finish_reason == "eos"
+    kept = G.generate(stops, prompts, GREEDY)
+    assert [r.token_ids for r in kept] == [r.token_ids for r in free] and kept[0].finish_reason == "length"
+    assert gen.eos_ids == frozenset(json.loads((tiny_artifact / "generation.json").read_text())["eos_token_ids"])
+
+
+def test_bad_artifact_default_is_blamed_on_the_artifact(tiny_artifact, tmp_path, capsys):
+    """A bad generation.json default must not be reported as a flag the user never passed."""
+    bad = _corrupt(tiny_artifact, tmp_path / "bad-default", "none")
+    _rewrite_json(bad, "generation.json", lambda g: g.update(top_p=0.0))
+    code, _, err = cli(["--model", str(bad), "--prompt", "hi"], capsys)
+    assert code == 2 and "generation.json" in err and "top_p must be in (0, 1]" in err and "--top-p" not in err
+
+
+def _rewrite_json(directory: Path, name: str, edit) -> None:
+    """Edit one artifact JSON file and fix its size and SHA-256 in the manifest, so the check under
+    test is the one that catches the edit (not the checksum)."""
+    from runtime.contract import file_entry
+
+    data = json.loads((directory / name).read_text())
+    edit(data)
+    (directory / name).write_text(json.dumps(data))
+    if name != "manifest.json":
+        manifest = json.loads((directory / "manifest.json").read_text())
+        role = next(r for r, e in manifest["files"].items() if e["path"] == name)
+        manifest["files"][role].update(file_entry(directory / name))
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["graphs"]["decode"]["inputs"].__setitem__(
+        "past_key_values.0.kee", m["graphs"]["decode"]["inputs"].pop("past_key_values.0.key")),
+     "outputs no matching present"),
+    (lambda m: m["graphs"]["prefill"].__setitem__("inputs", {("ids" if k == "input_ids" else k): v
+                                                             for k, v in m["graphs"]["prefill"]["inputs"].items()}),
+     "lacks input_ids"),
+    (lambda m: m["graphs"]["decode"]["outputs"].__setitem__(
+        "present.0.kee", m["graphs"]["decode"]["outputs"].pop("present.0.key")),
+     "outputs no matching present"),
+    (lambda m: m["graphs"]["prefill"]["outputs"].__setitem__(
+        "present.0.kee", m["graphs"]["prefill"]["outputs"].pop("present.0.key")),
+     "prefill.onnx outputs disagree with the manifest"),
+    (lambda m: m["graphs"]["prefill"]["outputs"]["logits"].__setitem__("dtype", "float16"),
+     "disagree with the manifest"),
+    (lambda m: m["graphs"]["decode"].__setitem__("inputs", dict(reversed(m["graphs"]["decode"]["inputs"].items()))),
+     "disagree with the manifest"),
+])
+def test_manifest_io_that_disagrees_with_the_graphs_is_refused(tiny_artifact, tmp_path, capsys, edit, message):
+    """The runtime binds by the manifest's names; a manifest that misnames the graphs' I/O is refused."""
+    bad = _corrupt(tiny_artifact, tmp_path / "io", "none")
+    _rewrite_json(bad, "manifest.json", edit)
+    code, _, err = cli(["--model", str(bad), "--prompt", "hi", "--max-new-tokens", "2"], capsys)
+    assert code == 2 and err.startswith("error: ") and message in err and "re-run the export" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_runtime_binds_by_the_manifest_names(gen):
+    """Positive control: the runtime's steps use exactly the manifest's lists and pairing."""
+    m = gen.manifest["graphs"]
+    assert gen.model.decode.io.past == tuple(n for n in m["decode"]["inputs"] if n.startswith("past_key_values."))
+    assert gen.model.prefill.io.present == tuple(n for n in m["prefill"]["outputs"] if n.startswith("present."))
