@@ -10,9 +10,9 @@ import argparse
 import errno
 import sys
 
-from .artifact import OutputExistsError
 from .build import DEFAULT_MODEL, DEFAULT_OPSET, export_artifact
 from .config import ConfigError
+from .publish import OutputError, OutputExistsError, interrupt_on_sigterm
 from .trace import DTYPES
 from .verify import VerificationError
 from .weights import SourceError, WeightsError
@@ -29,13 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-verify", action="store_true", help="skip parity verification (the runtime will warn)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
     args = ap.parse_args(argv)
+    interrupt_on_sigterm()
     try:
         export_artifact(args.model, args.out, dtype=args.dtype, opset=args.opset, full_logits=args.full_logits,
                         run_verify=not args.no_verify, overwrite=args.overwrite)
     except OutputExistsError as e:
         print(f"error: {e}: pass --overwrite to replace it, or choose another --out", file=sys.stderr)
         return 1
-    except (SourceError, ConfigError, WeightsError, VerificationError, FileNotFoundError) as e:
+    except (OutputError, SourceError, ConfigError, WeightsError, VerificationError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -6,15 +6,14 @@ Out: an artifact directory: both graphs referencing ONE shared external-data fil
      tokenizer, chat template, generation defaults and `manifest.json` (the versioned contract,
      whose format and I/O section `runtime.contract` defines).
 
-The directory is assembled under a temporary sibling and renamed into place by `publish()`
-only after verification passed, so a failed export never leaves an artifact the runtime accepts.
+The directory is assembled in a staging directory (publish.py) that replaces the output only
+after verification passed, so a failed export never leaves an artifact the runtime accepts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shutil
 from pathlib import Path
@@ -31,10 +30,6 @@ from .config import ErnieConfig
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 1 << 16
 INLINE_BYTES = 1024  # smaller constants stay inside the graph
-
-
-class OutputExistsError(FileExistsError):
-    """The output directory exists and replacing it was not asked for."""
 
 
 def externalize(models: dict[str, ir.Model], directory: Path) -> dict[str, dict]:
@@ -162,25 +157,3 @@ def write_manifest(directory: Path, manifest: dict) -> dict:
                                       for role, entry in manifest["files"].items()}}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
-
-
-def staging_dir(out: Path, overwrite: bool) -> Path:
-    """A fresh temporary sibling of `out` (same filesystem, so the final rename is atomic)."""
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move a verified staging directory into place; an existing artifact is replaced only now."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

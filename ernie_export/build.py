@@ -8,7 +8,6 @@ Out: the published artifact directory (atomically) and its manifest; on any fail
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -16,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .artifact import WEIGHTS_FILE, describe, publish, save_graphs, staging_dir, write_manifest, write_tokenizer_files
+from .artifact import WEIGHTS_FILE, describe, save_graphs, write_manifest, write_tokenizer_files
 from .config import load_config
 from .model import build_model
+from .publish import publish, staged
 from .trace import DTYPES, trace
 from .verify import verify, write_parity
 from .weights import is_hub_id, load_weights, resolve_checkpoint
@@ -43,6 +43,39 @@ def source_of(model: str) -> dict:
     return {"source": Path(model).expanduser().resolve().name, "source_kind": "local"}
 
 
+def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logits: bool, run_verify: bool,
+           log) -> tuple[dict, dict]:
+    """Every stage, written into the staging directory `tmp`; returns (manifest, parity report)."""
+    with stage(f"loading {ckpt}", log):
+        cfg = load_config(ckpt)
+        weights = load_weights(ckpt, cfg, torch.float32)
+        eager32 = build_model(cfg, weights)
+        net = eager32 if dtype == "float32" else build_model(cfg, {k: v.to(DTYPES[dtype]) for k, v in weights.items()})
+        del weights
+        if cfg.synthetic:
+            log("[export] note: this is a synthetic checkpoint with RANDOM weights")
+    graphs = {}
+    for name in ("prefill", "decode"):
+        with stage(f"tracing {name} graph (torch.export -> ONNX opset {opset}, {dtype})", log):
+            graphs[name] = trace(net, name, opset, full_logits)
+    with stage("saving graphs with one shared weights file", log):
+        weights_index = save_graphs(graphs, tmp)
+        del graphs
+        roles = {"prefill": "prefill.onnx", "decode": "decode.onnx", "weights": WEIGHTS_FILE}
+        roles.update(write_tokenizer_files(ckpt, tmp, cfg))
+        roles["parity"] = "parity.json"
+        manifest = describe(cfg, dtype, opset, full_logits, source_of(model), roles, weights_index)
+    if run_verify:
+        with stage("verifying against eager PyTorch (onnx.checker, ONNX Runtime parity)", log):
+            report = verify(tmp, manifest, eager32)
+    else:
+        report = {"dtype": dtype, "status": "skipped", "reason": "exported with --no-verify"}
+    write_parity(tmp, report)
+    with stage("writing manifest (sizes, SHA-256)", log):
+        manifest = write_manifest(tmp, manifest)
+    return manifest, report
+
+
 def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opset: int = DEFAULT_OPSET,
                     full_logits: bool = False, run_verify: bool = True, overwrite: bool = False,
                     log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
@@ -52,41 +85,13 @@ def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opse
         raise ValueError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     ckpt = resolve_checkpoint(model)
     t0 = time.perf_counter()
-    tmp = staging_dir(out, overwrite)
     try:
-        with stage(f"loading {ckpt}", log):
-            cfg = load_config(ckpt)
-            weights = load_weights(ckpt, cfg, torch.float32)
-            eager32 = build_model(cfg, weights)
-            net = eager32 if dtype == "float32" else build_model(cfg, {k: v.to(DTYPES[dtype]) for k, v in weights.items()})
-            del weights
-            if cfg.synthetic:
-                log("[export] note: this is a synthetic checkpoint with RANDOM weights")
-        graphs = {}
-        for name in ("prefill", "decode"):
-            with stage(f"tracing {name} graph (torch.export -> ONNX opset {opset}, {dtype})", log):
-                graphs[name] = trace(net, name, opset, full_logits)
-        with stage("saving graphs with one shared weights file", log):
-            weights_index = save_graphs(graphs, tmp)
-            del graphs
-            roles = {"prefill": "prefill.onnx", "decode": "decode.onnx", "weights": WEIGHTS_FILE}
-            roles.update(write_tokenizer_files(ckpt, tmp, cfg))
-            roles["parity"] = "parity.json"
-            manifest = describe(cfg, dtype, opset, full_logits, source_of(model), roles, weights_index)
-        if run_verify:
-            with stage("verifying against eager PyTorch (onnx.checker, ONNX Runtime parity)", log):
-                report = verify(tmp, manifest, eager32)
-        else:
-            report = {"dtype": dtype, "status": "skipped", "reason": "exported with --no-verify"}
-        write_parity(tmp, report)
-        with stage("writing manifest (sizes, SHA-256)", log):
-            manifest = write_manifest(tmp, manifest)
-        publish(tmp, out)
+        with staged(out, ckpt, overwrite, log) as tmp:
+            manifest, report = _build(ckpt, model, tmp, dtype, opset, full_logits, run_verify, log)
+            publish(tmp, out)
     except BaseException as e:
-        report = getattr(e, "report", None)
-        if report:
-            log("[export] parity figures: " + json.dumps(report))
-        shutil.rmtree(tmp, ignore_errors=True)
+        if getattr(e, "report", None):
+            log("[export] parity figures: " + json.dumps(e.report))
         raise
     size = sum(f["size"] for f in manifest["files"].values())
     log(f"[export] parity: {json.dumps(report)}")

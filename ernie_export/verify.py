@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -37,7 +37,8 @@ from runtime.contract import GRAPHS, MANIFEST, PAST, ArtifactError, cache_names,
 from runtime.session import PROVIDERS, ProviderError, open_model, resolve_provider
 from runtime.step import KVCache, Model, decode_loop, left_pad
 
-from .artifact import publish, staging_dir, write_manifest
+from .artifact import write_manifest
+from .publish import OutputError, interrupt_on_sigterm, publish, staged
 from .config import ConfigError, ErnieConfig, load_config
 from .model import ErnieForCausalLM, build_model
 from .weights import SourceError, WeightsError, load_weights, resolve_checkpoint
@@ -83,11 +84,15 @@ def compare(model: Model, eager: ErnieForCausalLM, prompts: list[list[int]], ste
     with torch.no_grad():
         e_logits, e_past = eager(ids, mask, pos, last_only=True)
     names = cache_names(eager.config.num_hidden_layers, PAST)
-    stats = {"logit_diffs": [], "present_diff": 0.0, "agree": 0, "total": 0, "mismatch_step": None, "step": 0}
+    stats = {"logit_diffs": [], "present_diff": 0.0, "agree": 0, "total": 0, "mismatch_step": None, "step": 0,
+             "non_finite": None}
 
     def pick(logits: np.ndarray, cache: KVCache) -> tuple[np.ndarray, bool]:
         nonlocal e_logits, e_past
         step = stats["step"]
+        for side, values in (("ONNX Runtime", logits), ("eager PyTorch", e_logits.numpy())):
+            if stats["non_finite"] is None and not np.isfinite(values).all():
+                stats["non_finite"] = f"{side} logits are not finite (NaN/inf) at step {step}"
         if step <= CHECKED_STEPS:  # prefill, then the first CHECKED_STEPS decode steps
             stats["logit_diffs"].append(_max_diff(logits, e_logits[:, -1]))
             eager_cache = (t for kv in e_past for t in kv)
@@ -109,7 +114,8 @@ def compare(model: Model, eager: ErnieForCausalLM, prompts: list[list[int]], ste
     decode_loop(model, prompts, pick)
     return {"prefill_max_abs_diff": stats["logit_diffs"][0], "decode_max_abs_diff": max(stats["logit_diffs"][1:]),
             "present_max_abs_diff": stats["present_diff"], "top1_agreement": stats["agree"] / stats["total"],
-            "top1_total": stats["total"], "first_greedy_mismatch_step": stats["mismatch_step"]}
+            "top1_total": stats["total"], "first_greedy_mismatch_step": stats["mismatch_step"],
+            "non_finite": stats["non_finite"]}
 
 
 def _default_provider(dtype: str) -> str:
@@ -137,15 +143,9 @@ def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider:
         "top1_agreement": sum(r["top1_agreement"] * r["top1_total"] for r in runs) / sum(r["top1_total"] for r in runs),
         "greedy_steps": GREEDY_STEPS, "checked_decode_steps": CHECKED_STEPS,
         "greedy_identical": all(r["first_greedy_mismatch_step"] is None for r in runs),
+        "non_finite": next((r["non_finite"] for r in runs if r["non_finite"]), None),
     })
-    if dtype == "float32":
-        failures = [f"{k} {report[k]:.3g} > {FP32_TOL}" for k in
-                    ("prefill_max_abs_diff", "decode_max_abs_diff", "present_max_abs_diff") if report[k] > FP32_TOL]
-        if not report["greedy_identical"]:
-            failures.append(f"greedy tokens differ from eager within {GREEDY_STEPS} steps")
-    else:
-        failures = [] if report["top1_agreement"] >= MIN_TOP1 else [
-            f"top-1 agreement {report['top1_agreement']:.2%} < {MIN_TOP1:.0%}"]
+    failures = _failures(report, dtype)
     report["status"] = "failed" if failures else "passed"
     if failures:
         err = VerificationError("exported graphs do not match eager PyTorch: " + "; ".join(failures))
@@ -154,8 +154,24 @@ def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider:
     return report
 
 
+def _failures(report: dict, dtype: str) -> list[str]:
+    """Every failed check. A NaN difference never passes a `<=` test: non-finite values fail first."""
+    failures = [report["non_finite"]] if report["non_finite"] else []
+    diffs = ("prefill_max_abs_diff", "decode_max_abs_diff", "present_max_abs_diff")
+    failures += [f"{k} is {report[k]}" for k in diffs if not math.isfinite(report[k])]
+    if dtype == "float32":
+        failures += [f"{k} {report[k]:.3g} > {FP32_TOL}" for k in diffs if report[k] > FP32_TOL]
+        if not report["greedy_identical"]:
+            failures.append(f"greedy tokens differ from eager within {GREEDY_STEPS} steps")
+    elif not report["top1_agreement"] >= MIN_TOP1:
+        failures.append(f"top-1 agreement {report['top1_agreement']:.2%} < {MIN_TOP1:.0%}")
+    return failures
+
+
 def write_parity(directory: Path, report: dict) -> None:
-    (directory / PARITY_FILE).write_text(json.dumps(report, indent=2))
+    """Strict JSON (no bare NaN, which other languages' parsers reject): non-finite figures become strings."""
+    clean = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
+    (directory / PARITY_FILE).write_text(json.dumps(clean, indent=2, allow_nan=False))
 
 
 class CheckpointNeeded(SourceError):
@@ -194,17 +210,13 @@ def reverify(artifact: str | Path, checkpoint: str | None = None, provider: str 
         report = verify(artifact, manifest, eager32, device)
     except VerificationError as e:
         report, error = e.report, e
-    tmp = staging_dir(artifact, overwrite=True)
-    try:
+    with staged(artifact, ckpt, overwrite=True) as tmp:
         for entry in manifest["files"].values():
             if entry["path"] != PARITY_FILE:
                 os.link(artifact / entry["path"], tmp / entry["path"])
         write_parity(tmp, report)
         write_manifest(tmp, manifest)
         publish(tmp, artifact)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if error is not None:
         raise error
     return report
@@ -216,17 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", help="the checkpoint it was exported from (default: the manifest's hub id)")
     ap.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
     args = ap.parse_args(argv)
+    interrupt_on_sigterm()
     try:
         report = reverify(args.model, args.checkpoint, args.provider)
     except CheckpointNeeded as e:
         print(f"error: {e}: pass --checkpoint DIR", file=sys.stderr)
         return 1
-    except (ArtifactError, SourceError, ConfigError, WeightsError, VerificationError, OSError) as e:
+    except (ArtifactError, OutputError, SourceError, ConfigError, WeightsError, VerificationError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except ProviderError as e:
         print(f"error: --provider {e.provider}: {e.problem}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; the artifact is unchanged", file=sys.stderr)
+        return 130
     print(f"{args.model}: parity {report['status']} on {report.get('provider', 'no provider')} "
           f"(written to {PARITY_FILE} and {MANIFEST})")
     return 0 if report["status"] == "passed" else 1

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .chat import Chat
 from .contract import ArtifactError
-from .generate import Generator, InputError, Options, encode_prompt, generate, load
+from .generate import Generator, InputError, ModelOutputError, Options, encode_prompt, generate, load
 from .sampling import OptionError
 from .session import ProviderError
 from .text import ChatTemplateError
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         run(args)
-    except (ArtifactError, ProviderError, InputError, ChatTemplateError, ValueError, OSError) as e:
+    except (ArtifactError, ProviderError, InputError, ChatTemplateError, ModelOutputError, ValueError, OSError) as e:
         print(f"error: {flag_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -33,6 +33,10 @@ class InputError(ValueError):
     """A request the model cannot serve (empty prompt, too long)."""
 
 
+class ModelOutputError(RuntimeError):
+    """The graphs computed something no token can be chosen from (NaN or inf logits)."""
+
+
 @dataclass(frozen=True)
 class Options:
     """One request's generation options. Build them with `Options.from_artifact` (or `gen.options`):
@@ -180,6 +184,10 @@ class _Rows:
     def __call__(self, logits: np.ndarray, cache: KVCache) -> tuple[np.ndarray, bool]:
         if self.prefill_s is None:
             self.prefill_s = time.perf_counter() - self.start
+        if not np.isfinite(logits).all():
+            raise ModelOutputError(f"the model produced non-finite logits (NaN/inf) for generated token "
+                                   f"{max(map(len, self.out)) + 1}; the artifact computes garbage: re-export it with "
+                                   "verification on, or re-verify it (python -m ernie_export.verify)")
         nxt = choose(logits, self.seen, self.opts.sampling, self.rng)
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter() - self.start

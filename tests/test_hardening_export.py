@@ -1,0 +1,182 @@
+"""The export never loses data and never reports false success: overwrite rules, locking, atomic
+replacement with recovery, signals, and models that compute NaN."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ernie_export import publish as P
+from ernie_export.__main__ import main as export_main
+from ernie_export.build import export_artifact
+from ernie_export.synthetic import write_checkpoint
+from runtime.contract import load_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+QUIET = dict(log=lambda m: None)
+
+
+def _export(ckpt, out, capsys, *extra):
+    code = export_main(["--model", str(ckpt), "--out", str(out), "--no-verify", *extra])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def art(tiny_artifact, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_artifact, tmp_path / "art")
+    return tmp_path / "art"
+
+
+def test_overwrite_refuses_a_directory_that_is_not_our_artifact(tiny_ckpt, tmp_path, capsys):
+    """Guards against `--overwrite` deleting a directory of user files (it used to, exit 0)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    code, err = _export(tiny_ckpt, out, capsys, "--overwrite")
+    assert code == 1 and "refusing to replace" in err and "no readable manifest.json" in err
+    assert (out / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_overwrite_refuses_an_artifact_holding_foreign_files(art, tiny_ckpt, capsys):
+    (art / "notes.txt").write_text("keep me")
+    code, err = _export(tiny_ckpt, art, capsys, "--overwrite")
+    assert code == 1 and "holds files the artifact does not list (notes.txt)" in err
+    assert (art / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("where", ["equal", "inside", "contains"])
+def test_output_may_not_touch_the_checkpoint(tmp_path, capsys, where):
+    """Guards against `--out` equal to `--model` silently deleting the source checkpoint."""
+    ckpt = write_checkpoint(tmp_path / "outer" / "ckpt", "tiny") if where == "contains" else \
+        write_checkpoint(tmp_path / "ckpt", "tiny")
+    out = {"equal": ckpt, "inside": ckpt / "onnx", "contains": tmp_path / "outer"}[where]
+    before = sorted(p.name for p in ckpt.iterdir())
+    code, err = _export(ckpt, out, capsys, "--overwrite")
+    assert code == 1 and "checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+def test_overwrite_replaces_our_artifact_atomically(art, tiny_ckpt, monkeypatch):
+    """Positive control, and the exchange: the old artifact is replaced in one renameat2 step."""
+    calls = []
+    real = P._exchange
+    monkeypatch.setattr(P, "_exchange", lambda a, b: calls.append((a, b)) or real(a, b))
+    old_manifest = json.loads((art / "manifest.json").read_text())
+    manifest = export_artifact(str(tiny_ckpt), art, overwrite=True, run_verify=False, **QUIET)
+    assert calls and calls[0][1] == art
+    assert json.loads((art / "parity.json").read_text())["status"] == "skipped"
+    assert manifest["files"]["parity"]["sha256"] != old_manifest["files"]["parity"]["sha256"]
+    load_manifest(art)
+    assert sorted(p.name for p in art.parent.iterdir()) == ["art"], "no staging, old copy or lock left"
+
+
+def test_kill_between_fallback_renames_is_recovered(art, tiny_ckpt):
+    """Without the atomic exchange, a kill between the two renames leaves only `.art.old-PID`;
+    the next run for that output restores it, then proceeds (here: refuses, as the output exists)."""
+    before = (art / "manifest.json").read_text()
+    stranded = art.parent / ".art.old-424242"
+    art.rename(stranded)
+    with pytest.raises(P.OutputExistsError):
+        export_artifact(str(tiny_ckpt), art, run_verify=False, **QUIET)
+    assert (art / "manifest.json").read_text() == before and not stranded.exists()
+    load_manifest(art)
+
+
+def test_fallback_publish_without_exchange(art, tiny_ckpt, monkeypatch):
+    monkeypatch.setattr(P, "_exchange", lambda a, b: False)
+    export_artifact(str(tiny_ckpt), art, overwrite=True, run_verify=False, **QUIET)
+    load_manifest(art)
+    assert sorted(p.name for p in art.parent.iterdir()) == ["art"]
+
+
+def test_stale_staging_of_a_killed_export_is_removed(tiny_ckpt, tmp_path):
+    stale = tmp_path / ".art.partial-999999"
+    stale.mkdir()
+    (stale / "weights.bin").write_bytes(b"\0" * 1024)
+    export_artifact(str(tiny_ckpt), tmp_path / "art", run_verify=False, **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_second_export_to_the_same_output_is_refused(tiny_ckpt, tmp_path, capsys):
+    """Guards against two concurrent exports both reporting success while one replaces the other."""
+    out = tmp_path / "art"
+    with P.output_lock(out):
+        code, err = _export(tiny_ckpt, out, capsys)
+    assert code == 1 and "another export to" in err and "is running" in err
+    assert not out.exists()
+    assert _export(tiny_ckpt, out, capsys)[0] == 0, "the lock is released with its holder"
+
+
+def test_concurrent_export_processes(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "art"
+    first = subprocess.Popen([sys.executable, "-m", "ernie_export", "--model", str(tiny_ckpt), "--out", str(out)],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / ".art.lock").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    code, err = _export(tiny_ckpt, out, capsys)
+    _, first_err = first.communicate(timeout=120)
+    assert first.returncode == 0, first_err
+    assert code == 1 and "is running" in err
+    assert json.loads((out / "parity.json").read_text())["status"] == "passed", "the first export's artifact stands"
+
+
+def test_sigterm_unwinds_like_ctrl_c(art, tiny_ckpt):
+    """SIGTERM mid-export: exit 130, staging removed, the existing artifact untouched."""
+    before = (art / "manifest.json").read_text()
+    proc = subprocess.Popen([sys.executable, "-m", "ernie_export", "--model", str(tiny_ckpt), "--out", str(art),
+                             "--overwrite"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".art.partial-") for p in art.parent.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert (art / "manifest.json").read_text() == before
+    assert sorted(p.name for p in art.parent.iterdir()) == ["art"]
+
+
+@pytest.fixture(scope="module")
+def nan_ckpt(tmp_path_factory):
+    """A config whose model computes NaN everywhere (negative rope_theta: a fractional power of a negative)."""
+    return write_checkpoint(tmp_path_factory.mktemp("nan") / "ckpt", "tiny",
+                            rope={"rope_type": "default", "rope_theta": -10000.0})
+
+
+def test_nan_model_fails_verification(nan_ckpt, tmp_path, capsys):
+    """Guards against NaN differences passing `<= tolerance` (NaN compares false) and a 'passed' parity."""
+    code = export_main(["--model", str(nan_ckpt), "--out", str(tmp_path / "verified")])
+    err = capsys.readouterr().err
+    assert code == 1 and "not finite" in err and not (tmp_path / "verified").exists()
+
+
+def test_parity_json_is_strict_json(tmp_path):
+    from ernie_export.verify import write_parity
+
+    write_parity(tmp_path, {"status": "failed", "prefill_max_abs_diff": float("nan"), "x": float("inf")})
+    strict = json.loads((tmp_path / "parity.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"bare {c} in parity.json"))
+    assert strict["prefill_max_abs_diff"] == "nan" and strict["x"] == "inf"
+
+
+def test_runtime_refuses_to_emit_tokens_from_non_finite_logits(nan_ckpt, tmp_path, capsys):
+    """An unverified artifact that computes NaN: one error line, never token 0 forever."""
+    from runtime.cli import main as cli_main
+
+    out = tmp_path / "nan-art"
+    export_artifact(str(nan_ckpt), out, run_verify=False, **QUIET)
+    code = cli_main(["--model", str(out), "--prompt", "hello", "--max-new-tokens", "4", "--greedy"])
+    cap = capsys.readouterr()
+    assert code == 2 and "non-finite logits" in cap.err and cap.out == ""
+    assert cap.err.strip().splitlines()[-1].startswith("error: ")
