@@ -20,6 +20,7 @@ from .contract import ArtifactError
 from .generate import Generator, InputError, ModelOutputError, Options, encode_prompt, generate, load
 from .sampling import OptionError
 from .session import ProviderError
+from .step import StepError
 from .text import ChatTemplateError
 
 
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         run(args)
-    except (ArtifactError, ProviderError, InputError, ChatTemplateError, ModelOutputError, ValueError, OSError) as e:
+    except (ArtifactError, ProviderError, InputError, ChatTemplateError, ModelOutputError, StepError, ValueError,
+            OSError) as e:
         print(f"error: {flag_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,8 +2,10 @@
 
 In:  an artifact directory written by `python -m ernie_export` (the runtime), or the model's
      dimensions (the exporter, which writes what this module reads).
-Out: `load_manifest()` -> the manifest dict after checking format, version and every file's size
-     and SHA-256; `io_contract()` -> the I/O section of the manifest; `GraphIO` -> one graph's
+Out: `load_manifest()` -> the manifest dict after checking its structure, format, version, that
+     every listed path stays inside the artifact (symlinks included), and every file's size and
+     SHA-256; `external_tensors()` -> where a graph's weights lie, from the graph's own
+     external-data records, each checked to point into a file of the artifact; `io_contract()` -> the I/O section of the manifest; `GraphIO` -> one graph's
      input and output names with the explicit past <-> present pairing, read from the manifest
      and checked against the ONNX Runtime session. `ArtifactError` says what is wrong and what to do.
 
@@ -15,8 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import onnx
 
 FORMAT = "ernie4_5-onnx"
 FORMAT_VERSION = 1  # bump on any change of graph I/O names, dtypes, shapes or file layout
@@ -131,6 +137,40 @@ def file_entry(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def inside(directory: Path, relative, what: str) -> Path:
+    """`directory / relative`, refused unless it is a plain relative path that stays inside `directory`
+    once symlinks are resolved. Checked before anything is opened or even stat'ed."""
+    parts = Path(relative).parts if isinstance(relative, str) else ()
+    if not parts or Path(relative).is_absolute() or ".." in parts:
+        raise ArtifactError(f"{what} path {relative!r} is not a relative path inside the artifact; refusing to "
+                            "read it: re-run the export")
+    path = directory / relative
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise ArtifactError(f"{what} {relative!r} leads outside the artifact directory (through a symlink); "
+                            "refusing to read it: re-run the export")
+    return path
+
+
+REQUIRED_DIMS = ("vocab_size", "num_hidden_layers", "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _check_structure(manifest, path: Path) -> None:
+    """The fields the runtime reads exist with the right types (no KeyError/TypeError tracebacks later)."""
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is not a JSON object; re-run the export")
+    files = manifest.get("files")
+    entry_ok = lambda e: isinstance(e, dict) and isinstance(e.get("path"), str) and type(e.get("size")) is int \
+        and isinstance(e.get("sha256"), str)  # noqa: E731
+    if not isinstance(files, dict) or not all(entry_ok(e) for e in files.values()):
+        raise ArtifactError(f"{path}: \"files\" must map each role to {{path, size, sha256}}; re-run the export")
+    dims = manifest.get("model", {}).get("dims") if isinstance(manifest.get("model"), dict) else None
+    if not isinstance(dims, dict) or not all(type(dims.get(k)) is int and dims[k] > 0 for k in REQUIRED_DIMS):
+        raise ArtifactError(f"{path}: model.dims must give positive integers {', '.join(REQUIRED_DIMS)}; "
+                            "re-run the export")
+    if manifest.get("dtype") not in ("float32", "float16", "bfloat16") or not isinstance(manifest.get("graphs"), dict):
+        raise ArtifactError(f"{path}: dtype or graphs is missing or invalid; re-run the export")
+
+
 def load_manifest(directory: str | Path, verify_hashes: bool = True) -> dict:
     """Read and validate `manifest.json` of an artifact directory."""
     directory = Path(directory)
@@ -141,20 +181,22 @@ def load_manifest(directory: str | Path, verify_hashes: bool = True) -> dict:
         raise ArtifactError(f"{directory} has no {MANIFEST}: it is not a complete artifact; re-run the export")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); re-run the export") from None
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not an {FORMAT} manifest (format={manifest.get('format')!r}); re-run the export")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ArtifactError(f"{path} is not an {FORMAT} manifest (format={fmt!r}); re-run the export")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(f"artifact format version {version!r} is not supported by this runtime (it reads version "
                             f"{FORMAT_VERSION}); re-export with a matching ernie_export or upgrade the runtime")
-    files = manifest.get("files", {})
+    _check_structure(manifest, path)
+    files = manifest["files"]
     missing_roles = [r for r in REQUIRED_FILES if r not in files]
     if missing_roles:
         raise ArtifactError(f"{path} lists no {', '.join(missing_roles)} file; re-run the export")
     for role, entry in files.items():
-        f = directory / entry["path"]
+        f = inside(directory, entry["path"], f"the {role} file")
         if not f.is_file():
             raise ArtifactError(f"artifact file {f} ({role}) is missing; re-run the export or restore the file")
         if f.stat().st_size != entry["size"]:
@@ -164,6 +206,47 @@ def load_manifest(directory: str | Path, verify_hashes: bool = True) -> dict:
             raise ArtifactError(f"artifact file {f} does not match its SHA-256 in the manifest: it is corrupt or "
                                 "modified; re-run the export or restore the file")
     return manifest
+
+
+def external_tensors(directory: Path, manifest: dict, graph: str) -> dict[str, dict]:
+    """name -> {location, offset, length, dtype, shape} from the graph file's own external-data records.
+
+    Each record must point into a file the manifest lists (so never outside the artifact, whatever
+    onnxruntime version would otherwise follow it), lie within that file, and have the byte length
+    its dtype and shape imply. The manifest's `weights_index`, where present, must agree with them.
+    """
+    path = directory / manifest["files"][graph]["path"]
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # a truncated or garbage protobuf raises DecodeError and friends
+        raise ArtifactError(f"{path.name} is not a readable ONNX model ({type(e).__name__}); re-run the export") from None
+    listed = {(directory / e["path"]).resolve(): e["path"] for e in manifest["files"].values()}
+    records = {}
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        ext = {e.key: e.value for e in init.external_data}
+        loc = ext.get("location", "")
+        target = inside(path.parent, loc, f"{path.name}'s external data for {init.name}").resolve()
+        if target not in listed:
+            raise ArtifactError(f"{path.name} reads {init.name} from {loc!r}, which is not a file of this artifact; "
+                                "refusing to load it: re-run the export")
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+        offset, length = int(ext.get("offset", 0)), int(ext.get("length", -1))
+        want = math.prod(init.dims) * dtype.itemsize
+        if length != want or offset < 0 or offset + length > target.stat().st_size:
+            raise ArtifactError(f"{path.name}: the external data of {init.name} (offset {offset}, length {length}) "
+                                f"does not fit {loc!r} or its shape ({want} bytes); re-run the export")
+        records[init.name] = {"location": listed[target], "offset": offset, "length": length,
+                              "dtype": dtype.name, "shape": list(init.dims)}
+    index = (manifest.get("weights_index") or {}).get(graph)
+    if index is not None:
+        ours = {n: {k: r[k] for k in ("offset", "length", "dtype", "shape")} for n, r in records.items()}
+        odd = sorted(n for n in set(index) | set(ours) if index.get(n) != ours.get(n))
+        if odd:
+            raise ArtifactError(f"the manifest's weights_index disagrees with {path.name}'s external-data records "
+                                f"({', '.join(odd[:3])}); the artifact is inconsistent: re-run the export")
+    return records
 
 
 def read_json_file(directory: Path, manifest: dict, role: str) -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .contract import ArtifactError, load_manifest, read_json_file
 from .sampling import OptionError, SamplingParams, choose
-from .session import open_model, resolve_provider
+from .session import cap_threads, open_model, resolve_provider
 from .step import KVCache, Model, decode_loop
 from .text import StreamText, Text
 
@@ -134,11 +134,13 @@ def load(model_dir: str | Path, provider: str = "auto", threads: int | None = No
     directory = Path(model_dir)
     manifest = load_manifest(directory, verify_hashes)
     device = resolve_provider(provider)
+    threads, thread_note = cap_threads(threads)
     generation = read_json_file(directory, manifest, "generation")
     defaults = Options.from_artifact(generation)
     model = open_model(directory, manifest, device, threads)
+    notes = _warnings(directory, manifest) + ([thread_note] if thread_note else [])
     return Generator(manifest, generation, Text.load(directory, manifest, generation), model, device, defaults,
-                     frozenset(generation.get("eos_token_ids", [])), _warnings(directory, manifest))
+                     frozenset(generation.get("eos_token_ids", [])), notes)
 
 
 def encode_prompt(gen: Generator, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .contract import GRAPHS, GraphIO, check_cache_pairing
+from .contract import GRAPHS, ArtifactError, GraphIO, check_cache_pairing, external_tensors
+from .sampling import OptionError
 from .step import Model, Step
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -44,6 +45,18 @@ def resolve_provider(choice: str) -> str:
     return choice
 
 
+def cap_threads(threads: int | None) -> tuple[int | None, str | None]:
+    """Intra-op threads: None/0 leaves ONNX Runtime's choice; more than the host's cores is capped."""
+    if threads is None or threads == 0:
+        return threads, None
+    if threads < 0:
+        raise OptionError("threads", f"must be >= 0 (0: ONNX Runtime's choice), got {threads}")
+    cores = os.cpu_count() or 1
+    if threads > cores:
+        return cores, f"{threads} threads requested but this host has {cores} cores; using {cores}"
+    return threads, None
+
+
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -59,31 +72,39 @@ def open_session(path: Path, provider: str, threads: int | None = None,
     for name, value in (initializers or {}).items():
         so.add_initializer(name, value)
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-    return ort.InferenceSession(str(path), so, providers=providers)
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # onnxruntime's own exception types (Fail, InvalidGraph, NotImplemented, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"ONNX Runtime {ort.__version__} cannot load {path.name}: {first[:300]}") from None
 
 
-def map_weights(directory: Path, manifest: dict) -> dict[str, dict[str, ort.OrtValue]]:
-    """Memory-map the weights file ONCE; per graph, zero-copy OrtValues over it.
+def map_weights(directory: Path, records: dict[str, dict[str, dict]]) -> dict[str, dict[str, ort.OrtValue]]:
+    """Memory-map each weights file ONCE; per graph, zero-copy OrtValues over it.
 
-    Two sessions that each load the external data would map (and count) the weights twice.
-    The OrtValues keep views of the mapping; they must outlive the sessions that use them.
+    `records` are the graphs' own checked external-data records (contract.external_tensors), so
+    the placement used here cannot disagree with the graphs. Two sessions that each load the
+    external data would map (and count) the weights twice. The OrtValues keep views of the
+    mapping; they must outlive the sessions that use them.
     """
-    index = manifest.get("weights_index") or {}
-    if not index or manifest.get("dtype") == "bfloat16":  # numpy has no bfloat16; CUDA copies anyway
-        return {}
-    mapping = np.memmap(directory / manifest["files"]["weights"]["path"], dtype=np.uint8, mode="r")
+    mappings: dict[str, np.memmap] = {}
     values = {}
-    for graph, tensors in index.items():
-        values[graph] = {name: ort.OrtValue.ortvalue_from_numpy(
-            np.ndarray(t["shape"], dtype=t["dtype"], buffer=mapping, offset=t["offset"]))
-            for name, t in tensors.items()}
+    for graph, tensors in records.items():
+        values[graph] = {}
+        for name, t in tensors.items():
+            if t["location"] not in mappings:
+                mappings[t["location"]] = np.memmap(directory / t["location"], dtype=np.uint8, mode="r")
+            array = np.ndarray(t["shape"], dtype=t["dtype"], buffer=mappings[t["location"]], offset=t["offset"])
+            values[graph][name] = ort.OrtValue.ortvalue_from_numpy(array)
     return values
 
 
 def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", threads: int | None = None) -> Model:
     """Both graphs over the shared weights, each session's I/O checked against the manifest."""
     directory = Path(directory)
-    shared = map_weights(directory, manifest) if provider == "cpu" else {}
+    records = {graph: external_tensors(directory, manifest, graph) for graph in GRAPHS}
+    # numpy has no bfloat16 OrtValues; CUDA copies the weights to the device anyway.
+    shared = map_weights(directory, records) if provider == "cpu" and manifest["dtype"] != "bfloat16" else {}
     vocab, full = manifest["model"]["dims"]["vocab_size"], manifest.get("full_logits", False)
     steps = []
     for graph in GRAPHS:

@@ -25,6 +25,10 @@ import onnxruntime as ort
 from .contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, GraphIO, past_for
 
 
+class StepError(RuntimeError):
+    """ONNX Runtime failed while running a graph (the message carries its first line)."""
+
+
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Token lists -> (input_ids [B, S], attention_mask [B, S], position_ids [B, S]), int64.
 
@@ -67,11 +71,11 @@ class Step:
     def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray,
                  cache: KVCache | None) -> tuple[np.ndarray, KVCache]:
         io = self.session.io_binding()
+        batch = ids.shape[0]
         for name, array in ((INPUT_IDS, ids), (ATTENTION_MASK, mask), (POSITION_IDS, pos)):
             io.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
         for name in self.io.past:
             io.bind_ortvalue_input(name, cache.values[name])
-        batch = ids.shape[0]
         if self.full_logits:
             io.bind_output(LOGITS, "cpu")
         else:
@@ -80,7 +84,12 @@ class Step:
             io.bind_ortvalue_output(LOGITS, self._logits)
         for name in self.io.present:
             io.bind_output(name, self.device)
-        self.session.run_with_iobinding(io)
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as e:  # onnxruntime's own exception types; out of memory arrives here too
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StepError(f"ONNX Runtime failed running the {self.io.graph} graph (batch {batch}, "
+                            f"{ids.shape[1]} new tokens, mask {mask.shape[1]}): {first[:300]}") from None
         values = dict(zip((LOGITS, *self.io.present), io.get_outputs()))  # in binding order
         presents = {past_for(name): values[name] for name in self.io.present}
         return values[LOGITS].numpy()[:, -1], KVCache(presents, mask)
