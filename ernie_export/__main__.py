@@ -10,9 +10,9 @@ import argparse
 import errno
 import sys
 
-from .build import DEFAULT_MODEL, DEFAULT_OPSET, export_artifact
+from .build import DEFAULT_MODEL, DEFAULT_OPSET, ExportOptionError, export_artifact
 from .config import ConfigError
-from .publish import OutputError, OutputExistsError, interrupt_on_sigterm
+from .publish import OutputError, OutputExistsError, Terminated, interrupt_on_sigterm
 from .trace import DTYPES
 from .verify import VerificationError
 from .weights import SourceError, WeightsError
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except OutputExistsError as e:
         print(f"error: {e}: pass --overwrite to replace it, or choose another --out", file=sys.stderr)
         return 1
+    except ExportOptionError as e:
+        print(f"error: --{e}", file=sys.stderr)
+        return 1
     except (OutputError, SourceError, ConfigError, WeightsError, VerificationError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -46,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"error: {e.strerror or e} ({getattr(e, 'filename', '')}); check the paths and permissions", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"error: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing was written", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     return 0
 
 

@@ -1,10 +1,9 @@
 """Write the artifact directory: graphs over one weights file, text files, manifest; publish atomically.
 
-In:  traced ONNX IR models, the checkpoint directory (tokenizer, generation config), the config.
-Out: an artifact directory: both graphs referencing ONE shared external-data file
-     (`weights.bin`, each tensor stored once, 64 KiB aligned for memory mapping), the
-     tokenizer, chat template, generation defaults and `manifest.json` (the versioned contract,
-     whose format and I/O section `runtime.contract` defines).
+In:  traced ONNX IR models, the config, the list of files written (tokenizer.py writes the text side).
+Out: in the staging directory: both graphs referencing ONE shared external-data file
+     (`weights.bin`, each tensor stored once, 64 KiB aligned for memory mapping) and
+     `manifest.json` (the versioned contract, whose format and I/O section `runtime.contract` defines).
 
 The directory is assembled in a staging directory (publish.py) that replaces the output only
 after verification passed, so a failed export never leaves an artifact the runtime accepts.
@@ -15,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import shutil
 from pathlib import Path
 
 import onnx
@@ -68,60 +66,6 @@ def save_graphs(models: dict[str, ir.Model], directory: Path) -> dict[str, dict]
     for name, model in models.items():
         ir.save(model, directory / f"{name}.onnx")
     return index
-
-
-def eos_ids(ckpt: Path, cfg: ErnieConfig, tokenizer_config: dict, vocab: dict[str, int]) -> list[int]:
-    """Every end-of-sequence id: generation_config.json, config.json, the tokenizer's eos and sep tokens."""
-    ids: list[int] = []
-    gen = _read_json(ckpt / "generation_config.json")
-    for source in (gen.get("eos_token_id"), cfg.eos_token_id):
-        ids += source if isinstance(source, list) else [] if source is None else [source]
-    for key in ("eos_token", "sep_token"):  # the chat template ends assistant turns with sep_token
-        tok = tokenizer_config.get(key)
-        tok = tok.get("content") if isinstance(tok, dict) else tok
-        if tok in vocab:
-            ids.append(vocab[tok])
-    return sorted(set(int(i) for i in ids))
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_tokenizer_files(ckpt: Path, directory: Path, cfg: ErnieConfig) -> dict:
-    """tokenizer.json, chat_template.jinja and generation.json; returns their manifest roles -> file names."""
-    if not (ckpt / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{ckpt} has no tokenizer.json: the artifact needs it; add the checkpoint's tokenizer.json")
-    shutil.copyfile(ckpt / "tokenizer.json", directory / "tokenizer.json")
-    vocab = json.loads((ckpt / "tokenizer.json").read_text()).get("model", {}).get("vocab", {})
-    for added in json.loads((ckpt / "tokenizer.json").read_text()).get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
-    tok_cfg = _read_json(ckpt / "tokenizer_config.json")
-    template = tok_cfg.get("chat_template")
-    if template is None and (ckpt / "chat_template.jinja").is_file():
-        template = (ckpt / "chat_template.jinja").read_text()
-    roles = {"tokenizer": "tokenizer.json", "generation": "generation.json"}
-    if isinstance(template, str):
-        (directory / "chat_template.jinja").write_text(template)
-        roles["chat_template"] = "chat_template.jinja"
-    gen = _read_json(ckpt / "generation_config.json")
-    special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in tok_cfg.items()
-               if k in ("bos_token", "eos_token", "pad_token", "unk_token", "cls_token", "sep_token")}
-    defaults = {
-        "eos_token_ids": eos_ids(ckpt, cfg, tok_cfg, vocab),
-        "bos_token_id": gen.get("bos_token_id", cfg.bos_token_id),
-        "pad_token_id": gen.get("pad_token_id", cfg.pad_token_id if cfg.pad_token_id is not None else 0),
-        "do_sample": bool(gen.get("do_sample", False)),
-        "temperature": float(gen.get("temperature", 1.0)),
-        "top_p": float(gen.get("top_p", 1.0)),
-        "top_k": int(gen.get("top_k", 0) or 0),
-        "repetition_penalty": float(gen.get("repetition_penalty", 1.0)),
-        "max_new_tokens": int(gen.get("max_new_tokens", 256) or 256),
-        "special_tokens": special,
-        "add_bos_token": bool(tok_cfg.get("add_bos_token", False)),
-    }
-    (directory / "generation.json").write_text(json.dumps(defaults, indent=2))
-    return roles
 
 
 def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source: dict,

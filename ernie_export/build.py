@@ -13,18 +13,25 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import onnx
 import torch
 
-from .artifact import WEIGHTS_FILE, describe, save_graphs, write_manifest, write_tokenizer_files
+from .artifact import WEIGHTS_FILE, describe, save_graphs, write_manifest
 from .config import load_config
 from .model import build_model
 from .publish import publish, staged
+from .tokenizer import read_text_files, write_text_files
 from .trace import DTYPES, trace
 from .verify import verify, write_parity
 from .weights import is_hub_id, load_weights, resolve_checkpoint
 
 DEFAULT_MODEL = "baidu/ERNIE-4.5-0.3B-PT"
 DEFAULT_OPSET = 18
+MIN_OPSET = 18  # torch.export's ONNX exporter writes nothing older
+
+
+class ExportOptionError(ValueError):
+    """An export option with a value the exporter cannot honour."""
 
 
 @contextmanager
@@ -48,6 +55,9 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
     """Every stage, written into the staging directory `tmp`; returns (manifest, parity report)."""
     with stage(f"loading {ckpt}", log):
         cfg = load_config(ckpt)
+        text_files = read_text_files(ckpt, cfg)
+        log(f"[export] tokenizer: {text_files.tokenizer_origin}"
+            + ("" if text_files.template else "; no chat template (the artifact will have none)"))
         weights = load_weights(ckpt, cfg, torch.float32)
         eager32 = build_model(cfg, weights)
         net = eager32 if dtype == "float32" else build_model(cfg, {k: v.to(DTYPES[dtype]) for k, v in weights.items()})
@@ -62,7 +72,7 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
         weights_index = save_graphs(graphs, tmp)
         del graphs
         roles = {"prefill": "prefill.onnx", "decode": "decode.onnx", "weights": WEIGHTS_FILE}
-        roles.update(write_tokenizer_files(ckpt, tmp, cfg))
+        roles.update(write_text_files(text_files, tmp))
         roles["parity"] = "parity.json"
         manifest = describe(cfg, dtype, opset, full_logits, source_of(model), roles, weights_index)
     if run_verify:
@@ -82,7 +92,10 @@ def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opse
     """Export, verify and publish; returns the manifest. Nothing is left behind on failure."""
     out = Path(out)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+        raise ExportOptionError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ExportOptionError(f"opset {opset} is not supported: use {MIN_OPSET}..{onnx.defs.onnx_opset_version()} "
+                                f"(default {DEFAULT_OPSET})")
     ckpt = resolve_checkpoint(model)
     t0 = time.perf_counter()
     try:

@@ -75,21 +75,51 @@ def _rope(raw: dict) -> tuple[float, str, dict]:
             f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)}); "
             "export would give wrong results, so it is refused"
         )
-    theta = float(params.get("rope_theta", 500000.0))
+    theta = params.get("rope_theta", 500000.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta > 0):
+        raise ConfigError(f"rope_theta must be a positive number, got {theta!r}")
+    theta = float(theta)
     needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                                 "original_max_position_embeddings")}
     missing = [k for k in needed.get(rope_type, ()) if k not in params]
     if missing:
         raise ConfigError(f"rope type {rope_type!r} needs {', '.join(missing)} in the config's rope parameters")
-    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+    for key in needed.get(rope_type, ()):
+        _float(params, key, None)
+    if _float(params, "partial_rotary_factor", 1.0) != 1.0:
         raise ConfigError("partial_rotary_factor != 1.0 is not supported by ERNIE 4.5 export")
     params["rope_type"] = rope_type
     params["rope_theta"] = theta
     return theta, rope_type, params
 
 
+def _int(raw: dict, key: str, default=None) -> int:
+    """A positive integer field; a float like 2.5, a string or a bool is refused, never truncated."""
+    value = raw.get(key, default)
+    if type(value) is not int or value <= 0:
+        raise ConfigError(f"config.json field {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _float(raw: dict, key: str, default: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"config.json field {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _token_id(raw: dict, key: str, default):
+    value = raw.get(key, default)
+    ids = value if isinstance(value, list) else [value]
+    if not all(v is None or (type(v) is int and v >= 0) for v in ids):
+        raise ConfigError(f"config.json field {key} must be a token id (or a list of them), got {value!r}")
+    return value
+
+
 def parse_config(raw: dict) -> ErnieConfig:
     """Validate a config.json dict and build an ErnieConfig from it."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config.json must hold a JSON object; re-download the checkpoint")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         hint = " (the MoE family is not supported; use a dense ERNIE 4.5 checkpoint)" if model_type and "moe" in model_type else ""
@@ -102,35 +132,32 @@ def parse_config(raw: dict) -> ErnieConfig:
         raise ConfigError(f"config.json is missing required field(s): {', '.join(missing)}")
     if raw.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act {raw['hidden_act']!r} is not supported: expected 'silu'")
-    n_heads = int(raw["num_attention_heads"])
-    n_kv = int(raw.get("num_key_value_heads") or n_heads)
-    head_dim = raw.get("head_dim") or raw["hidden_size"] // n_heads
+    n_heads, hidden = _int(raw, "num_attention_heads"), _int(raw, "hidden_size")
+    n_kv = _int(raw, "num_key_value_heads", n_heads) if raw.get("num_key_value_heads") is not None else n_heads
+    head_dim = _int(raw, "head_dim") if raw.get("head_dim") is not None else hidden // n_heads
     if n_heads % n_kv:
         raise ConfigError(f"num_attention_heads ({n_heads}) must be a multiple of num_key_value_heads ({n_kv})")
     if head_dim % 2:
         raise ConfigError(f"head_dim ({head_dim}) must be even for RoPE")
     theta, rope_type, rope_params = _rope(raw)
-    eps = float(raw.get("rms_norm_eps", 1e-5))
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ConfigError(f"rms_norm_eps must be a positive number, got {eps}")
     return ErnieConfig(
-        vocab_size=int(raw["vocab_size"]),
-        hidden_size=int(raw["hidden_size"]),
-        intermediate_size=int(raw["intermediate_size"]),
-        num_hidden_layers=int(raw["num_hidden_layers"]),
+        vocab_size=_int(raw, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=_int(raw, "intermediate_size"),
+        num_hidden_layers=_int(raw, "num_hidden_layers"),
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv,
-        head_dim=int(head_dim),
-        rms_norm_eps=eps,
-        max_position_embeddings=int(raw.get("max_position_embeddings", 131072)),
+        head_dim=head_dim,
+        rms_norm_eps=_float(raw, "rms_norm_eps", 1e-5),
+        max_position_embeddings=_int(raw, "max_position_embeddings", 131072),
         rope_theta=theta,
         rope_type=rope_type,
         rope_parameters=rope_params,
         use_bias=bool(raw.get("use_bias", False)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-        bos_token_id=raw.get("bos_token_id", 1),
-        eos_token_id=raw.get("eos_token_id", 2),
-        pad_token_id=raw.get("pad_token_id", 0),
+        bos_token_id=_token_id(raw, "bos_token_id", 1),
+        eos_token_id=_token_id(raw, "eos_token_id", 2),
+        pad_token_id=_token_id(raw, "pad_token_id", 0),
         synthetic=bool(raw.get("synthetic")),
     )
 
@@ -143,6 +170,6 @@ def load_config(path: str | Path) -> ErnieConfig:
         raise ConfigError(f"no config.json in {path}: pass a checkpoint directory that contains config.json")
     try:
         raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{file} is not valid JSON ({e}); re-download the checkpoint") from None
     return parse_config(raw)

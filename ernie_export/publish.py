@@ -137,10 +137,16 @@ def staged(out: Path, ckpt: Path | None, overwrite: bool, log=lambda m: None) ->
             shutil.rmtree(tmp, ignore_errors=True)  # after publish() it holds the replaced artifact, or nothing
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwinding like Ctrl-C. A subclass, not KeyboardInterrupt itself: measured, a bare
+    KeyboardInterrupt raised mid-trace sometimes made CPython end the process with a SIGINT status
+    after main() had returned (its "unhandled KeyboardInterrupt" flag stays set); a subclass does not."""
+
+
 def interrupt_on_sigterm() -> None:
     """SIGTERM (a service manager, `kill`) unwinds like Ctrl-C: staging is removed, nothing published."""
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     signal.signal(signal.SIGTERM, handler)
 

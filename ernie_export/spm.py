@@ -1,33 +1,30 @@
 """SentencePiece checkpoint tokenizer -> Hugging Face `tokenizers.Tokenizer` (saved as tokenizer.json).
 
-In:  a checkpoint directory holding `tokenizer.model` (a SentencePiece ModelProto, BPE or unigram) plus
-     whichever of tokenizer_config.json, special_tokens_map.json and added_tokens.json exist, laid
-     out like the original ERNIE 4.5 release (`Ernie4_5_Tokenizer`, remote code, no tokenizer.json).
-Out: `convert_checkpoint_tokenizer(ckpt)`, a `tokenizers.Tokenizer` whose `encode(text,
-     add_special_tokens=False)` gives the ids the release's tokenizer class gives (the text split on its
-     special tokens, each piece encoded by SentencePiece), and whose `decode` matches SentencePiece's.
-     `convert_spm_model(data)` converts a bare model. Anything it cannot reproduce exactly raises
-     `TokenizerConversionError` (one line: what is wrong, what to do).
+In:  a checkpoint directory with `tokenizer.model` (a SentencePiece ModelProto, BPE or unigram) and
+     whichever of tokenizer_config.json, special_tokens_map.json, added_tokens.json exist: the layout
+     of the original ERNIE 4.5 release (`Ernie4_5_Tokenizer` remote code, no tokenizer.json).
+Out: `convert_checkpoint_tokenizer(ckpt)`: a `tokenizers.Tokenizer` whose `encode(text,
+     add_special_tokens=False)` gives the release class's ids (text split on its special tokens,
+     SentencePiece on each piece) and whose `decode` gives SentencePiece's text; `convert_spm_model`
+     does a bare model. What it cannot reproduce raises `TokenizerConversionError` (one line).
 
-Approach: the model file is read with `sentencepiece_model_pb2` and validated by loading it into
-`SentencePieceProcessor`; the pipeline is rebuilt from the model's own fields, never from defaults.
-It follows transformers' `SpmConverter.build_tokenizer_from_spm_proto` (the one converter there that
-honours the normalizer spec), re-implemented because the export side must not import transformers:
-  normalizer  charsmap (`Precompiled`, absent for `identity`), extra-whitespace removal on spaces
-              only, U+2581 escaping, and the dummy prefix as a `Prepend` (before the charsmap when
-              whitespace is kept, so, as in SentencePiece, any non-empty input gets it);
-  model       BPE: vocab by id, merges for every split of a normal piece into two normal pieces,
-              ranked by the merged piece's score (SentencePiece merges the best-scoring pair);
-              unigram: the piece scores, with SentencePiece's user-defined bonus
-              (chars * max score - 0.1) and byte/control pieces made unreachable from text;
-  user-defined symbols  isolated by a `Split` pre-tokenizer (SentencePiece never merges them);
-              BPE then needs `ignore_merges` to emit them whole;
-  decoder     U+2581 -> space, byte fallback -> UTF-8, and the first leading space dropped when
-              SentencePiece drops it (add_dummy_prefix or remove_extra_whitespaces);
-  special tokens  unk and control pieces, and every token the config files declare, are special
-              added tokens (matched whole before normalization, never split) with their ids.
-Known differences, all outside well-formed text: see the "Known differences" section of
-tests/test_spm.py, which pins each one.
+Approach and why: `tokenizers.implementations`' SentencePiece classes assume the defaults (prefix
+always, spaces collapsed, no byte fallback for BPE), so they are not faithful; transformers'
+`SpmConverter.build_tokenizer_from_spm_proto` reads the model's own fields and is followed here,
+re-implemented because the export side must not import transformers. The model is parsed with
+`sentencepiece_model_pb2` and validated by `SentencePieceProcessor`. Every stage comes from the file:
+  normalizer  charsmap (`Precompiled`; none for identity) with a CR LF fix, extra-whitespace removal
+              (spaces only), U+2581 escaping, dummy prefix as `Prepend` (placed so that, as in
+              SentencePiece, it goes on any non-empty input, or on what is left after stripping);
+  model       BPE: merges for every split of a normal piece into two, ranked by the merged piece's
+              score; user-defined symbols isolated by a `Split` pre-tokenizer and emitted whole
+              (`ignore_merges`). Unigram: piece scores, SentencePiece's user-defined bonus, byte and
+              control pieces unreachable from text;
+  decoder     U+2581 -> space, byte fallback -> UTF-8, the leading space dropped as SentencePiece does;
+  special     unk and control pieces and every token the config files declare are special added
+              tokens (matched whole before normalization, never split), with their ids.
+Known differences (per-grapheme charsmap quirks, invalid byte runs, unk rendering, unigram float
+ties) are pinned by tests/test_spm.py.
 """
 
 from __future__ import annotations
@@ -55,9 +52,13 @@ def _fail(msg: str):
 
 def load_model_proto(data: bytes, where: str = "tokenizer.model"):
     """Parse and validate a SentencePiece model; TokenizerConversionError if it is unreadable."""
-    import sentencepiece
-    from google.protobuf.message import DecodeError
-    from sentencepiece import sentencepiece_model_pb2 as pb
+    try:
+        import sentencepiece
+        from google.protobuf.message import DecodeError
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except Exception as e:  # missing, or protobuf older than the generated sentencepiece_model_pb2 needs
+        _fail(f"reading {where} needs sentencepiece and a matching protobuf ({type(e).__name__}: {e}); "
+              f"install the export extra")
 
     proto = pb.ModelProto()
     try:
@@ -69,24 +70,22 @@ def load_model_proto(data: bytes, where: str = "tokenizer.model"):
     return proto
 
 
-def _check_supported(proto) -> None:
-    ns, ts = proto.normalizer_spec, proto.trainer_spec
+def _check_supported(proto, user_defined: list[str]) -> None:
+    ts, charsmap = proto.trainer_spec, proto.normalizer_spec.precompiled_charsmap
     kind = ts.ModelType.Name(ts.model_type)
-    if kind not in ("BPE", "UNIGRAM"):
-        _fail(f"tokenizer.model is a {kind} SentencePiece model; only BPE and UNIGRAM convert, ship a tokenizer.json")
-    if ts.treat_whitespace_as_suffix:
-        _fail("tokenizer.model uses treat_whitespace_as_suffix, which tokenizer.json cannot express; ship a tokenizer.json")
-    if proto.HasField("denormalizer_spec") and proto.denormalizer_spec.precompiled_charsmap:
-        _fail("tokenizer.model has a denormalizer, which tokenizer.json cannot express; ship a tokenizer.json")
-    if any(p.type == UNUSED for p in proto.pieces):
-        _fail("tokenizer.model has UNUSED pieces, which tokenizer.json cannot express; ship a tokenizer.json")
+    changed = [u for u in user_defined if charsmap and normalizers.Precompiled(charsmap).normalize_str(u) != u]
+    for bad, what in [(kind not in ("BPE", "UNIGRAM"), f"is a {kind} model (only BPE and UNIGRAM convert)"),
+                      (ts.treat_whitespace_as_suffix, "uses treat_whitespace_as_suffix"),
+                      (proto.denormalizer_spec.precompiled_charsmap, "has a denormalizer"),
+                      (any(p.type == UNUSED for p in proto.pieces), "has UNUSED pieces"),
+                      (changed, f"has user-defined symbols the normalizer changes ({changed[:3]})")]:
+        if bad:
+            _fail(f"tokenizer.model {what}, which tokenizer.json cannot reproduce; ship a tokenizer.json")
 
 
 def _normalizer(proto):
-    ns = proto.normalizer_spec
-    space = META if ns.escape_whitespaces else " "
-    steps = []
-    charsmap = ns.precompiled_charsmap
+    ns, steps = proto.normalizer_spec, []
+    space, charsmap = META if ns.escape_whitespaces else " ", ns.precompiled_charsmap
     if charsmap:
         pre = normalizers.Precompiled(charsmap)
         # Precompiled maps a whole grapheme by its shortest mapped prefix, so CR LF (one grapheme)
@@ -118,7 +117,7 @@ def _bpe(proto, user_defined: list[str]):
             if left in normal and right in normal:
                 ranked.append((-score, i, left, right))
     merges = [(left, right) for _, _, left, right in sorted(ranked)]
-    ts = proto.trainer_spec
+    ts = proto.trainer_spec  # ignore_merges: a word that is a whole piece (a user-defined symbol) stays whole
     return BPE(vocab=vocab, merges=merges, unk_token=proto.pieces[ts.unk_id].piece, fuse_unk=True,
                byte_fallback=ts.byte_fallback, ignore_merges=bool(user_defined))
 
@@ -139,27 +138,22 @@ def _unigram(proto):
 
 def _decoder(proto):
     ns = proto.normalizer_spec
-    steps = [decoders.Replace(META, " ")] if ns.escape_whitespaces else []
+    steps = [decoders.Replace(META, " ")]  # SentencePiece does so even without escape_whitespaces
     if proto.trainer_spec.byte_fallback:
         steps.append(decoders.ByteFallback())
     steps.append(decoders.Fuse())
-    if ns.add_dummy_prefix or ns.remove_extra_whitespaces:
-        # SentencePiece drops one leading space; while whitespace is removed, one per leading piece
+    if ns.escape_whitespaces and (ns.add_dummy_prefix or ns.remove_extra_whitespaces):
+        # SentencePiece drops the first piece's leading U+2581; while whitespace is removed, that of every
+        # leading piece (none of which holds two, as such models never learn "▁▁")
         steps.append(decoders.Strip(content=" ", left=1 << 20 if ns.remove_extra_whitespaces else 1, right=0))
     return decoders.Sequence(steps)
 
 
 def convert_model_proto(proto) -> Tokenizer:
     """A `tokenizers.Tokenizer` encoding like SentencePiece with this (parsed) model."""
-    _check_supported(proto)
     ns = proto.normalizer_spec
     user_defined = [p.piece for p in proto.pieces if p.type == USER_DEFINED]
-    if ns.precompiled_charsmap:
-        pre = normalizers.Precompiled(ns.precompiled_charsmap)
-        for sym in user_defined:
-            if pre.normalize_str(sym) != sym:
-                _fail(f"user-defined symbol {sym!r} changes under the model's normalizer, which tokenizer.json "
-                      f"cannot express; ship a tokenizer.json")
+    _check_supported(proto, user_defined)
     is_bpe = proto.trainer_spec.model_type == proto.trainer_spec.BPE
     tok = Tokenizer(_bpe(proto, user_defined) if is_bpe else _unigram(proto))
     tok.normalizer = _normalizer(proto)
@@ -179,10 +173,8 @@ def convert_spm_model(data: bytes, where: str = "tokenizer.model") -> Tokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         _fail(f"{path.name} is not valid JSON ({e}); fix or remove it")
     if not isinstance(data, dict):
@@ -207,9 +199,9 @@ def declared_tokens(ckpt: Path) -> dict[str, dict]:
             return
         entry = out.setdefault(content, {"id": None, "special": True})
         if token_id is not None:
-            if entry["id"] is not None and entry["id"] != int(token_id):
-                _fail(f"{content!r} is given ids {entry['id']} and {token_id} by the tokenizer config files; "
-                      f"make them agree")
+            if not str(token_id).isdigit() or entry["id"] not in (None, int(token_id)):
+                _fail(f"{content!r} is given the ids {entry['id']} and {token_id!r} by the tokenizer config "
+                      f"files; make them agree")
             entry["id"] = int(token_id)
         entry.update(flags)
 
@@ -227,28 +219,25 @@ def declared_tokens(ckpt: Path) -> dict[str, dict]:
 
 
 def _add_declared(tok: Tokenizer, proto, declared: dict[str, dict]) -> None:
+    """Pieces keep their model ids; new tokens follow the vocab in id order (undeclared ids last, in order)."""
     piece_ids = {p.piece: i for i, p in enumerate(proto.pieces)}
-    size = len(proto.pieces)
     for content, entry in declared.items():
-        if content in piece_ids and entry["id"] not in (None, piece_ids[content]):
-            _fail(f"{content!r} is id {piece_ids[content]} in tokenizer.model but {entry['id']} in the config files; "
-                  f"make them agree")
+        want, have = entry["id"], piece_ids.get(content)
+        if want is not None and have is not None and want != have:
+            _fail(f"{content!r} is id {have} in tokenizer.model but {want} in the config files; make them agree")
+        if want is not None and have is None and want < len(proto.pieces):
+            _fail(f"{content!r} is given id {want}, which tokenizer.model uses for {proto.pieces[want].piece!r}; "
+                  f"fix added_tokens.json")
+    new = [c for c in declared if c not in piece_ids]
+    for content in sorted(new, key=lambda c: (declared[c]["id"] is None, declared[c]["id"] or 0)):  # stable
+        want, free = declared[content]["id"], tok.get_vocab_size(with_added_tokens=True)
+        if want not in (None, free):
+            _fail(f"added token {content!r} has id {want} but the next free id is {free}; tokenizer.json cannot "
+                  f"leave gaps, fix added_tokens.json")
+        _add(tok, content, declared[content])
+    for content in declared:
         if content in piece_ids:
-            entry["id"] = piece_ids[content]
-        elif entry["id"] is not None and entry["id"] < size:
-            _fail(f"{content!r} is given id {entry['id']}, which tokenizer.model uses for "
-                  f"{proto.pieces[entry['id']].piece!r}; fix added_tokens.json")
-    new = sorted((e["id"] if e["id"] is not None else float("inf"), n, c) for n, (c, e) in enumerate(declared.items())
-                 if c not in piece_ids)
-    for expected, _, content in new:
-        entry, assigned = declared[content], tok.get_vocab_size(with_added_tokens=True)
-        if expected not in (assigned, float("inf")):
-            _fail(f"added token {content!r} has id {expected} but the next free id is {assigned}; tokenizer.json "
-                  f"cannot leave gaps, fix added_tokens.json")
-        _add(tok, content, entry)
-    for content, entry in declared.items():
-        if content in piece_ids:
-            _add(tok, content, entry)
+            _add(tok, content, declared[content])
 
 
 def _add(tok: Tokenizer, content: str, entry: dict) -> None:

@@ -75,6 +75,9 @@ def trace(model: ErnieForCausalLM, graph: str, opset: int, full_logits: bool) ->
                                     input_names=list(contract["inputs"]), output_names=list(contract["outputs"]),
                                     optimize=True, verbose=False)
     onnx_model = program.model
+    written = onnx_model.opset_imports.get("")
+    if written != opset:  # the manifest records `opset`: it must be what the graphs carry
+        raise RuntimeError(f"opset {opset} was asked for but the exporter wrote opset {written}")
     _tidy(onnx_model, graph, contract)
     return onnx_model
 

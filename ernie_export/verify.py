@@ -35,7 +35,7 @@ import torch
 
 from runtime.contract import GRAPHS, MANIFEST, PAST, ArtifactError, cache_names, load_manifest
 from runtime.session import PROVIDERS, ProviderError, open_model, resolve_provider
-from runtime.step import KVCache, Model, decode_loop, left_pad
+from runtime.step import KVCache, Model, StepError, decode_loop, left_pad
 
 from .artifact import write_manifest
 from .publish import OutputError, interrupt_on_sigterm, publish, staged
@@ -133,8 +133,11 @@ def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider:
         report.update(status="pending", reason="ONNX Runtime's CPU provider has no bfloat16 kernels; verification "
                       "is pending a CUDA host (run `python -m ernie_export.verify --model ARTIFACT --provider cuda` there)")
         return report
-    model = open_model(directory, manifest, provider)
-    runs = [compare(model, eager32, p, GREEDY_STEPS) for p in fixed_prompts(eager32.config.vocab_size)]
+    try:
+        model = open_model(directory, manifest, provider)
+        runs = [compare(model, eager32, p, GREEDY_STEPS) for p in fixed_prompts(eager32.config.vocab_size)]
+    except (ArtifactError, StepError) as e:  # e.g. an opset this onnxruntime cannot run
+        raise VerificationError(f"the exported graphs do not run: {e}") from None
     report.update({
         "provider": provider,
         "prefill_max_abs_diff": max(r["prefill_max_abs_diff"] for r in runs),

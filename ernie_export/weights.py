@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import ErnieConfig
 
@@ -78,7 +78,10 @@ def weight_files(ckpt: Path) -> list[Path]:
     """The safetensors files of a checkpoint, single-file or sharded."""
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise WeightsError(f"{index} is not a valid safetensors index (no weight_map); re-download it") from None
         missing = [s for s in shards if not (ckpt / s).is_file()]
         if missing:
             raise WeightsError(f"{index.name} lists shard(s) not in {ckpt}: {', '.join(missing)}; re-download them")
@@ -122,10 +125,14 @@ def load_weights(ckpt: str | Path, cfg: ErnieConfig, dtype: torch.dtype = torch.
     ckpt = Path(ckpt)
     tensors: dict[str, torch.Tensor] = {}
     for file in weight_files(ckpt):
-        with safe_open(str(file), framework="pt") as f:
-            for raw_name in f.keys():
-                for name, t in canonicalize(raw_name, f.get_tensor(raw_name), cfg):
-                    tensors[name] = t
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for raw_name in f.keys():
+                    for name, t in canonicalize(raw_name, f.get_tensor(raw_name), cfg):
+                        tensors[name] = t
+        except SafetensorError as e:  # truncated, garbage header, bad offsets
+            raise WeightsError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+                               "re-download the checkpoint") from None
     if cfg.tie_word_embeddings:
         lm = tensors.pop("lm_head.weight", None)
         emb = tensors.get("model.embed_tokens.weight")

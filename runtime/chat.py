@@ -3,6 +3,9 @@
 In:  a loaded `Generator`, an optional system message, user messages one at a time.
 Out: each turn's `Result`; `Chat.cache` holds exactly `Chat.token_ids` after every turn.
 
+A turn that fails or is interrupted (Ctrl-C) changes nothing: the cache and messages are only
+updated once the reply is complete, so the conversation goes on as if it had not been asked.
+
 A new turn's tokens are the chat template's rendering of the whole conversation minus what the
 cache already holds (as text); if the two diverge (a reply cut at a stop string), the
 conversation is re-prefilled from scratch instead, so the cache never disagrees with the text.
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .generate import Generator, InputError, OnText, Options, Result, continue_generation
+from .generate import Generator, InputError, OnText, Options, Result, check_utf8, continue_generation
 from .step import KVCache
 
 
@@ -26,6 +29,7 @@ class Chat:
     cached_text: str = ""  # the text `token_ids` decode to, special tokens included
 
     def turn(self, user: str, opts: Options | None = None, on_text: OnText | None = None) -> Result:
+        check_utf8(user, "message")
         if not user.strip():
             raise InputError("the message is empty")
         if not self.messages and self.system:

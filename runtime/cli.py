@@ -64,25 +64,49 @@ def flag_message(e: Exception) -> str:
     return str(e)
 
 
-def _interactive(gen: Generator, opts: Options, system: str | None) -> None:
+def _interactive(gen: Generator, opts: Options, system: str | None, read=input,
+                 write=lambda chunk: print(chunk, end="", flush=True)) -> None:
+    """A conversation in the terminal. Ctrl-C during a reply cancels that reply (the conversation
+    stays as it was before it); an error in one turn (e.g. the context is full) is reported and the
+    conversation goes on; Ctrl-D ends it."""
     chat = Chat(gen, system)
-    print("Interactive chat (Ctrl-D to quit). The KV cache is kept between turns.", file=sys.stderr)
+    print("Interactive chat (Ctrl-D to quit, Ctrl-C cancels a reply). The KV cache is kept between turns.",
+          file=sys.stderr)
     while True:
         try:
-            line = input("> ")
+            line = read("> ")
         except EOFError:
             print(file=sys.stderr)
             return
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
         if not line.strip():
             continue
-        chat.turn(line, opts, lambda row, chunk: print(chunk, end="", flush=True))
-        print()
+        try:
+            chat.turn(line, opts, lambda row, chunk: write(chunk))
+            write("\n")
+        except KeyboardInterrupt:
+            print("\n[reply cancelled; the conversation is as it was before this message]", file=sys.stderr)
+        except (InputError, OptionError, ChatTemplateError, ModelOutputError, StepError) as e:
+            print(f"error: {flag_message(e)}", file=sys.stderr)
+
+
+def _stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin is not None and not sys.stdin.closed and sys.stdin.isatty()
+    except (ValueError, OSError):
+        return False
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        prompts += [ln for ln in Path(args.prompt_file).read_text().splitlines() if ln.strip()]
+        try:
+            lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise InputError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        prompts += [ln for ln in lines if ln.strip()]
     return prompts
 
 
@@ -92,7 +116,7 @@ def run(args: argparse.Namespace) -> None:
     for w in gen.warnings:
         print(f"warning: {w}", file=sys.stderr)
     opts = options_from_args(gen, args)
-    interactive = not prompts and args.prompt is None and not args.prompt_file and sys.stdin.isatty()
+    interactive = not prompts and args.prompt is None and not args.prompt_file and _stdin_is_terminal()
     if (args.chat or interactive) and gen.text.template_source is None:
         raise InputError(f"{'--chat' if args.chat else 'interactive chat'}: this artifact has no chat template (its "
                          "checkpoint had none); pass --prompt without --chat, or re-export a checkpoint that has one")

@@ -151,7 +151,8 @@ def inside(directory: Path, relative, what: str) -> Path:
     return path
 
 
-REQUIRED_DIMS = ("vocab_size", "num_hidden_layers", "num_key_value_heads", "head_dim", "max_position_embeddings")
+REQUIRED_DIMS = ("vocab_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "max_position_embeddings")
 
 
 def _check_structure(manifest, path: Path) -> None:

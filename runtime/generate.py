@@ -22,7 +22,7 @@ import numpy as np
 
 from .contract import ArtifactError, load_manifest, read_json_file
 from .sampling import OptionError, SamplingParams, choose
-from .session import cap_threads, open_model, resolve_provider
+from .session import available_memory, cap_threads, open_model, resolve_provider
 from .step import KVCache, Model, decode_loop
 from .text import StreamText, Text
 
@@ -143,7 +143,18 @@ def load(model_dir: str | Path, provider: str = "auto", threads: int | None = No
                      frozenset(generation.get("eos_token_ids", [])), notes)
 
 
+def check_utf8(text: str, what: str) -> None:
+    """Text from argv or a file decoded with surrogateescape can hold bytes that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"the {what} is not valid UTF-8 (a stray byte at character {e.start}); pass UTF-8 text") from None
+
+
 def encode_prompt(gen: Generator, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+    check_utf8(prompt, "prompt")
+    if system is not None:
+        check_utf8(system, "system message")
     if not prompt.strip():
         raise InputError("the prompt is empty: pass some text")
     if chat:
@@ -162,6 +173,12 @@ def _check_request(gen: Generator, prompts: list[list[int]], opts: Options, past
     if longest + opts.max_new_tokens > gen.max_context:
         raise OptionError("max_new_tokens", f"({opts.max_new_tokens}) plus the prompt ({longest} tokens) exceeds the "
                           f"model's context of {gen.max_context} tokens; shorten the prompt or lower max_new_tokens")
+    free = available_memory() if gen.provider == "cpu" else None
+    need = gen.model.memory_needed(len(prompts), longest + opts.max_new_tokens)
+    if free is not None and need > free:
+        raise InputError(f"{len(prompts)} x {longest + opts.max_new_tokens} tokens (prompt + max_new_tokens) need "
+                         f"~{need / 2**30:.1f} GiB for the KV cache and attention, but this host has "
+                         f"{free / 2**30:.1f} GiB available; shorten the prompt, lower max_new_tokens or the batch")
 
 
 @dataclass

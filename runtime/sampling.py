@@ -79,7 +79,10 @@ def choose(logits: np.ndarray, seen: list[list[int]], params: SamplingParams, rn
     logits = apply_repetition_penalty(logits.astype(np.float32, copy=False), seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(-1).astype(np.int64)
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    # Shift before dividing: with a near-zero temperature, logits / T overflows to inf and inf - inf
+    # is NaN (which drew token 0 every time); shifted, the best logit is 0 and the rest -> -inf.
+    shifted = (logits - logits.max(-1, keepdims=True)) / np.float32(params.temperature)
+    logits = filter_top_k_top_p(shifted, params.top_k, params.top_p)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     u = rng.random((len(probs), 1))

@@ -114,4 +114,18 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
         io.check_session(session, path)
         steps.append(Step(session, io, provider, vocab, full))
     check_cache_pairing(steps[0].io, steps[1].io)
-    return Model(*steps, weights=shared)
+    dims = manifest["model"]["dims"]
+    shape = {k: dims[k] for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads", "head_dim")}
+    return Model(*steps, shape=shape, cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared)
+
+
+def available_memory() -> int | None:
+    """Bytes the host can still give (Linux MemAvailable); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -97,17 +97,45 @@ class Step:
 
 @dataclass
 class Model:
-    """The two graphs of one artifact: prefill starts a sequence, decode continues a cache."""
+    """The two graphs of one artifact: prefill starts a sequence, decode continues a cache.
+
+    Long prompts are fed in chunks (prefill, then decode with several tokens at a time) so the
+    attention scores of one run, float32 [B, heads, chunk, T], stay within SCORE_BUDGET: fed whole,
+    a 10.5k-token prompt on the tiny model needed > 4.4 GB, and 105k tokens asked for 178 GB.
+    """
     prefill: Step
     decode: Step
+    shape: dict  # from the manifest's dims: num_attention_heads, num_hidden_layers, num_key_value_heads, head_dim
+    cache_itemsize: int = 4  # bytes per cache element (float32; 2 for float16/bfloat16)
     weights: dict = field(default_factory=dict, repr=False)  # mapped weights the sessions use: keep alive
 
+    SCORE_BUDGET = 256 << 20  # bytes of float32 attention scores per run; the graph holds ~3 such arrays
+
+    def chunk_length(self, batch: int, total: int) -> int:
+        """New tokens per run so that [batch, heads, chunk, total] float32 scores fit SCORE_BUDGET."""
+        return max(16, self.SCORE_BUDGET // (4 * batch * self.shape["num_attention_heads"] * total))
+
+    def memory_needed(self, batch: int, total: int) -> int:
+        """Bytes a sequence of `total` tokens needs beyond the weights: the cache twice (a step reads
+        the old and writes the grown one) plus the attention temporaries of one chunk."""
+        d = self.shape
+        cache = batch * total * d["num_hidden_layers"] * 2 * d["num_key_value_heads"] * d["head_dim"] * self.cache_itemsize
+        chunk = min(self.chunk_length(batch, total), total)
+        return 2 * cache + 3 * 4 * batch * d["num_attention_heads"] * chunk * total
+
     def start(self, prompts: list[list[int]], pad_id: int, cache: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
-        """Feed left-padded prompts, after `cache` when given (several tokens through decode)."""
+        """Feed left-padded prompts after `cache` (None: from scratch), in chunks when they are long."""
         ids, mask, pos = left_pad(prompts, pad_id)
-        if cache is None:
-            return self.prefill(ids, mask, pos, None)
-        return self.decode(ids, np.concatenate([cache.mask, mask], axis=1), pos + cache.next_positions(), cache)
+        base = cache.next_positions() if cache is not None else 0  # positions continue the cached sequence
+        chunk = self.chunk_length(len(prompts), ids.shape[1] + (cache.length if cache is not None else 0))
+        for lo in range(0, ids.shape[1], chunk):
+            part = slice(lo, lo + chunk)
+            if cache is None:
+                logits, cache = self.prefill(ids[:, part], mask[:, part], pos[:, part], None)
+            else:
+                logits, cache = self.decode(ids[:, part], np.concatenate([cache.mask, mask[:, part]], axis=1),
+                                            pos[:, part] + base, cache)
+        return logits, cache
 
     def advance(self, tokens: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Feed one token per row ([B] int64) after `cache`."""

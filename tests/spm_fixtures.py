@@ -6,7 +6,8 @@ Out: `tokenizer.model` bytes for several NON-default option sets (`train_*`) and
      tokenizer.model + tokenizer_config.json (Ernie4_5_Tokenizer, auto_map) + added_tokens.json +
      special_tokens_map.json, with no tokenizer.json.
 
-Every model uses ERNIE's `<unk>` (0), `<s>` (1), `</s>` (2) as unk/bos/eos pieces.
+Every model uses ERNIE's `<unk>`, `<s>`, `</s>` as unk/bos/eos pieces, at ERNIE's ids 0, 1, 2 except in
+`train_unigram_moved_ids`, which moves them to prove that no id is assumed.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def corpus() -> tuple[str, ...]:
 def _train(**options) -> bytes:
     buf = io.BytesIO()
     base = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-                num_threads=1, hard_vocab_limit=False, character_coverage=0.995, train_extremely_large_corpus=False)
+                num_threads=1, hard_vocab_limit=False, character_coverage=0.995)
     base.update(options)
     import sentencepiece as spm
 
@@ -140,8 +141,16 @@ def train_unigram_bytes() -> bytes:
 
 @lru_cache(maxsize=None)
 def train_bpe_unk() -> bytes:
-    """(f) BPE without byte fallback (unknown characters -> fused <unk>), nmt_nfkc, dummy prefix, pad piece."""
-    return _train(model_type="bpe", vocab_size=1000, byte_fallback=False, pad_id=3, pad_piece="<pad>")
+    """(f) BPE without byte fallback (unknown characters -> fused <unk>), nmt_nfkc, extra whitespace removed
+    but NO dummy prefix, a pad piece."""
+    return _train(model_type="bpe", vocab_size=1000, byte_fallback=False, add_dummy_prefix=False, pad_id=3,
+                  pad_piece="<pad>")
+
+
+@lru_cache(maxsize=None)
+def train_unigram_moved_ids() -> bytes:
+    """(g) unigram whose special pieces sit at other ids (bos 0, eos 1, pad 2, unk 3): nothing may assume 0/1/2."""
+    return _train(model_type="unigram", vocab_size=900, unk_id=3, bos_id=0, eos_id=1, pad_id=2, pad_piece="<pad>")
 
 
 MODELS = {
@@ -151,6 +160,7 @@ MODELS = {
     "bpe_llama_like": train_bpe_llama_like,
     "unigram_bytes": train_unigram_bytes,
     "bpe_unk": train_bpe_unk,
+    "unigram_moved_ids": train_unigram_moved_ids,
 }
 
 CLS, SEP = "<|begin_of_sentence|>", "<|end_of_sentence|>"
@@ -168,7 +178,9 @@ def write_ernie_checkpoint(directory: Path, model: bytes) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "tokenizer.model").write_bytes(model)
-    added = ernie_added_tokens(spm.SentencePieceProcessor(model_proto=model).get_piece_size())
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    added = ernie_added_tokens(sp.get_piece_size())
+    in_model = {"<unk>": sp.unk_id(), "<s>": sp.bos_id(), "</s>": sp.eos_id()}  # listed too, at their model ids
 
     def tok(content: str) -> dict:
         return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
@@ -179,7 +191,7 @@ def write_ernie_checkpoint(directory: Path, model: bytes) -> Path:
     config = {
         "tokenizer_class": "Ernie4_5_Tokenizer",
         "auto_map": {"AutoTokenizer": ["tokenization_ernie4_5.Ernie4_5_Tokenizer", None]},
-        "added_tokens_decoder": {str(i): tok(t) for t, i in added.items()},
+        "added_tokens_decoder": {str(i): tok(t) for t, i in sorted({**in_model, **added}.items(), key=lambda x: x[1])},
         "additional_special_tokens": [MASKS[0], *MASKS[2:]],
         "clean_up_tokenization_spaces": False,
         "model_max_length": 131072,

@@ -132,7 +132,7 @@ def test_concurrent_export_processes(tiny_ckpt, tmp_path, capsys):
 
 
 def test_sigterm_unwinds_like_ctrl_c(art, tiny_ckpt):
-    """SIGTERM mid-export: exit 130, staging removed, the existing artifact untouched."""
+    """SIGTERM mid-export: exit 143 (128 + SIGTERM), staging removed, the existing artifact untouched."""
     before = (art / "manifest.json").read_text()
     proc = subprocess.Popen([sys.executable, "-m", "ernie_export", "--model", str(tiny_ckpt), "--out", str(art),
                              "--overwrite"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -142,16 +142,29 @@ def test_sigterm_unwinds_like_ctrl_c(art, tiny_ckpt):
     time.sleep(0.5)
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err, err
+    assert proc.returncode == 143 and "error: terminated; nothing was written" in err, (proc.returncode, err[-2000:])
     assert (art / "manifest.json").read_text() == before
     assert sorted(p.name for p in art.parent.iterdir()) == ["art"]
 
 
 @pytest.fixture(scope="module")
 def nan_ckpt(tmp_path_factory):
-    """A config whose model computes NaN everywhere (negative rope_theta: a fractional power of a negative)."""
-    return write_checkpoint(tmp_path_factory.mktemp("nan") / "ckpt", "tiny",
-                            rope={"rope_type": "default", "rope_theta": -10000.0})
+    """A corrupt checkpoint whose model computes NaN: one NaN in the final norm's weight. (A negative
+    rope_theta did the same; the config loader now refuses it, see test_config_refuses_bad_rope_theta.)"""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("nan") / "ckpt", "tiny")
+    weights = load_file(ckpt / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    return ckpt
+
+
+def test_config_refuses_bad_rope_theta(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "ckpt", "tiny")
+    _edit_json("config.json", rope_parameters={"rope_type": "default", "rope_theta": -10000.0})(ckpt)
+    code, err = _export(ckpt, tmp_path / "art", capsys)
+    assert code == 1 and "rope_theta must be a positive number, got -10000.0" in err
 
 
 def test_nan_model_fails_verification(nan_ckpt, tmp_path, capsys):
@@ -180,3 +193,57 @@ def test_runtime_refuses_to_emit_tokens_from_non_finite_logits(nan_ckpt, tmp_pat
     cap = capsys.readouterr()
     assert code == 2 and "non-finite logits" in cap.err and cap.out == ""
     assert cap.err.strip().splitlines()[-1].startswith("error: ")
+
+
+def _edit_json(name, **fields):
+    def edit(ckpt):
+        data = json.loads((ckpt / name).read_text())
+        data.update(fields)
+        (ckpt / name).write_text(json.dumps(data))
+    return edit
+
+
+def _write(name, content: bytes):
+    return lambda ckpt: (ckpt / name).write_bytes(content)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:1000]),
+     "is not a readable safetensors file"),
+    (_write("model.safetensors", b"\x10" + b"\0" * 7 + b"garbage!garbage!"), "is not a readable safetensors file"),
+    (_edit_json("config.json", hidden_size="abc"), "hidden_size must be a positive integer, got 'abc'"),
+    (_edit_json("config.json", num_hidden_layers=2.5), "num_hidden_layers must be a positive integer, got 2.5"),
+    (_edit_json("config.json", rms_norm_eps="x"), "rms_norm_eps must be a positive number"),
+    (_write("config.json", b"[]"), "config.json must hold a JSON object"),
+    (_write("tokenizer_config.json", b"{bad json"), "tokenizer_config.json is not valid JSON"),
+    (_write("tokenizer_config.json", b"[1, 2]"), "tokenizer_config.json must hold a JSON object"),
+    (_write("generation_config.json", b'{"temperature": "hot"}'), "temperature must be a number, got 'hot'"),
+    (_write("generation_config.json", b'{"top_p": 0}'), "top_p must be in (0, 1]"),
+    (_write("tokenizer.json", b"{"), "tokenizer.json cannot be loaded"),
+])
+def test_broken_checkpoint_files_are_one_line_errors(tiny_ckpt, tmp_path, capsys, edit, message):
+    """Each used to end in a traceback (some only after tracing); now one line, before any tracing."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    edit(ckpt)
+    start = time.perf_counter()
+    code, err = _export(ckpt, tmp_path / "art", capsys)
+    assert code == 1 and message in err and "Traceback" not in err
+    assert [ln for ln in err.splitlines() if not ln.startswith("[export]")] == [err.strip().splitlines()[-1]]
+    assert time.perf_counter() - start < 20 and not (tmp_path / "art").exists()
+
+
+def test_opset_is_honoured_or_refused(tiny_ckpt, tmp_path, capsys):
+    """Guards against recording an opset in the manifest that the graphs do not carry."""
+    import onnx
+
+    code, err = _export(tiny_ckpt, tmp_path / "old", capsys, "--opset", "17")
+    assert code == 1 and "--opset 17 is not supported: use 18.." in err
+    manifest = export_artifact(str(tiny_ckpt), tmp_path / "o21", opset=21, **QUIET)
+    assert manifest["opset"] == 21
+    for graph in ("prefill", "decode"):
+        model = onnx.load(str(tmp_path / "o21" / f"{graph}.onnx"), load_external_data=False)
+        assert {o.domain: o.version for o in model.opset_import}[""] == 21
+    assert json.loads((tmp_path / "o21" / "parity.json").read_text())["status"] == "passed"
