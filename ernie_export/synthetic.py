@@ -92,15 +92,31 @@ def config_dict(size: str, layout: str = "current", tie: bool = True, rope: dict
     return raw
 
 
-def random_weights(raw: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """Random tensors for every canonical name; norm weights != 1 so a missed norm shows up."""
+# Init std per size. Fixtures must be discriminative: with transformers' default 0.02, greedy output
+# repeats one token (tiny: 1 distinct id in 32), so tests comparing tokens cannot see wrong positions
+# or a wrong cache. Measured: tiny 0.2 gives varied output with float32 parity ~1e-5; at full size
+# 0.2 breaks parity (1e-3) and 0.06 already fails it, so full size uses 0.04.
+INIT_STD = {"tiny": 0.2, "full": 0.04}
+TOKENIZER_VOCAB = 400  # train_tokenizer()'s size: ids at or above it decode to nothing
+UNKNOWN_ROW_SCALE = 0.01  # embedding / LM-head rows of those ids: the tied head never prefers them
+
+
+def random_weights(raw: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16, std: float = 0.02,
+                   known_ids: int = TOKENIZER_VOCAB) -> dict[str, torch.Tensor]:
+    """Random tensors for every canonical name; norm weights != 1 so a missed norm shows up.
+
+    Rows of the embedding (and an untied LM head) for ids the synthetic tokenizer does not have
+    are scaled down, so greedy output decodes to visible text instead of nothing.
+    """
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, shape in expected_shapes(parse_config(raw)).items():
         if name.endswith("norm.weight"):
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         else:
-            t = 0.02 * torch.randn(shape, generator=gen)
+            t = std * torch.randn(shape, generator=gen)
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            t[known_ids:] *= UNKNOWN_ROW_SCALE
         out[name] = t.to(torch.bfloat16).to(dtype)  # same values whatever the storage dtype
     return out
 
@@ -170,7 +186,7 @@ def write_checkpoint(out: str | Path, size: str = "tiny", *, layout: str = "curr
     out.mkdir(parents=True, exist_ok=True)
     raw = config_dict(size, layout, tie, rope)
     raw["synthetic"] = RANDOM_WEIGHTS_NOTICE
-    weights = random_weights(raw, seed, dtype)
+    weights = random_weights(raw, seed, dtype, INIT_STD[size])
     if tie and with_lm_head:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
     if layout == "original":

@@ -237,7 +237,7 @@ def external_tensors(directory: Path, manifest: dict, graph: str) -> dict[str, d
         want = math.prod(init.dims) * dtype.itemsize
         if length != want or offset < 0 or offset + length > target.stat().st_size:
             raise ArtifactError(f"{path.name}: the external data of {init.name} (offset {offset}, length {length}) "
-                                f"does not fit {loc!r} or its shape ({want} bytes); re-run the export")
+                                f"does not fit {loc!r} or its shape (which needs {want}); re-run the export")
         records[init.name] = {"location": listed[target], "offset": offset, "length": length,
                               "dtype": dtype.name, "shape": list(init.dims)}
     index = (manifest.get("weights_index") or {}).get(graph)

@@ -60,7 +60,11 @@ class KVCache:
 
 @dataclass
 class Step:
-    """One graph run with IO binding: logits land in a reused host buffer, presents stay on the device."""
+    """One graph run with IO binding: logits land in a reused host buffer, presents stay on the device.
+
+    The logits returned are a view of that buffer: the next call of the same step overwrites them
+    (copy them to keep them; the decode loop consumes them before the next step).
+    """
     session: ort.InferenceSession
     io: GraphIO
     device: str  # "cpu" or "cuda"

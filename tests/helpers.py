@@ -26,3 +26,26 @@ def our_model(ckpt, dtype=torch.float32):
 
     cfg = load_config(ckpt)
     return build_model(cfg, load_weights(ckpt, cfg, dtype))
+
+
+def hostile_copy(src, dst, edit) -> "Path":
+    """Copy an artifact, apply `edit(directory, manifest)` (it may change files and the manifest dict),
+    then fix every listed file's size and SHA-256, so the check under test is the one that catches it."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from runtime.contract import file_entry
+
+    dst = Path(dst)
+    shutil.copytree(src, dst, symlinks=True)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    edit(dst, manifest)
+    for entry in (manifest.get("files") or {}).values() if isinstance(manifest.get("files"), dict) else ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            continue
+        path = dst / entry["path"]
+        if path.is_file() and path.resolve().is_relative_to(dst.resolve()):
+            entry.update(file_entry(path))
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
