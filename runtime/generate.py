@@ -87,10 +87,11 @@ class Result:
     text: str
     finish_reason: str  # eos | stop | length
     timings: dict
+    stop_token_id: int | None = None  # the end-of-sequence id that ended the row (finish_reason "eos")
 
     def to_json(self) -> dict:
         return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids, "text": self.text,
-                "finish_reason": self.finish_reason, "timings": self.timings}
+                "finish_reason": self.finish_reason, "stop_token_id": self.stop_token_id, "timings": self.timings}
 
 
 @dataclass
@@ -242,7 +243,8 @@ class _Rows:
                    "prefill_tokens_per_s": round(sum(map(len, self.prompts)) / self.prefill_s, 2),
                    "decode_s": round(decode_s, 4),
                    "decode_tokens_per_s": round(n_decoded / decode_s, 2) if decode_s > 0 and n_decoded else None}
-        return [Result(list(p), o, s.final if s.final is not None else s.flush(), r or "length", timings)
+        return [Result(list(p), o, s.final if s.final is not None else s.flush(), r or "length", timings,
+                       o[-1] if r == "eos" else None)
                 for p, o, s, r in zip(self.prompts, self.out, self.streams, self.reasons)]
 
 

@@ -201,7 +201,7 @@ def test_cli_json_and_batch(tiny_artifact, capsys):
                         "--greedy", "--max-new-tokens", "6", "--json"], capsys)
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and len(rows) == 2
-    assert set(rows[0]) == {"prompt_token_ids", "token_ids", "text", "finish_reason", "timings"}
+    assert set(rows[0]) == {"prompt_token_ids", "token_ids", "text", "finish_reason", "stop_token_id", "timings"}
     assert rows[0]["finish_reason"] in ("eos", "length", "stop")
 
 
