@@ -12,6 +12,18 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0):
     return tuple(torch.from_numpy(a) for a in np_left_pad(prompts, pad_id))
 
 
+def eager_greedy(model, prompt, n):
+    """Reference greedy loop (ours or transformers' model): full recompute each step, no cache."""
+    ids = list(prompt)
+    for _ in range(n):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model(x, torch.ones_like(x), torch.arange(len(ids))[None])[0] if not hasattr(model, "generate") \
+                else model(input_ids=x).logits
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 def hf_model(ckpt, dtype=torch.float32):
     """transformers' reference Ernie4_5ForCausalLM for a checkpoint directory."""
     from transformers import Ernie4_5ForCausalLM

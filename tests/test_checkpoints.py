@@ -24,7 +24,7 @@ from runtime import step as S
 from runtime.cli import main as cli_main
 from runtime.sampling import SamplingParams
 from tests import spm_fixtures as fx
-from tests.helpers import our_model
+from tests.helpers import eager_greedy, our_model
 
 QUIET = dict(log=lambda m: None)
 GREEDY = G.Options(max_new_tokens=32, sampling=SamplingParams(), ignore_eos=True)
@@ -107,17 +107,6 @@ def test_checkpoint_without_any_tokenizer_is_one_line(tiny_ckpt, tmp_path, capsy
 @pytest.fixture(scope="module")
 def gen(tiny_artifact):
     return G.load(tiny_artifact, "cpu")
-
-
-def eager_greedy(model, prompt, n):
-    """Reference greedy loop: full recompute each step (no cache), last-position argmax."""
-    ids = list(prompt)
-    for _ in range(n):
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            logits, _ = model(x, torch.ones_like(x), torch.arange(len(ids))[None], last_only=True)
-        ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from runtime import generate as G
 from runtime.chat import Chat
 from runtime.sampling import SamplingParams
 from runtime.text import ChatTemplateError, StreamText, Text, compile_template
-from tests.helpers import hf_model, our_model
+from tests.helpers import eager_greedy, hf_model, our_model
 
 ROOT = Path(__file__).resolve().parent.parent
 # Greedy, exactly 32 tokens: compare full runs; EOS is tested on its own.
@@ -29,18 +29,6 @@ HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 @pytest.fixture(scope="module")
 def gen(tiny_artifact):
     return G.load(tiny_artifact, "cpu")
-
-
-def eager_greedy(model, prompt, n):
-    """Reference greedy loop: full recompute each step (no cache), last-position argmax."""
-    ids = list(prompt)
-    for _ in range(n):
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            logits = model(x, torch.ones_like(x), torch.arange(len(ids))[None])[0] if not hasattr(model, "generate") \
-                else model(input_ids=x).logits
-        ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 PROMPTS = ["Hello world", "The capital of France is", "def hello(name):"]
