@@ -21,7 +21,7 @@ import onnx_ir as ir
 import onnxscript
 import torch
 
-from runtime.contract import FORMAT, FORMAT_VERSION, MANIFEST, file_entry, io_contract
+from runtime.contract import FORMAT, FORMAT_VERSION, MANIFEST, cache_pairs, check_schema, file_entry, io_contract
 
 from .config import ErnieConfig
 
@@ -60,16 +60,39 @@ def externalize(models: dict[str, ir.Model], directory: Path) -> dict[str, dict]
     return index
 
 
+def lowest_ir_version(opset: int) -> int:
+    """The lowest ONNX IR version that allows `opset`: torch stamps IR 10, which onnxruntime < 1.18
+    refuses although opset 18 needs only IR 8."""
+    return min(ir_v for _, ir_v, ai_onnx, *_ in onnx.helper.VERSION_TABLE if ai_onnx == opset)
+
+
 def save_graphs(models: dict[str, ir.Model], directory: Path) -> dict[str, dict]:
     """Write `<graph>.onnx` for each model over one shared weights file; returns the weights index."""
     index = externalize(models, directory)
     for name, model in models.items():
+        model.ir_version = lowest_ir_version(model.opset_imports[""])
         ir.save(model, directory / f"{name}.onnx")
     return index
 
 
+ORT_TESTED = {"python": "1.32.0", "node": "1.30.0", "web": "1.30.0"}  # where the graphs were run, tests included
+SESSION_OPTIONS = {"graph_optimization_level": "ORT_ENABLE_ALL",  # what verification used (runtime.session)
+                   "config": {"session.disable_prepacking": "1"}}
+FEEDING = {
+    "padding_side": "left",
+    "attention_mask": "int64 [batch, past + new]: 1 for a real token, 0 for padding; covers the cached tokens too",
+    "position_ids": "int64 [batch, new]: a token's position is the number of real tokens before it "
+                    "(cumsum(attention_mask) - 1 over the whole sequence); padding positions are ignored",
+    "dims": {"total_sequence_length": "past_sequence_length + sequence_length"},
+    "logits": "float32 [batch, 1, vocab] for the last position (every position when full_logits)",
+    "loop": "prefill(prompt) -> logits, present.*; then decode(next tokens, mask grown by the new tokens, "
+            "positions continued, past_key_values.* = the previous step's present.* per cache.pairs); "
+            "decode with an empty past (length 0) equals prefill",
+}
+
+
 def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source: dict,
-             roles: dict[str, str], weights_index: dict) -> dict:
+             roles: dict[str, str], weights_index: dict, tokens: dict) -> dict:
     """The manifest, with file paths but not yet their sizes and hashes (`write_manifest` adds them).
 
     Verification runs the staged graphs through this dict exactly as the runtime will read it.
@@ -84,9 +107,16 @@ def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source
         "format_version": FORMAT_VERSION,
         "model": {"type": "ernie4_5", **source, "synthetic": cfg.synthetic, "dims": dims},
         "dtype": dtype,
-        "opset": opset,
         "full_logits": full_logits,
+        "onnx": {"ir_version": lowest_ir_version(opset), "opset": opset, "op_domains": ["ai.onnx"]},
+        "onnxruntime": {"minimum": min(ORT_TESTED.values(), key=lambda v: tuple(map(int, v.split(".")))),
+                        "tested": ORT_TESTED},
+        "profile": {"quantization": "none", "block_size": None, "ops": "standard", "kv_cache": "concat"},
+        "session_options": SESSION_OPTIONS,
         "graphs": io_contract(dims, dtype, full_logits),
+        "cache": {"pairs": cache_pairs(cfg.num_hidden_layers)},
+        "feeding": FEEDING,
+        "tokens": tokens,
         "files": {role: {"path": name} for role, name in roles.items()},
         "weights_index": weights_index,
         "exporter": {"ernie_export": __import__("ernie_export").__version__, "torch": torch.__version__,
@@ -99,5 +129,6 @@ def write_manifest(directory: Path, manifest: dict) -> dict:
     """Record every listed file's size and SHA-256, then write `manifest.json`; returns the manifest."""
     manifest = {**manifest, "files": {role: {"path": entry["path"], **file_entry(directory / entry["path"])}
                                       for role, entry in manifest["files"].items()}}
+    check_schema(manifest, "the manifest being written")  # what the runtime will check, checked before publishing
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest

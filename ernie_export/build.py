@@ -26,6 +26,7 @@ from .verify import verify, write_parity
 from .weights import is_hub_id, load_weights, resolve_checkpoint
 
 DEFAULT_MODEL = "baidu/ERNIE-4.5-0.3B-PT"
+GOLDEN_FILE = "golden.json"
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # torch.export's ONNX exporter writes nothing older
 
@@ -74,10 +75,14 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
         roles = {"prefill": "prefill.onnx", "decode": "decode.onnx", "weights": WEIGHTS_FILE}
         roles.update(write_text_files(text_files, tmp))
         roles["parity"] = "parity.json"
-        manifest = describe(cfg, dtype, opset, full_logits, source_of(model), roles, weights_index)
+        manifest = describe(cfg, dtype, opset, full_logits, source_of(model), roles, weights_index,
+                            text_files.tokens)
     if run_verify:
         with stage("verifying against eager PyTorch (onnx.checker, ONNX Runtime parity)", log):
-            report = verify(tmp, manifest, eager32)
+            report, golden = verify(tmp, manifest, eager32)
+        if golden is not None:  # None: verification pending (bfloat16 without CUDA)
+            (tmp / GOLDEN_FILE).write_text(json.dumps(golden))
+            manifest["files"]["golden"] = {"path": GOLDEN_FILE}
     else:
         report = {"dtype": dtype, "status": "skipped", "reason": "exported with --no-verify"}
     write_parity(tmp, report)

@@ -8,7 +8,8 @@ Out: `TextFiles` (the tokenizer, the chat template or None, the generation defau
      the artifact and returns their manifest roles. A broken or wrong-typed file is one
      `ConfigError` naming the file and the field, raised before minutes of tracing are spent.
 
-generation.json is the one place the runtime takes its defaults from (`Options.from_artifact`);
+generation.json is the one place the runtime takes its sampling defaults from (`Options.from_artifact`);
+token ids (EOS, pad, bos) go to the manifest's `tokens` section, the contract every driver reads;
 values absent from the checkpoint get the defaults written here, and the runtime's own rules
 (`SamplingParams.validate`) check them at export time already.
 """
@@ -33,7 +34,8 @@ SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "cls_token",
 class TextFiles:
     tokenizer_json: str  # the tokenizer.json text: the checkpoint's own, or converted from tokenizer.model
     template: str | None
-    generation: dict  # what generation.json holds
+    generation: dict  # what generation.json holds: sampling defaults, special token strings, why each EOS
+    tokens: dict  # the manifest's `tokens` section: eos / pad / bos ids and how to encode
     tokenizer_origin: str  # "tokenizer.json" | "tokenizer.model (converted)"
 
 
@@ -82,13 +84,25 @@ def _eos(gen: dict, cfg: ErnieConfig, tok_cfg: dict, vocab: dict[str, int]) -> d
     return {str(i): "; ".join(r) for i, r in sorted(reasons.items())}
 
 
-def _defaults(gen: dict, cfg: ErnieConfig, tok_cfg: dict, vocab: dict[str, int]) -> dict:
-    eos = _eos(gen, cfg, tok_cfg, vocab)
-    defaults = {
-        "eos_token_ids": [int(i) for i in eos],
-        "eos_token_reasons": eos,
-        "bos_token_id": gen.get("bos_token_id", cfg.bos_token_id),
+def _tokens(gen: dict, cfg: ErnieConfig, tok_cfg: dict, vocab: dict[str, int]) -> dict:
+    """The manifest's `tokens` section: the ids a driver needs, in one place."""
+    tokens = {
+        "eos_token_ids": [int(i) for i in _eos(gen, cfg, tok_cfg, vocab)],
         "pad_token_id": gen.get("pad_token_id", cfg.pad_token_id if cfg.pad_token_id is not None else 0),
+        "bos_token_id": gen.get("bos_token_id", cfg.bos_token_id),
+        "add_bos_token": bool(tok_cfg.get("add_bos_token", False)),
+        "add_special_tokens": False,  # encode without the tokenizer's post-processor; add bos only if add_bos_token
+    }
+    for key in ("bos_token_id", "pad_token_id"):
+        if tokens[key] is not None and type(tokens[key]) is not int:
+            raise ConfigError(f"generation_config.json field {key} must be a token id, got {tokens[key]!r}")
+    tokens["pad_token_id"] = tokens["pad_token_id"] or 0
+    return tokens
+
+
+def _defaults(gen: dict, cfg: ErnieConfig, tok_cfg: dict, vocab: dict[str, int]) -> dict:
+    defaults = {
+        "eos_token_reasons": _eos(gen, cfg, tok_cfg, vocab),
         "do_sample": bool(gen.get("do_sample", False)),
         "temperature": _number(gen, "temperature", 1.0, float),
         "top_p": _number(gen, "top_p", 1.0, float),
@@ -96,7 +110,6 @@ def _defaults(gen: dict, cfg: ErnieConfig, tok_cfg: dict, vocab: dict[str, int])
         "repetition_penalty": _number(gen, "repetition_penalty", 1.0, float),
         "max_new_tokens": _number(gen, "max_new_tokens", 256, int),
         "special_tokens": {k: _token(tok_cfg, k) for k in SPECIAL_KEYS if _token(tok_cfg, k) is not None},
-        "add_bos_token": bool(tok_cfg.get("add_bos_token", False)),
     }
     try:
         SamplingParams(defaults["do_sample"], defaults["temperature"], defaults["top_k"], defaults["top_p"],
@@ -105,9 +118,6 @@ def _defaults(gen: dict, cfg: ErnieConfig, tok_cfg: dict, vocab: dict[str, int])
         raise ConfigError(f"generation_config.json: {e}; fix the checkpoint's generation_config.json") from None
     if defaults["max_new_tokens"] < 1:
         raise ConfigError("generation_config.json: max_new_tokens must be >= 1")
-    for key in ("bos_token_id", "pad_token_id"):
-        if defaults[key] is not None and type(defaults[key]) is not int:
-            raise ConfigError(f"generation_config.json field {key} must be a token id, got {defaults[key]!r}")
     return defaults
 
 
@@ -138,7 +148,7 @@ def read_text_files(ckpt: Path, cfg: ErnieConfig) -> TextFiles:
         template = (ckpt / "chat_template.jinja").read_text(encoding="utf-8")
     if template is not None and not isinstance(template, str):
         raise ConfigError("tokenizer_config.json chat_template must be a string (named templates are not supported)")
-    return TextFiles(text, template, _defaults(gen, cfg, tok_cfg, vocab), origin)
+    return TextFiles(text, template, _defaults(gen, cfg, tok_cfg, vocab), _tokens(gen, cfg, tok_cfg, vocab), origin)
 
 
 def write_text_files(files: TextFiles, directory: Path) -> dict[str, str]:

@@ -72,7 +72,8 @@ def trace(model: ErnieForCausalLM, graph: str, opset: int, full_logits: bool) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, dynamic_shapes=dyn,
-                                    input_names=list(contract["inputs"]), output_names=list(contract["outputs"]),
+                                    input_names=[v["name"] for v in contract["inputs"]],
+                                    output_names=[v["name"] for v in contract["outputs"]],
                                     optimize=True, verbose=False)
     onnx_model = program.model
     written = onnx_model.opset_imports.get("")
@@ -91,9 +92,9 @@ def _tidy(model: ir.Model, graph: str, contract: dict) -> None:
         if v.name.startswith("net."):
             v.name = v.name[len("net."):]
         g.register_initializer(v)
+    shapes = {v["name"]: v["shape"] for v in (*contract["inputs"], *contract["outputs"])}
     for value in (*g.inputs, *g.outputs):
-        spec = (contract["inputs"] if value in g.inputs else contract["outputs"])[value.name]
-        value.shape = ir.Shape(spec["shape"])
+        value.shape = ir.Shape(shapes[value.name])
     for node in g.all_nodes():
         node.metadata_props.clear()  # exporter stack traces: large and not part of the contract
     foreign = sorted({n.domain for n in g.all_nodes() if n.domain not in ("", "ai.onnx")})

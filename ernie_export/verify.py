@@ -6,8 +6,8 @@ Out: a parity report (written to `parity.json`); `VerificationError` when any ch
 
 Checks: `onnx.checker` (full) and strict shape inference on both graphs; then the runtime's own
 decode loop (`runtime.step.decode_loop`, the sessions opened as the runtime opens them) runs the
-graphs on fixed prompts (one alone, one left-padded batch), teacher-forced on eager's greedy
-tokens. float32: max abs logit difference <= 1e-4 at prefill and each of 16 chained decode steps
+graphs on the golden prompts (golden.py: plain, chat, a left-padded batch), teacher-forced on eager's
+greedy tokens, which with eager's top logits become the artifact's golden vectors. float32: max abs logit difference <= 1e-4 at prefill and each of 16 chained decode steps
 (the graph's own presents fed back), every present within 1e-4, identical greedy tokens for 32
 steps. float16/bfloat16: max abs difference and top-1 agreement against float32 eager, failing
 below 99%.
@@ -40,6 +40,7 @@ from runtime.step import KVCache, Model, StepError, decode_loop, left_pad
 from .artifact import write_manifest
 from .publish import OutputError, interrupt_on_sigterm, publish, staged
 from .config import ConfigError, ErnieConfig, load_config
+from .golden import TOP_K, TOP_STEPS, golden_file, golden_prompts
 from .model import ErnieForCausalLM, build_model
 from .weights import SourceError, WeightsError, load_weights, resolve_checkpoint
 
@@ -66,14 +67,6 @@ def check_onnx(directory: Path, manifest: dict) -> None:
             raise VerificationError(f"{path.name} fails the ONNX checker: {str(e).splitlines()[0]}") from None
 
 
-def fixed_prompts(vocab: int) -> list[list[list[int]]]:
-    """A single prompt and a left-padded batch of three, deterministic."""
-    rng = np.random.default_rng(1234)
-    hi = min(vocab, 400)
-    draw = lambda n: rng.integers(5, hi, n).tolist()  # noqa: E731
-    return [[draw(9)], [draw(4), draw(13), draw(8)]]
-
-
 def _max_diff(a: np.ndarray, b: torch.Tensor) -> float:
     return float(np.abs(a.astype(np.float32) - b.float().numpy()).max())
 
@@ -85,7 +78,7 @@ def compare(model: Model, eager: ErnieForCausalLM, prompts: list[list[int]], ste
         e_logits, e_past = eager(ids, mask, pos, last_only=True)
     names = cache_names(eager.config.num_hidden_layers, PAST)
     stats = {"logit_diffs": [], "present_diff": 0.0, "agree": 0, "total": 0, "mismatch_step": None, "step": 0,
-             "non_finite": None}
+             "non_finite": None, "greedy": [], "top": []}
 
     def pick(logits: np.ndarray, cache: KVCache) -> tuple[np.ndarray, bool]:
         nonlocal e_logits, e_past
@@ -99,6 +92,11 @@ def compare(model: Model, eager: ErnieForCausalLM, prompts: list[list[int]], ste
             stats["present_diff"] = max(stats["present_diff"], max(
                 _max_diff(cache.values[name].numpy(), t) for name, t in zip(names, eager_cache)))
         e_next = e_logits[:, -1].argmax(-1).numpy()
+        stats["greedy"].append(e_next.tolist())
+        if step < TOP_STEPS:  # golden vectors: eager's top logits of the first steps
+            values, ids = torch.topk(e_logits[:, -1].float(), TOP_K, dim=-1)
+            stats["top"].append([[[int(i), float(v)] for i, v in zip(r_ids, r_vals)]
+                                 for r_ids, r_vals in zip(ids.tolist(), values.tolist())])
         same = e_next == logits.argmax(-1)
         stats["agree"] += int(same.sum())
         stats["total"] += len(same)
@@ -115,7 +113,9 @@ def compare(model: Model, eager: ErnieForCausalLM, prompts: list[list[int]], ste
     return {"prefill_max_abs_diff": stats["logit_diffs"][0], "decode_max_abs_diff": max(stats["logit_diffs"][1:]),
             "present_max_abs_diff": stats["present_diff"], "top1_agreement": stats["agree"] / stats["total"],
             "top1_total": stats["total"], "first_greedy_mismatch_step": stats["mismatch_step"],
-            "non_finite": stats["non_finite"]}
+            "non_finite": stats["non_finite"],
+            "greedy_ids": [list(row) for row in zip(*stats["greedy"])],  # [row][step]
+            "top_logits": [list(row) for row in zip(*stats["top"])]}  # [row][step][k] = [id, logit]
 
 
 def _default_provider(dtype: str) -> str:
@@ -123,8 +123,10 @@ def _default_provider(dtype: str) -> str:
     return "cuda" if dtype == "bfloat16" and cuda else "cpu"
 
 
-def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider: str | None = None) -> dict:
-    """Run every check on the graphs `manifest` describes; return the report or raise VerificationError."""
+def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM,
+           provider: str | None = None) -> tuple[dict, dict | None]:
+    """Run every check on the graphs `manifest` describes on the golden prompts; return (report, the
+    golden.json document from eager's side, None when pending) or raise VerificationError."""
     dtype = manifest["dtype"]
     check_onnx(directory, manifest)
     report: dict = {"dtype": dtype, "onnx_checker": "passed", "tolerance": FP32_TOL if dtype == "float32" else None}
@@ -132,10 +134,11 @@ def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider:
     if dtype == "bfloat16" and provider == "cpu":
         report.update(status="pending", reason="ONNX Runtime's CPU provider has no bfloat16 kernels; verification "
                       "is pending a CUDA host (run `python -m ernie_export.verify --model ARTIFACT --provider cuda` there)")
-        return report
+        return report, None
+    cases = golden_prompts(directory, manifest)
     try:
         model = open_model(directory, manifest, provider)
-        runs = [compare(model, eager32, p, GREEDY_STEPS) for p in fixed_prompts(eager32.config.vocab_size)]
+        runs = [compare(model, eager32, case["prompt_ids"], GREEDY_STEPS) for case in cases]
     except (ArtifactError, StepError) as e:  # e.g. an opset this onnxruntime cannot run
         raise VerificationError(f"the exported graphs do not run: {e}") from None
     report.update({
@@ -154,7 +157,9 @@ def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider:
         err = VerificationError("exported graphs do not match eager PyTorch: " + "; ".join(failures))
         err.report = report
         raise err
-    return report
+    for case, run in zip(cases, runs):
+        case.update(greedy_ids=run["greedy_ids"], top_logits=run["top_logits"])
+    return report, golden_file(manifest, cases, GREEDY_STEPS)
 
 
 def _failures(report: dict, dtype: str) -> list[str]:
@@ -210,7 +215,7 @@ def reverify(artifact: str | Path, checkpoint: str | None = None, provider: str 
     eager32 = build_model(cfg, load_weights(ckpt, cfg, torch.float32))
     error = None
     try:
-        report = verify(artifact, manifest, eager32, device)
+        report, _ = verify(artifact, manifest, eager32, device)  # golden.json stays: it comes from eager
     except VerificationError as e:
         report, error = e.report, e
     with staged(artifact, ckpt, overwrite=True) as tmp:

@@ -20,7 +20,7 @@ from .contract import ArtifactError
 from .generate import Generator, InputError, ModelOutputError, Options, encode_prompt, generate, load
 from .sampling import OptionError
 from .session import ProviderError
-from .step import StepError
+from .step import FeedError, StepError
 from .text import ChatTemplateError
 
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         run(args)
-    except (ArtifactError, ProviderError, InputError, ChatTemplateError, ModelOutputError, StepError, ValueError,
+    except (ArtifactError, ProviderError, InputError, ChatTemplateError, ModelOutputError, StepError, FeedError, ValueError,
             OSError) as e:
         print(f"error: {flag_message(e)}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ names, the runtime binds by the names the manifest lists, and verification reads
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -25,9 +26,8 @@ import numpy as np
 import onnx
 
 FORMAT = "ernie4_5-onnx"
-FORMAT_VERSION = 1  # bump on any change of graph I/O names, dtypes, shapes or file layout
+FORMAT_VERSION = 2  # bump on any change of graph I/O names, dtypes, shapes or file layout (2: I/O as arrays, pairs)
 MANIFEST = "manifest.json"
-REQUIRED_FILES = ("prefill", "decode", "weights", "tokenizer", "generation")
 GRAPHS = ("prefill", "decode")
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
@@ -49,59 +49,62 @@ def cache_names(n_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kind}" for i in range(n_layers) for kind in CACHE_KINDS]
 
 
-def past_for(present: str) -> str:
-    """The decode input a present output is fed back as: `present.3.key` -> `past_key_values.3.key`."""
-    return PAST + present[len(PRESENT):]
+def cache_pairs(n_layers: int) -> list[dict]:
+    """Which present output is fed back as which past input, stated explicitly for other runtimes."""
+    return [{"present": present, "past": past}
+            for present, past in zip(cache_names(n_layers, PRESENT), cache_names(n_layers, PAST))]
 
 
 def io_contract(dims: dict, dtype: str, full_logits: bool) -> dict:
-    """Names, dtypes and symbolic shapes of both graphs, in graph order: what other runtimes embed.
+    """Both graphs' inputs and outputs as ordered arrays of {name, dtype, shape}: what other runtimes embed.
 
     `dims` holds num_hidden_layers, num_key_value_heads, head_dim and vocab_size. Cache tensors are
     [batch_size, kv_heads, length, head_dim] in the export dtype; logits are always float32.
     """
     n, kv_heads, head_dim = dims["num_hidden_layers"], dims["num_key_value_heads"], dims["head_dim"]
-    kv = lambda length: {"dtype": dtype, "shape": ["batch_size", kv_heads, length, head_dim]}  # noqa: E731
-    ids = {"dtype": "int64", "shape": ["batch_size", "sequence_length"]}
-    logits = {"dtype": "float32", "shape": ["batch_size", "sequence_length" if full_logits else 1, dims["vocab_size"]]}
+    value = lambda name, dt, shape: {"name": name, "dtype": dt, "shape": shape}  # noqa: E731
+    kv = lambda name, length: value(name, dtype, ["batch_size", kv_heads, length, head_dim])  # noqa: E731
+    ids = ["batch_size", "sequence_length"]
+    logits = value(LOGITS, "float32", ["batch_size", "sequence_length" if full_logits else 1, dims["vocab_size"]])
     contract = {}
-    for graph, mask_len, total in (("prefill", "sequence_length", "sequence_length"),
-                                   ("decode", "total_sequence_length", "total_sequence_length")):
-        inputs = {INPUT_IDS: ids, ATTENTION_MASK: {"dtype": "int64", "shape": ["batch_size", mask_len]},
-                  POSITION_IDS: ids}
+    for graph, mask_len in (("prefill", "sequence_length"), ("decode", "total_sequence_length")):
+        inputs = [value(INPUT_IDS, "int64", ids), value(ATTENTION_MASK, "int64", ["batch_size", mask_len]),
+                  value(POSITION_IDS, "int64", ids)]
         if graph == "decode":
-            inputs.update({name: kv("past_sequence_length") for name in cache_names(n, PAST)})
-        outputs = {LOGITS: logits, **{name: kv(total) for name in cache_names(n, PRESENT)}}
-        contract[graph] = {"inputs": inputs, "outputs": outputs}
+            inputs += [kv(name, "past_sequence_length") for name in cache_names(n, PAST)]
+        contract[graph] = {"inputs": inputs, "outputs": [logits] + [kv(name, mask_len) for name in cache_names(n, PRESENT)]}
     return contract
 
 
 @dataclass(frozen=True)
 class GraphIO:
-    """One graph's I/O as the manifest states it; `past[i]` is fed from the output `present[i]`."""
+    """One graph's I/O as the manifest states it; `feeds[present]` names the past input it becomes."""
     graph: str
-    inputs: dict[str, dict]  # name -> {dtype, shape}, in graph order
+    inputs: dict[str, dict]  # name -> {name, dtype, shape}, in graph order
     outputs: dict[str, dict]
     past: tuple[str, ...]  # cache inputs (empty for prefill)
     present: tuple[str, ...]  # cache outputs
+    feeds: dict[str, str]  # present output -> past input, from the manifest's cache.pairs
 
     @classmethod
     def from_manifest(cls, manifest: dict, graph: str) -> "GraphIO":
-        try:
-            section = manifest["graphs"][graph]
-            inputs, outputs = dict(section["inputs"]), dict(section["outputs"])
-        except (KeyError, TypeError):
-            raise ArtifactError(f"the manifest has no I/O section for the {graph} graph; re-run the export") from None
+        section = manifest["graphs"][graph]
+        inputs, outputs = ({v["name"]: v for v in section[k]} for k in ("inputs", "outputs"))
+        feeds = {p["present"]: p["past"] for p in manifest["cache"]["pairs"]}
         missing = [n for n in TOKEN_INPUTS if n not in inputs] + [n for n in (LOGITS,) if n not in outputs]
         if missing:
             raise ArtifactError(f"the manifest's {graph} graph lacks {', '.join(missing)}; re-run the export")
-        present = tuple(n for n in outputs if n.startswith(PRESENT + "."))
-        past = tuple(n for n in inputs if n.startswith(PAST + "."))
-        unfed = sorted(set(past) - {past_for(p) for p in present})
+        present = tuple(n for n in outputs if n in feeds)
+        past = tuple(n for n in inputs if n in set(feeds.values()))
+        unfed = sorted(set(past) - {feeds[p] for p in present})
         if unfed:
-            raise ArtifactError(f"the manifest's {graph} graph takes {', '.join(unfed)} but outputs no matching "
-                                "present.*; re-run the export")
-        return cls(graph, inputs, outputs, past, present)
+            raise ArtifactError(f"the manifest's {graph} graph takes {', '.join(unfed)} but outputs no present.* "
+                                "paired with it; re-run the export")
+        unknown = sorted(set(inputs) - set(TOKEN_INPUTS) - set(past)) + sorted(set(outputs) - {LOGITS} - set(present))
+        if unknown:
+            raise ArtifactError(f"the manifest's {graph} graph has I/O the contract does not pair or name "
+                                f"({', '.join(unknown[:3])}); re-run the export")
+        return cls(graph, inputs, outputs, past, present, feeds)
 
     def check_session(self, session, path: Path) -> None:
         """Refuse a graph whose declared I/O differs from the manifest's (names, order, dtypes)."""
@@ -118,7 +121,7 @@ class GraphIO:
 
 def check_cache_pairing(prefill: GraphIO, decode: GraphIO) -> None:
     """Prefill's presents must feed exactly decode's past inputs."""
-    fed, taken = {past_for(p) for p in prefill.present}, set(decode.past)
+    fed, taken = {prefill.feeds[p] for p in prefill.present}, set(decode.past)
     if fed != taken:
         odd = sorted(fed ^ taken)[:4]
         raise ArtifactError(f"the manifest's prefill presents do not match decode's past inputs ({', '.join(odd)}); "
@@ -151,25 +154,23 @@ def inside(directory: Path, relative, what: str) -> Path:
     return path
 
 
-REQUIRED_DIMS = ("vocab_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                 "max_position_embeddings")
+SCHEMA = Path(__file__).with_name("manifest.schema.json")  # published with the package: the contract, formally
 
 
-def _check_structure(manifest, path: Path) -> None:
-    """The fields the runtime reads exist with the right types (no KeyError/TypeError tracebacks later)."""
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path} is not a JSON object; re-run the export")
-    files = manifest.get("files")
-    entry_ok = lambda e: isinstance(e, dict) and isinstance(e.get("path"), str) and type(e.get("size")) is int \
-        and isinstance(e.get("sha256"), str)  # noqa: E731
-    if not isinstance(files, dict) or not all(entry_ok(e) for e in files.values()):
-        raise ArtifactError(f"{path}: \"files\" must map each role to {{path, size, sha256}}; re-run the export")
-    dims = manifest.get("model", {}).get("dims") if isinstance(manifest.get("model"), dict) else None
-    if not isinstance(dims, dict) or not all(type(dims.get(k)) is int and dims[k] > 0 for k in REQUIRED_DIMS):
-        raise ArtifactError(f"{path}: model.dims must give positive integers {', '.join(REQUIRED_DIMS)}; "
+@functools.cache
+def _validator():
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+
+
+def check_schema(manifest: dict, where: str) -> None:
+    """ArtifactError naming the first place where `manifest` breaks manifest.schema.json."""
+    error = next(iter(sorted(_validator().iter_errors(manifest), key=lambda e: list(e.path))), None)
+    if error is not None:
+        at = ".".join(str(p) for p in error.path) or "the top level"
+        raise ArtifactError(f"{where} does not follow the manifest schema (at {at}: {error.message[:200]}); "
                             "re-run the export")
-    if manifest.get("dtype") not in ("float32", "float16", "bfloat16") or not isinstance(manifest.get("graphs"), dict):
-        raise ArtifactError(f"{path}: dtype or graphs is missing or invalid; re-run the export")
 
 
 def load_manifest(directory: str | Path, verify_hashes: bool = True) -> dict:
@@ -191,11 +192,8 @@ def load_manifest(directory: str | Path, verify_hashes: bool = True) -> dict:
     if version != FORMAT_VERSION:
         raise ArtifactError(f"artifact format version {version!r} is not supported by this runtime (it reads version "
                             f"{FORMAT_VERSION}); re-export with a matching ernie_export or upgrade the runtime")
-    _check_structure(manifest, path)
+    check_schema(manifest, str(path))
     files = manifest["files"]
-    missing_roles = [r for r in REQUIRED_FILES if r not in files]
-    if missing_roles:
-        raise ArtifactError(f"{path} lists no {', '.join(missing_roles)} file; re-run the export")
     for role, entry in files.items():
         f = inside(directory, entry["path"], f"the {role} file")
         if not f.is_file():

@@ -97,6 +97,7 @@ class Result:
 @dataclass
 class Generator:
     """What one loaded artifact needs to generate: the model, tokenizer and the artifact's defaults."""
+    directory: Path
     manifest: dict
     generation: dict
     text: Text
@@ -112,7 +113,7 @@ class Generator:
 
     @property
     def pad_id(self) -> int:
-        return self.generation.get("pad_token_id") or 0
+        return self.manifest["tokens"]["pad_token_id"]
 
     def options(self, **overrides) -> Options:
         """This artifact's defaults with `overrides` (see `Options.from_artifact`)."""
@@ -140,8 +141,8 @@ def load(model_dir: str | Path, provider: str = "auto", threads: int | None = No
     defaults = Options.from_artifact(generation)
     model = open_model(directory, manifest, device, threads)
     notes = _warnings(directory, manifest) + ([thread_note] if thread_note else [])
-    return Generator(manifest, generation, Text.load(directory, manifest, generation), model, device, defaults,
-                     frozenset(generation.get("eos_token_ids", [])), notes)
+    return Generator(directory, manifest, generation, Text.load(directory, manifest, generation), model, device, defaults,
+                     frozenset(manifest["tokens"]["eos_token_ids"]), notes)
 
 
 def check_utf8(text: str, what: str) -> None:
@@ -162,8 +163,9 @@ def encode_prompt(gen: Generator, prompt: str, chat: bool = False, system: str |
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return gen.text.encode(gen.text.render(messages))
     ids = gen.text.encode(prompt)
-    bos = gen.generation.get("bos_token_id")
-    return ([bos] if gen.generation.get("add_bos_token") and bos is not None else []) + ids
+    tokens = gen.manifest["tokens"]
+    bos = tokens["bos_token_id"]
+    return ([bos] if tokens["add_bos_token"] and bos is not None else []) + ids
 
 
 def _check_request(gen: Generator, prompts: list[list[int]], opts: Options, past_len: int) -> None:

@@ -105,16 +105,15 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
     records = {graph: external_tensors(directory, manifest, graph) for graph in GRAPHS}
     # numpy has no bfloat16 OrtValues; CUDA copies the weights to the device anyway.
     shared = map_weights(directory, records) if provider == "cpu" and manifest["dtype"] != "bfloat16" else {}
-    vocab, full = manifest["model"]["dims"]["vocab_size"], manifest.get("full_logits", False)
+    dims, full = manifest["model"]["dims"], manifest["full_logits"]
     steps = []
     for graph in GRAPHS:
         io = GraphIO.from_manifest(manifest, graph)
         path = directory / manifest["files"][graph]["path"]
         session = open_session(path, provider, threads, shared.get(graph))
         io.check_session(session, path)
-        steps.append(Step(session, io, provider, vocab, full))
+        steps.append(Step(session, io, provider, dims["vocab_size"], dims["max_position_embeddings"], full))
     check_cache_pairing(steps[0].io, steps[1].io)
-    dims = manifest["model"]["dims"]
     shape = {k: dims[k] for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads", "head_dim")}
     return Model(*steps, shape=shape, cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared)
 

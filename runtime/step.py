@@ -22,11 +22,34 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from .contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, GraphIO, past_for
+from .contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, GraphIO
 
 
 class StepError(RuntimeError):
     """ONNX Runtime failed while running a graph (the message carries its first line)."""
+
+
+class FeedError(ValueError):
+    """Inputs that break the feeding contract, caught before ONNX Runtime sees them (it would fail with
+    an opaque broadcast error, or, for positions, silently compute the wrong thing)."""
+
+
+def check_feeds(ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache: "KVCache | None",
+                max_positions: int) -> None:
+    """The contract's shape rules, stated in the error when broken."""
+    if ids.ndim != 2 or mask.ndim != 2 or pos.shape != ids.shape:
+        raise FeedError(f"input_ids {ids.shape} and position_ids {pos.shape} must both be [batch, new tokens], "
+                        f"attention_mask [batch, past + new]; got attention_mask {mask.shape}")
+    past = cache.length if cache is not None else 0
+    if mask.shape != (ids.shape[0], past + ids.shape[1]):
+        raise FeedError(f"attention_mask is {list(mask.shape)}; the contract expects [batch {ids.shape[0]}, past "
+                        f"{past} + new {ids.shape[1]} = {past + ids.shape[1]}] (grow it by the new tokens every step)")
+    if cache is not None and cache.mask.shape[0] != ids.shape[0]:
+        raise FeedError(f"the cache holds batch {cache.mask.shape[0]} but input_ids has batch {ids.shape[0]}; "
+                        "every input and past_key_values.* must share the batch")
+    if pos.size and (pos.min() < 0 or pos.max() >= max_positions):
+        raise FeedError(f"position_ids must lie in [0, {max_positions}) (max_position_embeddings); got "
+                        f"{int(pos.min())}..{int(pos.max())}")
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,11 +92,13 @@ class Step:
     io: GraphIO
     device: str  # "cpu" or "cuda"
     vocab: int
+    max_positions: int
     full_logits: bool = False  # artifact exported with --full-logits: logits [B, S, V]
     _logits: ort.OrtValue | None = None  # host buffer reused across steps of the same batch size
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray,
                  cache: KVCache | None) -> tuple[np.ndarray, KVCache]:
+        check_feeds(ids, mask, pos, cache, self.max_positions)
         io = self.session.io_binding()
         batch = ids.shape[0]
         for name, array in ((INPUT_IDS, ids), (ATTENTION_MASK, mask), (POSITION_IDS, pos)):
@@ -95,7 +120,7 @@ class Step:
             raise StepError(f"ONNX Runtime failed running the {self.io.graph} graph (batch {batch}, "
                             f"{ids.shape[1]} new tokens, mask {mask.shape[1]}): {first[:300]}") from None
         values = dict(zip((LOGITS, *self.io.present), io.get_outputs()))  # in binding order
-        presents = {past_for(name): values[name] for name in self.io.present}
+        presents = {self.io.feeds[name]: values[name] for name in self.io.present}
         return values[LOGITS].numpy()[:, -1], KVCache(presents, mask)
 
 

@@ -72,7 +72,8 @@ def test_sentencepiece_only_checkpoint_exports_and_generates(release_ckpt, spm_m
     sep = json.loads((release_ckpt / "added_tokens.json").read_text())[fx.SEP]
     assert tok.encode(f"hi{fx.SEP}", add_special_tokens=False).ids[-1] == sep, "special tokens are matched whole"
     generation = json.loads((out / "generation.json").read_text())
-    assert sep in generation["eos_token_ids"] and "chat template" in generation["eos_token_reasons"][str(sep)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sep in manifest["tokens"]["eos_token_ids"] and "chat template" in generation["eos_token_reasons"][str(sep)]
     assert cli_main(["--model", str(out), "--prompt", "Hello world", "--max-new-tokens", "4", "--greedy"]) == 0
     code = cli_main(["--model", str(out), "--prompt", "Hello", "--chat"])
     err = capsys.readouterr().err

@@ -25,8 +25,8 @@ ELEM = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx
 
 
 def _sig(values):
-    return {v.name: {"dtype": ELEM[v.type.tensor_type.elem_type],
-                     "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values}
+    return [{"name": v.name, "dtype": ELEM[v.type.tensor_type.elem_type],
+             "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
 
 
 def test_tiny_export_verified(tiny_artifact):
@@ -37,8 +37,7 @@ def test_tiny_export_verified(tiny_artifact):
     manifest = load_manifest(tiny_artifact)
     for role in ("prefill", "decode", "weights", "tokenizer", "chat_template", "generation", "parity"):
         assert role in manifest["files"]
-    gen = json.loads((tiny_artifact / "generation.json").read_text())
-    assert gen["eos_token_ids"] == [2, 4]  # generation_config </s> and the chat template's <|end_of_sentence|>
+    assert manifest["tokens"]["eos_token_ids"] == [2, 4]  # generation_config </s>, the template's <|end_of_sentence|>
 
 
 def test_manifest_contract_matches_graphs(tiny_artifact):
@@ -47,10 +46,12 @@ def test_manifest_contract_matches_graphs(tiny_artifact):
     for graph in ("prefill", "decode"):
         model = onnx.load(str(tiny_artifact / f"{graph}.onnx"), load_external_data=False)
         contract = manifest["graphs"][graph]
-        assert _sig(model.graph.input) == contract["inputs"]
+        assert _sig(model.graph.input) == contract["inputs"], "names, order, dtypes and symbolic shapes"
         assert _sig(model.graph.output) == contract["outputs"]
-        assert list(contract["inputs"]) == [i.name for i in model.graph.input]
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "standard ONNX ops only"
+        assert model.ir_version == manifest["onnx"]["ir_version"] == 8, "the lowest IR opset 18 allows"
+    pairs = manifest["cache"]["pairs"]
+    assert pairs[0] == {"present": "present.0.key", "past": "past_key_values.0.key"} and len(pairs) == 2 * 2
 
 
 def test_weights_stored_once(tiny_artifact, tiny_ckpt):
@@ -87,7 +88,8 @@ def test_decode_graph_accepts_empty_past(tiny_artifact, tiny_ckpt):
 def test_full_logits_option(tiny_ckpt, tmp_path, tiny_artifact):
     out = tmp_path / "full"
     manifest = export_artifact(str(tiny_ckpt), out, full_logits=True, run_verify=False, **QUIET)
-    assert manifest["graphs"]["prefill"]["outputs"]["logits"]["shape"] == ["batch_size", "sequence_length", 512]
+    assert manifest["graphs"]["prefill"]["outputs"][0] == {"name": "logits", "dtype": "float32",
+                                                          "shape": ["batch_size", "sequence_length", 512]}
     sess = ort.InferenceSession(str(out / "prefill.onnx"), providers=["CPUExecutionProvider"])
     ids, mask, pos = left_pad([[5, 6, 7, 8, 9]])
     logits = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()})[0]
@@ -102,7 +104,8 @@ def test_float16_export_reports_agreement(tiny_ckpt, tmp_path):
     parity = json.loads((out / "parity.json").read_text())
     assert manifest["dtype"] == "float16" and parity["status"] == "passed"
     assert parity["top1_agreement"] >= 0.99 and 0 < parity["decode_max_abs_diff"] < 0.1
-    assert manifest["graphs"]["decode"]["inputs"]["past_key_values.0.key"]["dtype"] == "float16"
+    assert manifest["graphs"]["decode"]["inputs"][3] == {"name": "past_key_values.0.key", "dtype": "float16",
+                                                        "shape": ["batch_size", 2, "past_sequence_length", 32]}
 
 
 def test_bfloat16_export_is_marked_pending_without_cuda(tiny_ckpt, tmp_path):

@@ -93,11 +93,12 @@ def _bump_index(d, m):
     (_graph_edit("prefill", lambda m, d: _external(m, "location", "tokenizer.json")), "does not fit"),
     (lambda d, m: (d / "decode.onnx").write_bytes(b"\x08garbage" * 100), "decode.onnx is not a readable ONNX model"),
     (_graph_edit("prefill", _unknown_op), "cannot load prefill.onnx"),
-    (lambda d, m: m.update(files=None), '"files" must map each role'),
-    (lambda d, m: m["files"]["weights"].update(path=5), '"files" must map each role'),
-    (lambda d, m: m.pop("graphs"), "dtype or graphs is missing"),
-    (lambda d, m: m["model"].pop("dims"), "model.dims must give positive integers"),
-    (lambda d, m: m["model"]["dims"].update(num_hidden_layers="2"), "model.dims must give positive integers"),
+    (lambda d, m: m.update(files=None), "does not follow the manifest schema (at files: None is not of type"),
+    (lambda d, m: m["files"]["weights"].update(path=5), "(at files.weights.path: 5 is not of type 'string')"),
+    (lambda d, m: m.pop("graphs"), "(at the top level: 'graphs' is a required property)"),
+    (lambda d, m: m["model"].pop("dims"), "(at model: 'dims' is a required property)"),
+    (lambda d, m: m["model"]["dims"].update(num_hidden_layers="2"), "(at model.dims.num_hidden_layers: '2' is not"),
+    (lambda d, m: m["tokens"].pop("eos_token_ids"), "'eos_token_ids' is a required property"),
 ])
 def test_hostile_artifact_is_refused_with_one_line(tiny_artifact, tmp_path, capsys, edit, message):
     """Guards against reading outside the artifact (the old message even revealed file sizes), a

@@ -361,7 +361,7 @@ def test_ignore_eos_decodes_exactly_max_new_tokens(gen, tiny_artifact):
     assert G.generate(stops, prompts, replace(GREEDY, ignore_eos=False))[0].finish_reason == "eos"
     kept = G.generate(stops, prompts, GREEDY)
     assert [r.token_ids for r in kept] == [r.token_ids for r in free] and kept[0].finish_reason == "length"
-    assert gen.eos_ids == frozenset(json.loads((tiny_artifact / "generation.json").read_text())["eos_token_ids"])
+    assert gen.eos_ids == frozenset(json.loads((tiny_artifact / "manifest.json").read_text())["tokens"]["eos_token_ids"])
 
 
 def test_bad_artifact_default_is_blamed_on_the_artifact(tiny_artifact, tmp_path, capsys):
@@ -387,23 +387,26 @@ def _rewrite_json(directory: Path, name: str, edit) -> None:
         (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _rename(graph, kind, old, new):
+    def edit(m):
+        next(v for v in m["graphs"][graph][kind] if v["name"] == old)["name"] = new
+    return edit
+
+
+def _set_dtype(graph, kind, name, dtype):
+    def edit(m):
+        next(v for v in m["graphs"][graph][kind] if v["name"] == name)["dtype"] = dtype
+    return edit
+
+
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m["graphs"]["decode"]["inputs"].__setitem__(
-        "past_key_values.0.kee", m["graphs"]["decode"]["inputs"].pop("past_key_values.0.key")),
-     "outputs no matching present"),
-    (lambda m: m["graphs"]["prefill"].__setitem__("inputs", {("ids" if k == "input_ids" else k): v
-                                                             for k, v in m["graphs"]["prefill"]["inputs"].items()}),
-     "lacks input_ids"),
-    (lambda m: m["graphs"]["decode"]["outputs"].__setitem__(
-        "present.0.kee", m["graphs"]["decode"]["outputs"].pop("present.0.key")),
-     "outputs no matching present"),
-    (lambda m: m["graphs"]["prefill"]["outputs"].__setitem__(
-        "present.0.kee", m["graphs"]["prefill"]["outputs"].pop("present.0.key")),
-     "prefill.onnx outputs disagree with the manifest"),
-    (lambda m: m["graphs"]["prefill"]["outputs"]["logits"].__setitem__("dtype", "float16"),
-     "disagree with the manifest"),
-    (lambda m: m["graphs"]["decode"].__setitem__("inputs", dict(reversed(m["graphs"]["decode"]["inputs"].items()))),
-     "disagree with the manifest"),
+    (_rename("decode", "inputs", "past_key_values.0.key", "past_key_values.0.kee"), "does not pair or name"),
+    (_rename("prefill", "inputs", "input_ids", "ids"), "lacks input_ids"),
+    (_rename("decode", "outputs", "present.0.key", "present.0.kee"), "outputs no present"),
+    (lambda m: m["cache"]["pairs"].pop(0), "does not pair or name"),
+    (lambda m: m["cache"]["pairs"][0].update(past="past_key_values.0.value"), "does not pair or name"),
+    (_set_dtype("prefill", "outputs", "logits", "float16"), "prefill.onnx outputs disagree with the manifest"),
+    (lambda m: m["graphs"]["decode"]["inputs"].reverse(), "decode.onnx inputs disagree with the manifest"),
 ])
 def test_manifest_io_that_disagrees_with_the_graphs_is_refused(tiny_artifact, tmp_path, capsys, edit, message):
     """The runtime binds by the manifest's names; a manifest that misnames the graphs' I/O is refused."""
@@ -416,6 +419,7 @@ def test_manifest_io_that_disagrees_with_the_graphs_is_refused(tiny_artifact, tm
 
 def test_runtime_binds_by_the_manifest_names(gen):
     """Positive control: the runtime's steps use exactly the manifest's lists and pairing."""
-    m = gen.manifest["graphs"]
-    assert gen.model.decode.io.past == tuple(n for n in m["decode"]["inputs"] if n.startswith("past_key_values."))
-    assert gen.model.prefill.io.present == tuple(n for n in m["prefill"]["outputs"] if n.startswith("present."))
+    pairs = gen.manifest["cache"]["pairs"]
+    assert gen.model.decode.io.past == tuple(p["past"] for p in pairs)
+    assert gen.model.prefill.io.present == tuple(p["present"] for p in pairs)
+    assert gen.model.decode.io.feeds == {p["present"]: p["past"] for p in pairs}

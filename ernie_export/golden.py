@@ -1,0 +1,61 @@
+"""Golden vectors: what every driver of an artifact must reproduce, written at export from the eager model.
+
+In:  the staged artifact (its tokenizer, chat template and manifest); later, the eager side of
+     verification (`verify.compare` records eager's greedy tokens and top logits as it goes).
+Out: `golden_prompts()` -> the verification prompts (a plain prompt, a chat prompt when the artifact
+     has a template, a left-padded batch of three), token ids included; `golden_file()` -> the
+     golden.json document: per case the prompt ids, 32 greedy ids per row, and the top-5 logits of
+     the first steps, with the tolerance a driver must meet.
+
+A driver checks itself teacher-forced: prefill the prompt ids (left padded), then at each step the
+argmax must equal the golden id, which is fed next (see runtime/check.py and drivers/).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+FORMAT = "ernie4_5-onnx-golden"
+PLAIN = "Hello from ERNIE, exported to ONNX."
+CHAT = [{"role": "user", "content": "What is ONNX Runtime?"}]
+BATCH = ["The capital of France is", "def hello(name):", "你好，世界！ Größe 🙂"]
+TOP_K = 5
+TOP_STEPS = 4  # steps whose top logits are recorded (prefill + 3 decode steps)
+TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 1e-1}  # max abs logit difference a driver may show
+
+
+def _encode(tok: Tokenizer, tokens: dict, text: str) -> list[int]:
+    bos = [tokens["bos_token_id"]] if tokens["add_bos_token"] and tokens["bos_token_id"] is not None else []
+    return bos + tok.encode(text, add_special_tokens=tokens["add_special_tokens"]).ids
+
+
+def golden_prompts(directory: Path, manifest: dict) -> list[dict]:
+    """[{name, text, prompt_ids}]: the cases verification runs and golden.json records."""
+    files, tokens = manifest["files"], manifest["tokens"]
+    tok = Tokenizer.from_file(str(directory / files["tokenizer"]["path"]))
+    cases = [{"name": "plain", "text": [PLAIN]}]
+    if "chat_template" in files:
+        from runtime.text import Text  # jinja2, only to render the chat case (the export side renders nothing else)
+
+        text = Text(tok, (directory / files["chat_template"]["path"]).read_text(), {})
+        cases.append({"name": "chat", "text": [text.render(CHAT)]})
+    cases.append({"name": "left_padded_batch", "text": BATCH})
+    for case in cases:
+        case["prompt_ids"] = [_encode(tok, tokens, t) for t in case["text"]]
+    return cases
+
+
+def golden_file(manifest: dict, cases: list[dict], steps: int) -> dict:
+    """cases: each with prompt_ids plus `greedy_ids` [row][step] and `top_logits` [row][step][k] = [id, logit]."""
+    dtype = manifest["dtype"]
+    return {
+        "format": FORMAT, "version": 1, "dtype": dtype,
+        "how": "teacher-forced: prefill prompt_ids (left padded per the manifest's feeding rules); at step k "
+               "the argmax of each row's logits must be greedy_ids[row][k], which is fed next; for the first "
+               "top_logits_steps steps, logits[id] must be within tolerance of each recorded [id, logit]",
+        "exact": dtype == "float32",
+        "tolerance": TOLERANCE[dtype], "steps": steps, "top_logits_steps": TOP_STEPS, "top_k": TOP_K,
+        "cases": [{k: case[k] for k in ("name", "text", "prompt_ids", "greedy_ids", "top_logits")} for case in cases],
+    }
