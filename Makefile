@@ -49,3 +49,9 @@ bench: install  ## runtime vs eager figures on the demo artifact
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache
+
+.PHONY: install-drivers
+install-drivers:  ## Node and browser drivers: system chromium (apt, only when missing), npm ci in drivers/node and drivers/web
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	cd drivers/node && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund
+	cd drivers/web && npm ci --no-audit --no-fund
