@@ -190,3 +190,35 @@ def decode_loop(model: Model, prompts: list[list[int]], pick: Pick, *, pad_id: i
         logits, cache = model.advance(tokens, cache)
         if done:
             return cache
+
+
+def _to_device(array: np.ndarray, device: str) -> ort.OrtValue:
+    """An ONNX Runtime-owned copy of `array` on `device` (a CPU OrtValue made from numpy would borrow it)."""
+    if device != "cpu":
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
+    value = ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), array.dtype, "cpu")
+    value.numpy()[...] = array
+    return value
+
+
+def merge_caches(a: KVCache, b: KVCache, device: str) -> KVCache:
+    """Stack two caches along the batch, left padding the shorter to the longer (mask 0 there), so every
+    row still attends to exactly its own tokens. For rows joining a running batch."""
+    length = max(a.length, b.length)
+
+    def pad(x: np.ndarray, axis: int) -> np.ndarray:
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (length - x.shape[axis], 0)
+        return np.pad(x, widths)
+
+    values = {name: _to_device(np.concatenate([pad(a.values[name].numpy(), 2), pad(b.values[name].numpy(), 2)]),
+                               device) for name in a.values}
+    return KVCache(values, np.concatenate([pad(a.mask, 1), pad(b.mask, 1)]))
+
+
+def select_rows(cache: KVCache, rows: list[int], device: str) -> KVCache:
+    """Keep only `rows` of the batch, and drop leading positions that none of them attends to."""
+    mask = cache.mask[rows]
+    start = int(np.argmax(mask.any(axis=0))) if mask.any() else 0
+    values = {name: _to_device(v.numpy()[rows][:, :, start:], device) for name, v in cache.values.items()}
+    return KVCache(values, mask[:, start:])

@@ -1,0 +1,193 @@
+"""Continuous batching: one thread owns the running batch; requests join at step boundaries and leave at once.
+
+In:  a loaded `Generator`; requests (prompt ids + `Options`) submitted from any thread, each with an
+     `emit(kind, payload)` callback: ("text", chunk) as text is produced, then ("done", Result) or
+     ("error", message).
+Out: per request, exactly one final event; `Engine.metrics()` for monitoring.
+
+The engine is the only code that touches the sessions and the cache while serving; the HTTP layer
+validates requests and maps them onto `Options`. A new request is prefilled, then its cache is
+merged into the running batch's (left padded to a common length, so each row attends to exactly its
+own tokens and greedy output equals the request served alone). Requests admitted at the same step
+boundary are prefilled together, so a burst of arrivals waits for one prefill, not one each. A finished, cancelled or timed-out row
+is sliced out before the next step. At most `max_batch` rows run and `max_queue` wait: `submit`
+refuses beyond that at once (`QueueFull`).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .generate import Generator, check_request
+from .request import ModelOutputError, Options, Row
+from .step import KVCache, StepError, merge_caches, select_rows
+
+Emit = Callable[[str, object], None]
+
+
+class QueueFull(RuntimeError):
+    """The wait queue is full: the caller should answer "busy, retry" at once."""
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    opts: Options
+    emit: Emit
+    deadline: float | None  # time.monotonic() after which the request ends with a timeout error
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    cancelled: bool = False
+    row: Row | None = None
+
+
+class Engine:
+    def __init__(self, gen: Generator, max_batch: int = 8, max_queue: int = 32):
+        self.gen, self.max_batch, self.max_queue = gen, max_batch, max_queue
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[Request] = []
+        self._cache: KVCache | None = None
+        self._logits: np.ndarray | None = None  # [rows, vocab]: each running row's next choice
+        self._stopping = False
+        self.counters = collections.Counter()  # requests by outcome, tokens generated
+        self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)  # (time, tokens)
+        self._thread = threading.Thread(target=self._loop, name="ernie-engine", daemon=True)
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+
+    def submit(self, prompt: list[int], opts: Options, emit: Emit, timeout_s: float | None = None) -> Request:
+        """Queue a request (validated now: a bad one raises here, never inside the loop)."""
+        check_request(self.gen, [prompt], opts, 0)
+        request = Request(prompt, opts, emit, None if timeout_s is None else time.monotonic() + timeout_s)
+        with self._cv:
+            if len(self._waiting) >= self.max_queue:
+                self.counters["rejected_busy"] += 1
+                raise QueueFull(f"the server is busy ({self.max_queue} requests waiting); retry later")
+            self._waiting.append(request)
+            self._cv.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Free the request's row at the next step boundary (a client that went away)."""
+        request.cancelled = True
+
+    def metrics(self) -> dict:
+        now = time.monotonic()
+        recent = [n for t, n in self._recent if now - t <= 10.0]
+        return {"queue_depth": len(self._waiting), "batch_size": len(self._running),
+                "tokens_per_s": sum(recent) / 10.0, **self.counters}
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._waiting or self._running or self._stopping):
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            self.run_once()
+
+    def run_once(self) -> None:
+        """One step boundary: admit waiting requests into free rows, then advance every running row."""
+        with self._cv:
+            admitted = [self._waiting.popleft()
+                        for _ in range(min(len(self._waiting), self.max_batch - len(self._running)))]
+        try:
+            if admitted:
+                self._admit(admitted)
+            if self._running:
+                self._step()
+        except Exception as e:  # never let one bad step kill the loop: fail what is running, go on
+            for request in self._running + [r for r in admitted if r not in self._running]:
+                self._finish(request, "error", f"internal error: {type(e).__name__}: {e}", "failed")
+            self._running, self._cache, self._logits = [], None, None
+
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill the newly admitted requests together (one left-padded batch), then merge them in."""
+        fresh = []
+        for request in requests:
+            if request.cancelled:
+                self._finish(request, "error", "cancelled before it started", "cancelled")
+                continue
+            request.row = Row(request.opts, request.prompt, self.gen.text, self.gen.eos_ids,
+                              lambda chunk, r=request: r.emit("text", chunk))
+            fresh.append(request)
+        if not fresh:
+            return
+        try:
+            logits, cache = self.gen.model.start([r.prompt for r in fresh], self.gen.pad_id)
+        except StepError as e:
+            for request in fresh:
+                self._finish(request, "error", str(e), "failed")
+            return
+        logits = logits.copy()  # a view of a buffer the next step reuses
+        if self._running:
+            self._cache = merge_caches(self._cache, cache, self.gen.provider)
+            self._logits = np.concatenate([self._logits, logits])
+        else:
+            self._cache, self._logits = cache, logits
+        self._running += fresh
+        self.counters["peak_batch"] = max(self.counters["peak_batch"], len(self._running))
+
+    def _step(self) -> None:
+        tokens, keep = [], []
+        now = time.monotonic()
+        for i, request in enumerate(self._running):
+            if request.cancelled:
+                self._finish(request, "error", "the client went away", "cancelled")
+                continue
+            if request.deadline is not None and now > request.deadline:
+                self._finish(request, "error", "the request exceeded its time budget", "timeout")
+                continue
+            try:
+                token = request.row.step(self._logits[i])
+            except ModelOutputError as e:
+                self._finish(request, "error", str(e), "failed")
+                continue
+            request.first_token_at = request.first_token_at or time.monotonic()
+            self._recent.append((time.monotonic(), 1))
+            self.counters["tokens_generated"] += 1
+            if request.row.finish_reason:
+                self._finish(request, "done", None, "completed")
+            else:
+                tokens.append(token)
+                keep.append(i)
+        if len(keep) < len(self._running):
+            self._running = [self._running[i] for i in keep]
+            if not keep:
+                self._cache = self._logits = None
+                return
+            self._cache = select_rows(self._cache, keep, self.gen.provider)
+        try:
+            logits, self._cache = self.gen.model.advance(np.array(tokens, dtype=np.int64), self._cache)
+        except StepError as e:
+            for request in self._running:
+                self._finish(request, "error", str(e), "failed")
+            self._running, self._cache, self._logits = [], None, None
+            return
+        self._logits = logits.copy()
+
+    def _finish(self, request: Request, kind: str, message: str | None, outcome: str) -> None:
+        self.counters[f"requests_{outcome}"] += 1
+        if kind == "done":
+            end = time.monotonic()
+            first = request.first_token_at or end
+            timings = {"time_to_first_token_s": round(first - request.submitted, 4),
+                       "latency_s": round(end - request.submitted, 4)}
+            request.emit("done", request.row.result(timings))
+        else:
+            request.emit("error", message)
