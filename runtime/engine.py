@@ -1,8 +1,8 @@
 """Continuous batching: one thread owns the running batch; requests join at step boundaries and leave at once.
 
 In:  a loaded `Generator`; requests (prompt ids + `Options`) submitted from any thread, each with an
-     `emit(kind, payload)` callback: ("text", chunk) as text is produced, then ("done", Result) or
-     ("error", message).
+     `emit(kind, payload)` callback: ("first_token", None) once, ("text", chunk) as text is produced,
+     then ("done", Result) or ("error", message).
 Out: per request, exactly one final event; `Engine.metrics()` for monitoring.
 
 The engine is the only code that touches the sessions and the cache while serving; the HTTP layer
@@ -158,7 +158,9 @@ class Engine:
             except ModelOutputError as e:
                 self._finish(request, "error", str(e), "failed")
                 continue
-            request.first_token_at = request.first_token_at or time.monotonic()
+            if request.first_token_at is None:  # mark the first token even when its text is held back
+                request.first_token_at = time.monotonic()  # (a split UTF-8 character, a possible stop string)
+                request.emit("first_token", None)
             self._recent.append((time.monotonic(), 1))
             self.counters["tokens_generated"] += 1
             if request.row.finish_reason:

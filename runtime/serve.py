@@ -219,9 +219,14 @@ async def _sse(events: asyncio.Queue, engine: Engine, handle, ident: str, create
     try:
         if kind == "chat":
             yield f"data: {json.dumps({'id': ident, 'object': obj, 'created': created, 'model': model, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n"
+        sent = False
         while True:
             event, payload = await events.get()
-            if event == "text":
+            if event == "first_token":
+                if not sent and kind == "text":
+                    yield chunk("", None)  # the first token's time, even if its text is still held back
+            elif event == "text":
+                sent = True
                 yield chunk(payload, None)
             elif event == "done":
                 reason = "stop" if payload.finish_reason in ("eos", "stop") else "length"

@@ -36,7 +36,7 @@ def one_request(url: str, prompt: str, max_tokens: int) -> dict:
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if first is None and chunk["choices"][0]["text"]:
+            if first is None:  # the server sends a chunk at the first token (its text may be held back)
                 first = time.perf_counter() - start
             tokens = chunk.get("usage", {}).get("completion_tokens", tokens)
     return {"ttft": first if first is not None else time.perf_counter() - start,
