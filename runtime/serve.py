@@ -132,41 +132,7 @@ def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_
 
     @app.get("/metrics")
     async def metrics():
-        lines = []
-        for name, value in get_engine().metrics().items():
-            lines += [f"# TYPE ernie_{name} {'counter' if name.startswith(('requests', 'tokens_gen', 'rejected')) else 'gauge'}",
-                      f"ernie_{name} {value}"]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
-
-    async def run(body: _Body, prompt: list[int], kind: str):
-        engine = get_engine()
-        try:
-            opts = options_for(engine.gen, body)
-        except OptionError as e:
-            return error(400, str(e), param=e.option)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        emit = lambda k, payload: loop.call_soon_threadsafe(events.put_nowait, (k, payload))  # noqa: E731
-        try:
-            handle = engine.submit(prompt, opts, emit, timeout_s)
-        except QueueFull as e:
-            return JSONResponse({"error": {"message": str(e), "type": "server_busy", "param": None, "code": 429}},
-                                429, headers={"Retry-After": "1"})
-        except (InputError, OptionError) as e:
-            return error(400, str(e).replace("max_new_tokens", "max_tokens"), param="max_tokens")
-        ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
-        if body.stream:
-            return StreamingResponse(_sse(events, engine, handle, ident, created, model_name, kind),
-                                     media_type="text/event-stream")
-        try:
-            while True:
-                event, payload = await events.get()
-                if event == "done":
-                    return _final(payload, ident, created, model_name, kind)
-                if event == "error":
-                    return error(504 if "time budget" in payload else 500, payload, "server_error")
-        except asyncio.CancelledError:
-            engine.cancel(handle)
-            raise
+        return PlainTextResponse(prometheus(get_engine().metrics()), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
@@ -175,7 +141,7 @@ def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_
             check_utf8(body.prompt, "prompt")
         except InputError as e:
             return error(400, str(e), param="prompt")
-        return await run(body, engine.gen.text.encode(body.prompt), "text")
+        return await respond(engine, body, engine.gen.text.encode(body.prompt), "text", model_name, timeout_s)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
@@ -184,9 +150,46 @@ def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_
             rendered = engine.gen.text.render([m.model_dump() for m in body.messages])
         except ChatTemplateError as e:
             return error(400, str(e), param="messages")
-        return await run(body, engine.gen.text.encode(rendered), "chat")
+        return await respond(engine, body, engine.gen.text.encode(rendered), "chat", model_name, timeout_s)
 
     return app
+
+
+def prometheus(values: dict) -> str:
+    counters = ("requests", "tokens_generated", "rejected")
+    return "".join(f"# TYPE ernie_{name} {'counter' if name.startswith(counters) else 'gauge'}\nernie_{name} {value}\n"
+                   for name, value in values.items())
+
+
+async def respond(engine: Engine, body: _Body, prompt: list[int], kind: str, model_name: str, timeout_s: float):
+    """Submit to the engine; answer with the whole completion, a stream of events, or an error object."""
+    try:
+        opts = options_for(engine.gen, body)
+    except OptionError as e:
+        return error(400, str(e), param=e.option)
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    emit = lambda k, payload: loop.call_soon_threadsafe(events.put_nowait, (k, payload))  # noqa: E731
+    try:
+        handle = engine.submit(prompt, opts, emit, timeout_s)
+    except QueueFull as e:
+        return JSONResponse({"error": {"message": str(e), "type": "server_busy", "param": None, "code": 429}},
+                            429, headers={"Retry-After": "1"})
+    except (InputError, OptionError) as e:
+        return error(400, str(e).replace("max_new_tokens", "max_tokens"), param="max_tokens")
+    ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+    if body.stream:
+        return StreamingResponse(_sse(events, engine, handle, ident, created, model_name, kind),
+                                 media_type="text/event-stream")
+    try:
+        while True:
+            event, payload = await events.get()
+            if event == "done":
+                return _final(payload, ident, created, model_name, kind)
+            if event == "error":
+                return error(504 if "time budget" in payload else 500, payload, "server_error")
+    except asyncio.CancelledError:  # the client went away: free its row
+        engine.cancel(handle)
+        raise
 
 
 def _usage(result) -> dict:
