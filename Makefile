@@ -8,7 +8,7 @@ SYNTH  ?= checkpoints/synthetic-full
 DEMO   ?= artifacts/synthetic-full
 PROMPT ?= Hello from ERNIE
 
-.PHONY: install test test-slow test-all demo export synthetic generate serve bench bench-serve clean
+.PHONY: install test test-slow test-all demo export synthetic generate serve serve-ray bench bench-serve clean
 
 install: $(VENV)/.installed
 
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first: a bare `torch` would pull several GB of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[export,runtime,serve,test]'
+	$(PY) -m pip install -q -e '.[export,runtime,serve,serve-ray,test]'
 	touch $@
 
 test: install  ## the fast suite (tiny models), under 10 minutes on 2 cores
@@ -46,6 +46,11 @@ generate: install
 
 serve: install  ## OpenAI-compatible server on 127.0.0.1:8000 (make serve OUT=artifacts/<name>)
 	$(PY) -m runtime.serve --model $(OUT)
+
+REPLICAS ?= 2
+ADDRESS  ?=
+serve-ray: install  ## N replicas behind Ray Serve's proxy on 127.0.0.1:8000 (make serve-ray OUT=artifacts/<name> REPLICAS=2 [ADDRESS=auto])
+	$(PY) -m runtime.serve_ray --model $(OUT) --replicas $(REPLICAS) $(if $(ADDRESS),--address $(ADDRESS))
 
 bench-serve: install  ## aggregate tokens/s and TTFT at 1, 4, 8 concurrent clients on the demo artifact
 	$(PY) -m tools.bench_serve --model $(DEMO)

@@ -10,9 +10,9 @@ Out: the API of `runtime.serve` (POST /v1/completions and /v1/chat/completions, 
      replica loads the artifact and runs its own continuous-batching `Engine`, so /metrics is the
      answering replica's; every response names that replica in an `x-replica` header.
 
-Failure contract. A replica takes at most `max_batch + max_queue` requests; beyond that across all
-replicas Ray's proxy queues `max_queue` more per proxy, then answers 429 with Retry-After at once. A
-replica that dies loses the requests it holds: a non-streaming one ends with HTTP 500 from the proxy
+Failure contract. A replica takes at most `max_batch + max_queue` requests; beyond that, on all
+replicas, each proxy queues `max_queue` more (at least 1), then answers 429 with Retry-After at once.
+A replica that dies loses the requests it holds: a non-streaming one ends with HTTP 500 from the proxy
 and a stream ends without its `data: [DONE]` line. Those are retryable: greedy requests give the same
 text on any replica. Serve starts a replacement replica by itself; until it is up the survivors serve.
 
@@ -26,7 +26,7 @@ import argparse
 import os
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
 
 from ray import serve
@@ -120,7 +120,8 @@ class ErnieReplica:
             raise RuntimeError("the engine's thread has stopped")
 
     def __del__(self):
-        self.engine.stop()
+        if hasattr(self, "engine"):  # not when loading failed
+            self.engine.stop()
 
 
 def deployment_options(cfg: dict) -> dict:
@@ -129,7 +130,7 @@ def deployment_options(cfg: dict) -> dict:
         "num_replicas": cfg["replicas"],
         "ray_actor_options": {"num_cpus": cfg["num_cpus"], "num_gpus": cfg["num_gpus"]},
         "max_ongoing_requests": cfg["max_batch"] + cfg["max_queue"],  # all the engine holds, never a 429 there
-        "max_queued_requests": cfg["max_queue"],                       # per proxy, then 429 at once
+        "max_queued_requests": max(1, cfg["max_queue"]),               # per proxy (Serve's least: 1), then 429
         "backpressure_config": {"status_code": 429, "retry_after_s": 1},
     }
 
@@ -146,8 +147,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:10001 (default: start a "
                     "local one)")
-    ap.add_argument("--host", default="127.0.0.1", help="proxy bind address (default: loopback only)")
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--host", default="127.0.0.1", help="proxy bind address (default: loopback only); like "
+                    "--port, it applies where Serve is not running on the cluster yet")
+    ap.add_argument("--port", type=int, default=8000, help="proxy port (default: 8000)")
     ap.add_argument("--name", help="model id reported by /v1/models (default: the artifact folder's name)")
     ap.add_argument("--max-batch", type=int, default=8, help="rows decoded together, per replica")
     ap.add_argument("--max-queue", type=int, default=32, help="requests waiting per replica (and per proxy)")
@@ -174,13 +176,8 @@ def connect(address: str | None, cfg: dict) -> bool:
     return True
 
 
-def wait_for_signal() -> None:
-    """Block until SIGINT or SIGTERM."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(3600):
-        pass
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM too: leave through main's cleanup
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,19 +194,34 @@ def main(argv: list[str] | None = None) -> int:
     if not args.address and not (Path(cfg["model"]) / "manifest.json").is_file():
         print(f"error: {cfg['model']} is not an artifact directory (no manifest.json)", file=sys.stderr)
         return 2
-    started = connect(args.address, cfg)
+    try:
+        started = connect(args.address, cfg)
+    except ConnectionError as e:
+        print(f"error: cannot join the Ray cluster at {args.address}: {e}", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, whose own SIGTERM handler aborts
+        signal.signal(sig, _interrupt)
+    deployed, status = False, 0
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
+        deployed = True
         serve.run(build_app(cfg), name=APP, route_prefix="/")  # returns once every replica is up
         print(f"serving {cfg['name']} on {cfg['replicas']} replica(s) at http://{args.host}:{args.port}/v1",
               flush=True)
-        wait_for_signal()
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as e:  # the deployment failed (e.g. the artifact is missing on a node)
+        print(f"error: {e}", file=sys.stderr)
+        status = 1
     finally:
-        serve.delete(APP)
+        if deployed:
+            serve.delete(APP)
         if started:
             serve.shutdown()
         ray.shutdown()
-    return 0
+    return status
 
 
 if __name__ == "__main__":
