@@ -280,3 +280,15 @@ def test_turn_beyond_the_context_is_refused_and_chat_goes_on(gen, capsys):
     err = capsys.readouterr().err
     assert "exceeds the model's context of 64 tokens" in err and err.count("error: ") == 1
     assert out.count("\n") == 2, "the first and the last message were answered"
+
+
+def test_onnxruntime_error_at_run_time_is_one_line(tiny_artifact, capsys, monkeypatch):
+    import onnxruntime as ort
+
+    def fail(self, binding):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : bad allocation\nstack trace ...")
+
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", fail)
+    code, out, err = run_cli(["--model", str(tiny_artifact), "--prompt", "hi", "--max-new-tokens", "2"], capsys)
+    one_error_line(code, err, "ONNX Runtime failed running the prefill graph (batch 1")
+    assert "bad allocation" in err and "stack trace" not in err and out == ""
