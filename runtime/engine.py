@@ -45,6 +45,7 @@ class Request:
     first_token_at: float | None = None
     cancelled: bool = False
     row: Row | None = None
+    pending: int | None = None  # the token chosen last, fed at the next step
 
 
 class Engine:
@@ -53,8 +54,7 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
-        self._cache: KVCache | None = None
-        self._logits: np.ndarray | None = None  # [rows, vocab]: each running row's next choice
+        self._cache: KVCache | None = None  # holds every running row's tokens but its `pending` one
         self._stopping = False
         self.counters = collections.Counter()  # requests by outcome, tokens generated
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)  # (time, tokens)
@@ -102,22 +102,28 @@ class Engine:
             self.run_once()
 
     def run_once(self) -> None:
-        """One step boundary: admit waiting requests into free rows, then advance every running row."""
-        with self._cv:
-            admitted = [self._waiting.popleft()
-                        for _ in range(min(len(self._waiting), self.max_batch - len(self._running)))]
+        """One step boundary: admit waiting requests (each sends its first token right after its prefill),
+        then advance every running row by one token."""
+        admitted: list[Request] = []
         try:
-            if admitted:
-                self._admit(admitted)
+            for _ in range(2):  # a second round admits what arrived during the first round's prefill
+                with self._cv:
+                    group = [self._waiting.popleft()
+                             for _ in range(min(len(self._waiting), self.max_batch - len(self._running)))]
+                if not group:
+                    break
+                admitted += group
+                self._admit(group)
             if self._running:
                 self._step()
         except Exception as e:  # never let one bad step kill the loop: fail what is running, go on
             for request in self._running + [r for r in admitted if r not in self._running]:
                 self._finish(request, "error", f"internal error: {type(e).__name__}: {e}", "failed")
-            self._running, self._cache, self._logits = [], None, None
+            self._running, self._cache = [], None
 
     def _admit(self, requests: list[Request]) -> None:
-        """Prefill the newly admitted requests together (one left-padded batch), then merge them in."""
+        """Prefill the new requests together (one left-padded batch), choose their first tokens at once,
+        and merge the rows that go on into the running batch."""
         fresh = []
         for request in requests:
             if request.cancelled:
@@ -134,54 +140,60 @@ class Engine:
             for request in fresh:
                 self._finish(request, "error", str(e), "failed")
             return
-        logits = logits.copy()  # a view of a buffer the next step reuses
-        if self._running:
-            self._cache = merge_caches(self._cache, cache, self.gen.provider)
-            self._logits = np.concatenate([self._logits, logits])
-        else:
-            self._cache, self._logits = cache, logits
-        self._running += fresh
+        going_on = [i for i, request in enumerate(fresh) if self._choose(request, logits[i])]
+        if not going_on:
+            return
+        cache = cache if len(going_on) == len(fresh) else select_rows(cache, going_on, self.gen.provider)
+        self._cache = merge_caches(self._cache, cache, self.gen.provider) if self._running else cache
+        self._running += [fresh[i] for i in going_on]
         self.counters["peak_batch"] = max(self.counters["peak_batch"], len(self._running))
 
+    def _choose(self, request: Request, logits: np.ndarray) -> bool:
+        """The request's next token from its logits [V]; False when the request is over."""
+        try:
+            request.pending = request.row.step(logits)
+        except ModelOutputError as e:
+            self._finish(request, "error", str(e), "failed")
+            return False
+        if request.first_token_at is None:  # mark the first token even when its text is held back
+            request.first_token_at = time.monotonic()  # (a split UTF-8 character, a possible stop string)
+            request.emit("first_token", None)
+        self._recent.append((time.monotonic(), 1))
+        self.counters["tokens_generated"] += 1
+        if request.row.finish_reason:
+            self._finish(request, "done", None, "completed")
+            return False
+        return True
+
     def _step(self) -> None:
-        tokens, keep = [], []
+        """Feed every running row's chosen token; then choose each row's next one."""
         now = time.monotonic()
+        keep = []
         for i, request in enumerate(self._running):
             if request.cancelled:
                 self._finish(request, "error", "the client went away", "cancelled")
-                continue
-            if request.deadline is not None and now > request.deadline:
+            elif request.deadline is not None and now > request.deadline:
                 self._finish(request, "error", "the request exceeded its time budget", "timeout")
-                continue
-            try:
-                token = request.row.step(self._logits[i])
-            except ModelOutputError as e:
-                self._finish(request, "error", str(e), "failed")
-                continue
-            if request.first_token_at is None:  # mark the first token even when its text is held back
-                request.first_token_at = time.monotonic()  # (a split UTF-8 character, a possible stop string)
-                request.emit("first_token", None)
-            self._recent.append((time.monotonic(), 1))
-            self.counters["tokens_generated"] += 1
-            if request.row.finish_reason:
-                self._finish(request, "done", None, "completed")
             else:
-                tokens.append(token)
                 keep.append(i)
         if len(keep) < len(self._running):
             self._running = [self._running[i] for i in keep]
             if not keep:
-                self._cache = self._logits = None
+                self._cache = None
                 return
             self._cache = select_rows(self._cache, keep, self.gen.provider)
+        tokens = np.array([r.pending for r in self._running], dtype=np.int64)
         try:
-            logits, self._cache = self.gen.model.advance(np.array(tokens, dtype=np.int64), self._cache)
+            logits, self._cache = self.gen.model.advance(tokens, self._cache)
         except StepError as e:
             for request in self._running:
                 self._finish(request, "error", str(e), "failed")
-            self._running, self._cache, self._logits = [], None, None
+            self._running, self._cache = [], None
             return
-        self._logits = logits.copy()
+        going_on = [i for i, request in enumerate(self._running) if self._choose(request, logits[i])]
+        if len(going_on) < len(self._running):
+            self._running = [self._running[i] for i in going_on]
+            self._cache = select_rows(self._cache, going_on, self.gen.provider) if going_on else None
 
     def _finish(self, request: Request, kind: str, message: str | None, outcome: str) -> None:
         self.counters[f"requests_{outcome}"] += 1
