@@ -243,11 +243,8 @@ async def _sse(events: asyncio.Queue, engine: Engine, handle, ident: str, create
         engine.cancel(handle)
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="artifact directory")
-    ap.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    ap.add_argument("--port", type=int, default=8000)
+def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
+    """The limits and options one engine (one server, or one Ray replica) takes."""
     ap.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
     ap.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch; more get 429")
     ap.add_argument("--timeout", type=float, default=300.0, help="time budget per request, seconds")
@@ -255,6 +252,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--api-key", default=os.environ.get("ERNIE_API_KEY"), help="require this bearer key "
                     "(default: $ERNIE_API_KEY; none: open)")
     ap.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="artifact directory")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    ap.add_argument("--port", type=int, default=8000)
+    add_engine_arguments(ap)
     ap.add_argument("--threads", type=int)
     return ap
 

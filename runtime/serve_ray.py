@@ -33,7 +33,7 @@ from ray import serve
 
 from .engine import Engine
 from .generate import load
-from .serve import BodyLimit, create_app
+from .serve import BodyLimit, add_engine_arguments, create_app
 
 APP = "ernie"  # the Serve application's name; its route prefix is "/"
 
@@ -151,13 +151,7 @@ def parser() -> argparse.ArgumentParser:
                     "--port, it applies where Serve is not running on the cluster yet")
     ap.add_argument("--port", type=int, default=8000, help="proxy port (default: 8000)")
     ap.add_argument("--name", help="model id reported by /v1/models (default: the artifact folder's name)")
-    ap.add_argument("--max-batch", type=int, default=8, help="rows decoded together, per replica")
-    ap.add_argument("--max-queue", type=int, default=32, help="requests waiting per replica (and per proxy)")
-    ap.add_argument("--timeout", type=float, default=300.0, help="time budget per request, seconds")
-    ap.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
-    ap.add_argument("--api-key", default=os.environ.get("ERNIE_API_KEY"), help="require this bearer key "
-                    "(default: $ERNIE_API_KEY; none: open)")
-    ap.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+    add_engine_arguments(ap)  # per replica; the proxy also queues --max-queue
     ap.add_argument("--threads", type=int, help="ONNX Runtime threads per replica (default: --num-cpus)")
     ap.add_argument("--num-cpus", type=float, default=1.0, help="CPUs each replica reserves")
     ap.add_argument("--num-gpus", type=float, default=0.0, help="GPUs each replica reserves")
