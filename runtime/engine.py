@@ -49,6 +49,7 @@ class Request:
 
 
 class Engine:
+    RATE_WINDOW_S = 10.0  # tokens/s in /metrics is over this window
     def __init__(self, gen: Generator, max_batch: int = 8, max_queue: int = 32):
         self.gen, self.max_batch, self.max_queue = gen, max_batch, max_queue
         self._cv = threading.Condition()
@@ -57,7 +58,7 @@ class Engine:
         self._cache: KVCache | None = None  # holds every running row's tokens but its `pending` one
         self._stopping = False
         self.counters = collections.Counter()  # requests by outcome, tokens generated
-        self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)  # (time, tokens)
+        self._recent: collections.deque[float] = collections.deque()  # when each token of the last 10 s came
         self._thread = threading.Thread(target=self._loop, name="ernie-engine", daemon=True)
 
     def start(self) -> "Engine":
@@ -87,10 +88,9 @@ class Engine:
         request.cancelled = True
 
     def metrics(self) -> dict:
-        now = time.monotonic()
-        recent = [n for t, n in self._recent if now - t <= 10.0]
+        recent = [t for t in list(self._recent) if time.monotonic() - t <= self.RATE_WINDOW_S]
         return {"queue_depth": len(self._waiting), "batch_size": len(self._running),
-                "tokens_per_s": sum(recent) / 10.0, **self.counters}
+                "tokens_per_s": len(recent) / self.RATE_WINDOW_S, **self.counters}
 
     def _loop(self) -> None:
         while True:
@@ -158,7 +158,10 @@ class Engine:
         if request.first_token_at is None:  # mark the first token even when its text is held back
             request.first_token_at = time.monotonic()  # (a split UTF-8 character, a possible stop string)
             request.emit("first_token", None)
-        self._recent.append((time.monotonic(), 1))
+        now = time.monotonic()
+        self._recent.append(now)
+        while now - self._recent[0] > self.RATE_WINDOW_S:
+            self._recent.popleft()
         self.counters["tokens_generated"] += 1
         if request.row.finish_reason:
             self._finish(request, "done", None, "completed")

@@ -197,7 +197,7 @@ def test_context_limit_is_a_clear_error(tiny_artifact, capsys):
 
 # ---- command-line inputs that used to crash ------------------------------------------------------
 
-def _generate_cli(*args, stdin=subprocess.DEVNULL, shell_suffix=""):
+def _generate_cli(*args, stdin=subprocess.DEVNULL):
     cmd = [sys.executable, "-m", "runtime.generate", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, stdin=stdin, timeout=120)
 
