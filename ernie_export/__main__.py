@@ -11,6 +11,7 @@ import errno
 import sys
 
 from .build import DEFAULT_MODEL, DEFAULT_OPSET, ExportOptionError, export_artifact
+from .quantize import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, MIN_STANDARD_OPSET, OPS, QUANTIZATIONS
 from .config import ConfigError
 from .publish import OutputError, OutputExistsError, Terminated, interrupt_on_sigterm
 from .trace import DTYPES
@@ -20,11 +21,20 @@ from .weights import SourceError, WeightsError
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ernie_export",
-                                 description="Export ERNIE 4.5 to prefill/decode ONNX graphs, verified against eager PyTorch.")
+                                 description="Export ERNIE 4.5 to prefill/decode ONNX graphs, verified against eager PyTorch.",
+                                 allow_abbrev=False)  # --op must not silently mean --opset or --ops
     ap.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or hub id (default: %(default)s)")
     ap.add_argument("--out", required=True, help="artifact directory to create, e.g. artifacts/ernie-4.5-0.3b")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    ap.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    ap.add_argument("--opset", type=int, default=None,
+                    help=f"ONNX opset (default {DEFAULT_OPSET}; {MIN_STANDARD_OPSET} for quantized standard-op graphs)")
+    ap.add_argument("--quantize", choices=list(QUANTIZATIONS), default="none",
+                    help="weight-only block quantization of every linear layer and the embedding / LM-head table")
+    ap.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, choices=BLOCK_SIZES,
+                    help="inputs per quantization scale (default %(default)s)")
+    ap.add_argument("--ops", choices=OPS, default="standard",
+                    help="standard: ai.onnx ops only, runs on any ONNX runtime; ort: onnxruntime's contrib "
+                         "kernels (MatMulNBits, GatherBlockQuantized), faster on ONNX Runtime")
     ap.add_argument("--full-logits", action="store_true", help="logits for every position (evaluation), not just the last")
     ap.add_argument("--no-verify", action="store_true", help="skip parity verification (the runtime will warn)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
@@ -32,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     interrupt_on_sigterm()
     try:
         export_artifact(args.model, args.out, dtype=args.dtype, opset=args.opset, full_logits=args.full_logits,
-                        run_verify=not args.no_verify, overwrite=args.overwrite)
+                        run_verify=not args.no_verify, overwrite=args.overwrite, quantize=args.quantize,
+                        block_size=args.block_size, ops=args.ops)
     except OutputExistsError as e:
         print(f"error: {e}: pass --overwrite to replace it, or choose another --out", file=sys.stderr)
         return 1

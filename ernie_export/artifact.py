@@ -24,6 +24,7 @@ import torch
 from runtime.contract import FORMAT, FORMAT_VERSION, MANIFEST, cache_pairs, check_schema, file_entry, io_contract
 
 from .config import ErnieConfig
+from .quantize import Profile
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 1 << 16
@@ -33,7 +34,8 @@ INLINE_BYTES = 1024  # smaller constants stay inside the graph
 def externalize(models: dict[str, ir.Model], directory: Path) -> dict[str, dict]:
     """Write every large initializer once into `weights.bin` and point all graphs at it.
 
-    Identical tensors (same bytes, dtype and shape) in several graphs share one stored copy.
+    Identical bytes are stored once, whatever dtype or shape views them: a tensor used by both graphs,
+    and a quantized tied table read as MatMulNBits' [V, blocks, blob] and as gathered rows [V, K/2].
     Returns, per graph, name -> {offset, length, dtype, shape}: the runtime maps the file once and
     hands these tensors to both sessions, so the weights are resident once.
     """
@@ -47,7 +49,7 @@ def externalize(models: dict[str, ir.Model], directory: Path) -> dict[str, dict]
                 if tensor is None or tensor.nbytes < INLINE_BYTES:
                     continue
                 data = tensor.tobytes()
-                key = hashlib.blake2b(data, digest_size=20).digest() + repr((tensor.dtype, tuple(tensor.shape))).encode()
+                key = hashlib.blake2b(data, digest_size=20).digest() + len(data).to_bytes(8, "little")
                 if key not in stored:
                     f.write(b"\0" * (-f.tell() % ALIGN))
                     stored[key] = f.tell()
@@ -92,7 +94,7 @@ FEEDING = {
 
 
 def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source: dict,
-             roles: dict[str, str], weights_index: dict, tokens: dict) -> dict:
+             roles: dict[str, str], weights_index: dict, tokens: dict, profile: Profile = Profile()) -> dict:
     """The manifest, with file paths but not yet their sizes and hashes (`write_manifest` adds them).
 
     Verification runs the staged graphs through this dict exactly as the runtime will read it.
@@ -108,10 +110,11 @@ def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source
         "model": {"type": "ernie4_5", **source, "synthetic": cfg.synthetic, "dims": dims},
         "dtype": dtype,
         "full_logits": full_logits,
-        "onnx": {"ir_version": lowest_ir_version(opset), "opset": opset, "op_domains": ["ai.onnx"]},
+        "onnx": {"ir_version": lowest_ir_version(opset), "opset": opset, "op_domains": profile.op_domains},
         "onnxruntime": {"minimum": min(ORT_TESTED.values(), key=lambda v: tuple(map(int, v.split(".")))),
                         "tested": ORT_TESTED},
-        "profile": {"quantization": "none", "block_size": None, "ops": "standard", "kv_cache": "concat"},
+        "profile": {"quantization": profile.quantization, "block_size": profile.block_size, "ops": profile.ops,
+                    "kv_cache": "concat"},
         "session_options": SESSION_OPTIONS,
         "graphs": io_contract(dims, dtype, full_logits),
         "cache": {"pairs": cache_pairs(cfg.num_hidden_layers)},

@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
@@ -20,6 +21,7 @@ from .artifact import WEIGHTS_FILE, describe, save_graphs, write_manifest
 from .config import load_config
 from .model import build_model
 from .publish import publish, staged
+from .quantize import DEFAULT_BLOCK_SIZE, MIN_STANDARD_OPSET, Profile, QuantizeError, Quantizer
 from .tokenizer import read_text_files, write_text_files
 from .trace import DTYPES, trace
 from .verify import verify, write_parity
@@ -52,7 +54,7 @@ def source_of(model: str) -> dict:
 
 
 def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logits: bool, run_verify: bool,
-           log) -> tuple[dict, dict]:
+           profile: Profile, log) -> tuple[dict, dict]:
     """Every stage, written into the staging directory `tmp`; returns (manifest, parity report)."""
     with stage(f"loading {ckpt}", log):
         cfg = load_config(ckpt)
@@ -69,6 +71,15 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
     for name in ("prefill", "decode"):
         with stage(f"tracing {name} graph (torch.export -> ONNX opset {opset}, {dtype})", log):
             graphs[name] = trace(net, name, opset, full_logits)
+    reference = eager32
+    if profile.bits:
+        with stage(f"quantizing weights ({profile.quantization}, blocks of {profile.block_size}, {profile.ops} ops)", log):
+            quantizer = Quantizer(profile, np.dtype(dtype))
+            for graph in graphs.values():
+                quantizer.rewrite(graph)
+            # The eager model over the very weights the graphs hold (dequantized): what they must compute.
+            reference = build_model(cfg, {**eager32.state_dict(),
+                                          **{k: torch.from_numpy(v) for k, v in quantizer.reference.items()}})
     with stage("saving graphs with one shared weights file", log):
         weights_index = save_graphs(graphs, tmp)
         del graphs
@@ -76,10 +87,10 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
         roles.update(write_text_files(text_files, tmp))
         roles["parity"] = "parity.json"
         manifest = describe(cfg, dtype, opset, full_logits, source_of(model), roles, weights_index,
-                            text_files.tokens)
+                            text_files.tokens, profile)
     if run_verify:
         with stage("verifying against eager PyTorch (onnx.checker, ONNX Runtime parity)", log):
-            report, golden = verify(tmp, manifest, eager32)
+            report, golden = verify(tmp, manifest, eager32, reference=reference)
         if golden is not None:  # None: verification pending (bfloat16 without CUDA)
             (tmp / GOLDEN_FILE).write_text(json.dumps(golden))
             manifest["files"]["golden"] = {"path": GOLDEN_FILE}
@@ -91,13 +102,29 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
     return manifest, report
 
 
-def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opset: int = DEFAULT_OPSET,
+def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opset: int | None = None,
                     full_logits: bool = False, run_verify: bool = True, overwrite: bool = False,
+                    quantize: str = "none", block_size: int = DEFAULT_BLOCK_SIZE, ops: str = "standard",
                     log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
-    """Export, verify and publish; returns the manifest. Nothing is left behind on failure."""
+    """Export, verify and publish; returns the manifest. Nothing is left behind on failure.
+
+    `opset` None: 18, or 21 for quantized standard-op graphs (blocked DequantizeLinear)."""
     out = Path(out)
     if dtype not in DTYPES:
         raise ExportOptionError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+    profile = Profile(quantize, block_size if quantize != "none" else None, ops)
+    if opset is None:
+        opset = MIN_STANDARD_OPSET if profile.bits and ops == "standard" else DEFAULT_OPSET
+    try:
+        profile.check(opset)
+    except QuantizeError as e:
+        raise ExportOptionError(str(e)) from None
+    if profile.bits and dtype == "bfloat16":
+        raise ExportOptionError("dtype bfloat16 cannot be quantized (the scales would be bfloat16, which the CPU "
+                                "kernels lack): use --dtype float32 or float16 with --quantize")
+    if ops == "ort" and not profile.bits:
+        raise ExportOptionError("ops ort without --quantize is not built yet (the fused-attention profile): "
+                                "use --ops standard, or --quantize int8|int4 with --ops ort")
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ExportOptionError(f"opset {opset} is not supported: use {MIN_OPSET}..{onnx.defs.onnx_opset_version()} "
                                 f"(default {DEFAULT_OPSET})")
@@ -105,7 +132,7 @@ def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opse
     t0 = time.perf_counter()
     try:
         with staged(out, ckpt, overwrite, log) as tmp:
-            manifest, report = _build(ckpt, model, tmp, dtype, opset, full_logits, run_verify, log)
+            manifest, report = _build(ckpt, model, tmp, dtype, opset, full_logits, run_verify, profile, log)
             publish(tmp, out)
     except BaseException as e:
         if getattr(e, "report", None):

@@ -40,6 +40,9 @@ ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(b
              "tensor(int64)": "int64"}
 
 
+PACKED_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}  # element types numpy cannot view in place
+
+
 class ArtifactError(RuntimeError):
     """An artifact directory the runtime must not use; the message says what to do."""
 
@@ -232,7 +235,8 @@ def external_tensors(directory: Path, manifest: dict, graph: str) -> dict[str, d
                                 "refusing to load it: re-run the export")
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
         offset, length = int(ext.get("offset", 0)), int(ext.get("length", -1))
-        want = math.prod(init.dims) * dtype.itemsize
+        bits = PACKED_BITS.get(init.data_type, dtype.itemsize * 8)  # int4 is packed two to a byte
+        want = (math.prod(init.dims) * bits + 7) // 8
         if length != want or offset < 0 or offset + length > target.stat().st_size:
             raise ArtifactError(f"{path.name}: the external data of {init.name} (offset {offset}, length {length}) "
                                 f"does not fit {loc!r} or its shape (which needs {want}); re-run the export")

@@ -21,6 +21,7 @@ from .contract import GRAPHS, ArtifactError, GraphIO, check_cache_pairing, exter
 from .sampling import OptionError
 from .step import Model, Step
 
+PACKED_DTYPES = ("int4", "uint4")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -92,6 +93,8 @@ def map_weights(directory: Path, records: dict[str, dict[str, dict]]) -> dict[st
     for graph, tensors in records.items():
         values[graph] = {}
         for name, t in tensors.items():
+            if t["dtype"] in PACKED_DTYPES:  # numpy holds int4 one per byte: onnxruntime reads these itself
+                continue
             if t["location"] not in mappings:
                 mappings[t["location"]] = np.memmap(directory / t["location"], dtype=np.uint8, mode="r")
             array = np.ndarray(t["shape"], dtype=t["dtype"], buffer=mappings[t["location"]], offset=t["offset"])

@@ -1,0 +1,275 @@
+"""Weight-only block quantization (int8 / int4) of the traced graphs, in standard or onnxruntime ops.
+
+In:  a traced float graph (trace.py) and a `Profile` (bits, block size, op set).
+Out: the same graph with every linear layer's weight and the embedding / LM-head table replaced by
+     symmetric block-quantized integers (one float scale per `block_size` inputs), and the float
+     weights gone. A tied table is quantized once and its bytes serve both the embedding lookup
+     and the LM head (`artifact.externalize` stores identical bytes once).
+
+Two op sets, one quantization (`quantize_blocks`; `dequantize_blocks` is the reference the
+verification's eager model uses):
+- `standard`: only ai.onnx ops (opset >= 21), so any ONNX runtime runs it. A linear layer is
+  `DequantizeLinear(W^T [in, out] int, scales, axis=0, block_size) -> MatMul`; ONNX Runtime fuses
+  exactly this pattern into its MatMulNBits kernel (measured: the [out, in] + Gemm(transB) form is
+  not fused). The embedding gathers the table's packed columns and unpacks them with bit ops.
+- `ort`: onnxruntime contrib ops: `MatMulNBits` (the checkpoint's [out, in] layout, unsigned
+  nibbles/bytes with the kernel's default zero point 2^(bits-1)) and `GatherBlockQuantized` over
+  the same packed table bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+QUANTIZATIONS = {"none": None, "int8": 8, "int4": 4}
+OPS = ("standard", "ort")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_BLOCK_SIZE = 32
+MIN_STANDARD_OPSET = 21  # blocked DequantizeLinear
+ORT_DOMAIN = "com.microsoft"
+# int4 scale search: the block's largest-magnitude value maps to -(these) (llama.cpp's q4_0 uses 8
+# alone); the candidate with the least squared error wins. Measured on the full-size synthetic
+# checkpoint: <TBD> lower weight MSE than 8 alone.
+INT4_DIVISORS = (8.0, 7.75, 7.5, 7.25, 7.0)
+ROWS_PER_CHUNK = 4096
+ACCURACY_LEVEL = 4  # MatMulNBits: activations quantized to int8 per block (VNNI on this CPU); measured in README
+
+
+class QuantizeError(ValueError):
+    """A quantization option or graph the quantizer cannot handle."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the manifest's `profile` records about the graphs' weights and ops."""
+    quantization: str = "none"
+    block_size: int | None = None
+    ops: str = "standard"
+
+    @property
+    def bits(self) -> int | None:
+        return QUANTIZATIONS[self.quantization]
+
+    def check(self, opset: int) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise QuantizeError(f"quantize {self.quantization!r} is not supported: use one of {', '.join(QUANTIZATIONS)}")
+        if self.ops not in OPS:
+            raise QuantizeError(f"ops {self.ops!r} is not supported: use one of {', '.join(OPS)}")
+        if self.bits and self.block_size not in BLOCK_SIZES:
+            raise QuantizeError(f"block-size {self.block_size} is not supported: use one of "
+                                f"{', '.join(map(str, BLOCK_SIZES))}")
+        if self.bits and self.ops == "standard" and opset < MIN_STANDARD_OPSET:
+            raise QuantizeError(f"opset {opset} has no blocked DequantizeLinear: quantized standard-op graphs "
+                                f"need --opset >= {MIN_STANDARD_OPSET}")
+
+    @property
+    def op_domains(self) -> list[str]:
+        return ["ai.onnx", ORT_DOMAIN] if self.ops == "ort" else ["ai.onnx"]
+
+
+def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """w [N, K] float -> (q int8 [N, K] in [-2^(bits-1), 2^(bits-1) - 1], scales float32 [N, K / block]).
+
+    Symmetric, blocks of `block` consecutive inputs of one output row: w ~= q * scale.
+    """
+    n, k = w.shape
+    if k % block:
+        raise QuantizeError(f"input size {k} is not a multiple of the block size {block}")
+    q = np.empty((n, k), np.int8)
+    scales = np.empty((n, k // block), np.float32)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    for r in range(0, n, ROWS_PER_CHUNK):
+        x = np.asarray(w[r:r + ROWS_PER_CHUNK], np.float32).reshape(-1, k // block, block)
+        if bits == 8:  # llama.cpp q8_0's choice: amax / 127; the error is already tiny
+            d = np.abs(x).max(-1, keepdims=True) / hi
+            best_d = d
+        else:
+            idx = np.abs(x).argmax(-1)[..., None]
+            extreme = np.take_along_axis(x, idx, -1)  # signed value of largest magnitude
+            best_d, best_err = None, None
+            for c in INT4_DIVISORS:
+                d = extreme / -c
+                safe = np.where(d == 0, 1, d)
+                err = ((np.clip(np.rint(x / safe), lo, hi) * d - x) ** 2).sum(-1, keepdims=True)
+                if best_d is None:
+                    best_d, best_err = d, err
+                else:
+                    better = err < best_err
+                    best_d, best_err = np.where(better, d, best_d), np.minimum(err, best_err)
+        safe = np.where(best_d == 0, 1, best_d)
+        q[r:r + ROWS_PER_CHUNK] = np.clip(np.rint(x / safe), lo, hi).astype(np.int8).reshape(-1, k)
+        scales[r:r + ROWS_PER_CHUNK] = best_d[..., 0]
+    return q, scales
+
+
+def dequantize_blocks(q: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
+    """The reference: q [N, K], scales [N, K / block] -> float32 [N, K]."""
+    n, k = q.shape
+    return (q.reshape(n, k // block, block).astype(np.float32) * scales[..., None]).reshape(n, k)
+
+
+def pack(q: np.ndarray, bits: int, unsigned: bool) -> np.ndarray:
+    """Integers -> bytes, last axis packed low nibble first (ONNX's int4 layout and MatMulNBits').
+
+    `unsigned` adds the zero point 2^(bits-1) (MatMulNBits' and GatherBlockQuantized's default).
+    """
+    u = (q.astype(np.int16) + ((1 << (bits - 1)) if unsigned else 0)).astype(np.uint8)
+    if bits == 8:
+        return u if unsigned else q.astype(np.int8)
+    u &= 0xF
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack(packed: np.ndarray, bits: int, unsigned: bool) -> np.ndarray:
+    """The inverse of `pack` -> int8."""
+    if bits == 8:
+        return (packed.astype(np.int16) - (128 if unsigned else 0)).astype(np.int8)
+    nib = np.stack((packed & 0xF, packed >> 4), axis=-1).reshape(*packed.shape[:-1], -1).astype(np.int16)
+    return (nib - 8 if unsigned else np.where(nib >= 8, nib - 16, nib)).astype(np.int8)
+
+
+# --- graph rewriting ------------------------------------------------------------------------------------------
+
+def _const(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None,
+           shape: list[int] | None = None) -> ir.Value:
+    """An initializer (registered once per graph) holding `array`'s bytes, optionally as another dtype/shape."""
+    if name in graph.initializers:
+        return graph.initializers[name]
+    if dtype in (ir.DataType.INT4, ir.DataType.UINT4):
+        tensor = ir.PackedTensor(array, dtype, shape=ir.Shape(shape))
+    else:
+        tensor = ir.tensor(array.reshape(shape) if shape else array, dtype=dtype)
+    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _small(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    return _const(graph, name, np.asarray(array))
+
+
+class Quantizer:
+    """Rewrites graphs for one profile; each weight is quantized once, whichever graphs use it."""
+
+    def __init__(self, profile: Profile, dtype: np.dtype):
+        self.profile, self.bits, self.block = profile, profile.bits, profile.block_size
+        self.dtype = dtype  # the float type of activations and scales
+        self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.reference: dict[str, np.ndarray] = {}  # name -> dequantized float32 [N, K] (the eager reference)
+
+    def blocks(self, name: str, weight: ir.Value) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self.cache:
+            w = weight.const_value.numpy()
+            q, scales = quantize_blocks(w, self.bits, self.block)
+            self.cache[name] = (q, scales)
+            self.reference[name] = dequantize_blocks(q, scales.astype(self.dtype).astype(np.float32), self.block)
+        return self.cache[name]
+
+    def rewrite(self, model: ir.Model) -> None:
+        graph = model.graph
+        if self.profile.ops == "ort":
+            model.opset_imports[ORT_DOMAIN] = 1
+        for node in list(graph):
+            if node.op_type == "Gemm" and self._is_weight(graph, node.inputs[1]):
+                self._linear(graph, node)
+            elif node.op_type == "Gather" and self._is_weight(graph, node.inputs[0]) \
+                    and node.inputs[0].name.endswith("embed_tokens.weight"):
+                self._embedding(graph, node)
+        for name in self.cache:  # the float weights are no longer used
+            if name in graph.initializers and not graph.initializers[name].uses():
+                graph.initializers.pop(name)
+
+    @staticmethod
+    def _is_weight(graph: ir.Graph, value: ir.Value | None) -> bool:
+        return value is not None and value.name in graph.initializers and value.const_value is not None \
+            and len(value.shape) == 2
+
+    def _linear(self, graph: ir.Graph, node: ir.Node) -> None:
+        a, w = node.inputs[0], node.inputs[1]
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        attrs = {k: v.value for k, v in node.attributes.items()}
+        if attrs.get("transB") != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 \
+                or attrs.get("beta", 1.0) != 1.0:
+            raise QuantizeError(f"unexpected Gemm attributes {attrs} on {w.name}")
+        q, scales = self.blocks(w.name, w)
+        n, k = q.shape
+        name = w.name
+        if self.profile.ops == "ort":
+            packed = pack(q, self.bits, unsigned=True).reshape(n, k // self.block, -1)
+            inputs = [a, _const(graph, f"{name}.q", packed), _const(graph, f"{name}.scales", scales.astype(self.dtype))]
+            new = [ir.node("MatMulNBits", inputs + ([None, None, bias] if bias is not None else []),
+                           {"K": k, "N": n, "bits": self.bits, "block_size": self.block,
+                            "accuracy_level": ACCURACY_LEVEL}, domain=ORT_DOMAIN, name=f"{name}.MatMulNBits")]
+        else:
+            dtype = ir.DataType.INT4 if self.bits == 4 else ir.DataType.INT8
+            qt = np.ascontiguousarray(q.T)  # [K, N]: the pattern ONNX Runtime fuses
+            dq = ir.node("DequantizeLinear", [_const(graph, f"{name}.qT", pack(qt, self.bits, unsigned=False),
+                                                     dtype, [k, n]),
+                                              _const(graph, f"{name}.scalesT",
+                                                     np.ascontiguousarray(scales.T).astype(self.dtype))],
+                         {"axis": 0, "block_size": self.block}, name=f"{name}.Dequantize")
+            mm = ir.node("MatMul", [a, dq.outputs[0]], name=f"{name}.MatMul")
+            new = [dq, mm]
+            if bias is not None:
+                new.append(ir.node("Add", [mm.outputs[0], bias]))
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs, new[-1].outputs)
+
+    def _embedding(self, graph: ir.Graph, node: ir.Node) -> None:
+        table, ids = node.inputs[0], node.inputs[1]
+        if node.attributes.get("axis") and node.attributes["axis"].value != 0:
+            raise QuantizeError(f"unexpected Gather axis on {table.name}")
+        q, scales = self.blocks(table.name, table)
+        v, k = q.shape
+        name = table.name
+        if self.profile.ops == "ort":
+            # The same bytes as the LM head's MatMulNBits input, viewed [V, K * bits / 8].
+            new = [ir.node("GatherBlockQuantized",
+                           [_const(graph, f"{name}.q.rows", pack(q, self.bits, unsigned=True)), ids,
+                            _const(graph, f"{name}.scales", scales.astype(self.dtype))],
+                           {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block, "bits": self.bits},
+                           domain=ORT_DOMAIN, name=f"{name}.GatherBlockQuantized")]
+        else:
+            new = self._standard_embedding(graph, name, q, scales, ids)
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs, new[-1].outputs)
+
+    def _standard_embedding(self, graph, name, q, scales, ids) -> list[ir.Node]:
+        """Rows of the table stored transposed ([K, V], the LM head's MatMul layout) with standard ops:
+        gather the packed columns, unpack the nibbles, scale. ids [B, S] -> [B, S, K]."""
+        v, k = q.shape
+        if self.bits == 4 and v % 2:
+            raise QuantizeError(f"int4 standard-op embedding needs an even vocabulary size, got {v}")
+        nodes = []
+
+        def op(op_type, inputs, **attrs):
+            nodes.append(ir.node(op_type, inputs, attrs or None))
+            return nodes[-1].outputs[0]
+
+        scales_t = _const(graph, f"{name}.scalesT", np.ascontiguousarray(scales.T).astype(self.dtype))  # [K/bs, V]
+        if self.bits == 8:
+            raw = _const(graph, f"{name}.qT", pack(np.ascontiguousarray(q.T), 8, unsigned=False))  # int8 [K, V]
+            values = op("Cast", [op("Gather", [raw, ids], axis=1)], to=self._ir_dtype())
+        else:
+            packed_t = pack(np.ascontiguousarray(q.T), 4, unsigned=False)  # [K, V/2]: the bytes of int4 [K, V]
+            raw = _const(graph, f"{name}.qT.bytes", packed_t)  # uint8 view of the LM head's int4 [K, V]
+            two = _small(graph, "quant.two", np.array(2, np.int64))
+            byte = op("Gather", [raw, op("Div", [ids, two])], axis=1)  # [K, B, S]
+            shift = op("Cast", [op("Mul", [op("Mod", [ids, two]), _small(graph, "quant.four", np.array(4, np.int64))])],
+                       to=int(ir.DataType.UINT8))  # [B, S]: 0 for even ids (low nibble), 4 for odd
+            nib = op("BitwiseAnd", [op("BitShift", [byte, shift], direction="RIGHT"),
+                                    _small(graph, "quant.mask", np.array(15, np.uint8))])
+            signed = op("BitwiseXor", [nib, _small(graph, "quant.eight", np.array(8, np.uint8))])  # two's complement
+            values = op("Sub", [op("Cast", [signed], to=self._ir_dtype()),
+                                _small(graph, "quant.eight.f", np.array(8, self.dtype))])
+        values = op("Transpose", [values], perm=[1, 2, 0])  # [K, B, S] -> [B, S, K]
+        scale = op("Transpose", [op("Gather", [scales_t, ids], axis=1)], perm=[1, 2, 0])  # [B, S, K/bs]
+        blocked = op("Mul", [op("Reshape", [values, _small(graph, f"quant.blocks.{k}.{self.block}",
+                                                             np.array([0, 0, k // self.block, self.block], np.int64))]),
+                             op("Unsqueeze", [scale, _small(graph, "quant.last", np.array([-1], np.int64))])])
+        op("Reshape", [blocked, _small(graph, f"quant.rows.{k}", np.array([0, 0, k], np.int64))])  # [B, S, K]
+        return nodes
+
+    def _ir_dtype(self) -> int:
+        return int({np.dtype(np.float32): ir.DataType.FLOAT, np.dtype(np.float16): ir.DataType.FLOAT16}[np.dtype(self.dtype)])
