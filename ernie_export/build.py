@@ -24,7 +24,7 @@ from .publish import publish, staged
 from .quantize import DEFAULT_BLOCK_SIZE, MIN_STANDARD_OPSET, Profile, QuantizeError, Quantizer
 from .tokenizer import read_text_files, write_text_files
 from .trace import DTYPES, trace
-from .verify import verify, write_parity
+from .verify import reference_model, verify, write_parity
 from .weights import is_hub_id, load_weights, resolve_checkpoint
 
 DEFAULT_MODEL = "baidu/ERNIE-4.5-0.3B-PT"
@@ -71,15 +71,12 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
     for name in ("prefill", "decode"):
         with stage(f"tracing {name} graph (torch.export -> ONNX opset {opset}, {dtype})", log):
             graphs[name] = trace(net, name, opset, full_logits)
-    reference = eager32
+    quantizer = None
     if profile.bits:
         with stage(f"quantizing weights ({profile.quantization}, blocks of {profile.block_size}, {profile.ops} ops)", log):
             quantizer = Quantizer(profile, np.dtype(dtype))
             for graph in graphs.values():
                 quantizer.rewrite(graph)
-            # The eager model over the very weights the graphs hold (dequantized): what they must compute.
-            reference = build_model(cfg, {**eager32.state_dict(),
-                                          **{k: torch.from_numpy(v) for k, v in quantizer.reference.items()}})
     with stage("saving graphs with one shared weights file", log):
         weights_index = save_graphs(graphs, tmp)
         del graphs
@@ -90,6 +87,7 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
                             text_files.tokens, profile)
     if run_verify:
         with stage("verifying against eager PyTorch (onnx.checker, ONNX Runtime parity)", log):
+            reference = reference_model(cfg, eager32, manifest, quantizer)
             report, golden = verify(tmp, manifest, eager32, reference=reference)
         if golden is not None:  # None: verification pending (bfloat16 without CUDA)
             (tmp / GOLDEN_FILE).write_text(json.dumps(golden))

@@ -59,10 +59,18 @@ def quality_ids(directory: Path, manifest: dict, count: int) -> list[int]:
     return (ids * (count // max(len(ids), 1) + 1))[:count]
 
 
-def golden_file(manifest: dict, cases: list[dict], steps: int) -> dict:
-    """cases: each with prompt_ids plus `greedy_ids` [row][step] and `top_logits` [row][step][k] = [id, logit]."""
+def golden_file(manifest: dict, cases: list[dict], steps: int, shipped: dict | None = None) -> dict:
+    """cases: each with prompt_ids plus `greedy_ids` [row][step] and `top_logits` [row][step][k] = [id, logit].
+
+    Quantized artifacts record the dequantized reference's values; `shipped` (verification's measure of
+    the graphs as shipped, int8 activations included) sets the tolerance and agreement drivers must meet,
+    with a 2x margin on the difference (other CPUs' kernels round differently)."""
     dtype = manifest["dtype"]
     quantized = manifest["profile"]["quantization"] != "none"
+    extra = {}
+    if quantized and shipped:
+        extra = {"tolerance": max(QUANTIZED_TOLERANCE, float(f"{2 * shipped['max_abs_logit_diff']:.2g}")),
+                 "min_agreement": min(0.99, float(f"{shipped['top1_agreement'] - 0.05:.2f}"))}
     return {
         "format": FORMAT, "version": 1, "dtype": dtype,
         "how": "teacher-forced: prefill prompt_ids (left padded per the manifest's feeding rules); at step k "
@@ -71,4 +79,5 @@ def golden_file(manifest: dict, cases: list[dict], steps: int) -> dict:
         "exact": dtype == "float32" and not quantized,
         "tolerance": QUANTIZED_TOLERANCE if quantized else TOLERANCE[dtype], "steps": steps, "top_logits_steps": TOP_STEPS, "top_k": TOP_K,
         "cases": [{k: case[k] for k in ("name", "text", "prompt_ids", "greedy_ids", "top_logits")} for case in cases],
+        **extra,
     }

@@ -168,6 +168,20 @@ class Quantizer:
             self.reference[name] = dequantize_blocks(q, scales.astype(self.dtype).astype(np.float32), self.block)
         return self.cache[name]
 
+    def reference_weights(self, state: dict) -> dict[str, np.ndarray]:
+        """`state` (float32 tensors by name) with every 2-D weight (linear layers, the table) replaced by its
+        dequantized value: the weights the rewritten graphs hold, for the eager reference."""
+        out = {}
+        for name, tensor in state.items():
+            w = tensor.numpy()
+            if w.ndim == 2:
+                if name not in self.reference:
+                    q, scales = quantize_blocks(w, self.bits, self.block)
+                    self.reference[name] = dequantize_blocks(q, scales.astype(self.dtype).astype(np.float32), self.block)
+                w = self.reference[name]
+            out[name] = w
+        return out
+
     def rewrite(self, model: ir.Model) -> None:
         graph = model.graph
         if self.profile.ops == "ort":

@@ -25,7 +25,9 @@ import json
 import math
 import os
 import sys
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,7 @@ from runtime.step import KVCache, Model, StepError, decode_loop, left_pad
 from .artifact import write_manifest
 from .publish import OutputError, interrupt_on_sigterm, publish, staged
 from .config import ConfigError, ErnieConfig, load_config
+from .quantize import ACCURACY_LEVEL, Profile, Quantizer
 from .golden import QUANTIZED_TOLERANCE, TOP_K, TOP_STEPS, golden_file, golden_prompts, quality_ids
 from .model import ErnieForCausalLM, build_model
 from .weights import SourceError, WeightsError, load_weights, resolve_checkpoint
@@ -51,11 +54,12 @@ MIN_TOP1 = 0.99
 PARITY_FILE = "parity.json"
 QUALITY_PROMPT = 16  # quality scoring: prefill this many tokens of the text, then teacher-force the rest
 QUALITY_POSITIONS = 256
-# Export fails when a quantized graph agrees with float32 eager's top-1 on fewer positions than this.
-# Set from measurement (README, "Quantized profiles"): on random weights logits are near-tied, so
-# these floors catch broken quantization (wrong nibble order, wrong block axis: ~chance agreement),
-# not model quality; the reported figures are compared with llama.cpp's on the same checkpoint.
-MIN_QUALITY_TOP1 = {"int8": 0.5, "int4": 0.2}
+# Export fails when a quantized graph's mean KL divergence from float32 eager exceeds this. Set from
+# measurement: the tiny fixture gives 0.002 (int8) / 0.39 (int4), the full-size one 0.0055 (int4);
+# scales shifted by one block or a transposed block give 1.6-2.5. Top-1 agreement is reported, not
+# gated: random weights give near-tied logits (full-size int4: 14% top-1 at KL 0.0055), so it says
+# little there; it is compared with llama.cpp's own agreement on the same checkpoint instead.
+MAX_QUALITY_KL = {"int8": 0.05, "int4": 1.0}
 
 
 class VerificationError(RuntimeError):
@@ -145,6 +149,44 @@ def quality(model: Model, eager32: ErnieForCausalLM, ids: list[int]) -> dict:
             "mean_kl_vs_float32": float(kl.mean()), "max_kl_vs_float32": float(kl.max())}
 
 
+def reference_model(cfg: ErnieConfig, eager32: ErnieForCausalLM, manifest: dict,
+                    quantizer: Quantizer | None = None) -> ErnieForCausalLM:
+    """What the graphs must compute: eager over the very weights they hold (dequantized when quantized)."""
+    p = manifest["profile"]
+    if p["quantization"] == "none":
+        return eager32
+    quantizer = quantizer or Quantizer(Profile(p["quantization"], p["block_size"], p["ops"]), np.dtype(manifest["dtype"]))
+    return build_model(cfg, {k: torch.from_numpy(v) for k, v in quantizer.reference_weights(eager32.state_dict()).items()})
+
+
+FLOAT_MATH = "1"  # MatMulNBits accuracy level: float32 activations
+
+
+@contextmanager
+def float_math(directory: Path, manifest: dict):
+    """The artifact's graphs with every MatMulNBits computing in float32 (accuracy level 1) over the same
+    packed weights: what the quantized graph claims, without the int8 activations the shipped level 4
+    adds (measured on the tiny model: 0.2-0.4 max logit difference). Yields (directory, manifest) of a
+    temporary copy inside `directory` (hard links; removed after)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".float-math-", dir=directory))
+    try:
+        for role, entry in manifest["files"].items():
+            if role in GRAPHS:
+                model = onnx.load(str(directory / entry["path"]), load_external_data=False)
+                for node in model.graph.node:
+                    for attr in node.attribute:
+                        if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                            attr.i = int(FLOAT_MATH)
+                onnx.save(model, str(tmp / entry["path"]))
+            elif (directory / entry["path"]).exists():  # parity.json is written after verification
+                os.link(directory / entry["path"], tmp / entry["path"])
+        options = manifest["session_options"]
+        config = {**options["config"], "session.qdq_matmulnbits_accuracy_level": FLOAT_MATH}
+        yield tmp, {**manifest, "session_options": {**options, "config": config}}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _default_provider(dtype: str) -> str:
     cuda = PROVIDERS["cuda"] in ort.get_available_providers()
     return "cuda" if dtype == "bfloat16" and cuda else "cpu"
@@ -172,10 +214,17 @@ def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider:
         return report, None
     cases = golden_prompts(directory, manifest)
     try:
-        model = open_model(directory, manifest, provider)
-        runs = [compare(model, reference or eager32, case["prompt_ids"], GREEDY_STEPS) for case in cases]
+        model = open_model(directory, manifest, provider, graphs=GRAPHS)  # both graphs, whatever the runtime opens
         if quantized:
+            with float_math(directory, manifest) as (exact_dir, exact_manifest):
+                exact = open_model(exact_dir, exact_manifest, provider, graphs=GRAPHS)
+                runs = [compare(exact, reference, case["prompt_ids"], GREEDY_STEPS) for case in cases]
+                del exact
+            shipped = [compare(model, reference, case["prompt_ids"], GREEDY_STEPS) for case in cases]
+            report["shipped"] = _shipped(shipped)
             report["quality"] = quality(model, eager32, quality_ids(directory, manifest, QUALITY_PROMPT + QUALITY_POSITIONS))
+        else:
+            runs = [compare(model, eager32, case["prompt_ids"], GREEDY_STEPS) for case in cases]
     except (ArtifactError, StepError) as e:  # e.g. an opset this onnxruntime cannot run
         raise VerificationError(f"the exported graphs do not run: {e}") from None
     report.update({
@@ -196,7 +245,15 @@ def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider:
         raise err
     for case, run in zip(cases, runs):
         case.update(greedy_ids=run["greedy_ids"], top_logits=run["top_logits"])
-    return report, golden_file(manifest, cases, GREEDY_STEPS)
+    return report, golden_file(manifest, cases, GREEDY_STEPS, report.get("shipped"))
+
+
+def _shipped(runs: list[dict]) -> dict:
+    """How far the graphs as shipped (int8 activations) are from the dequantized reference: reported, and
+    the tolerance drivers are held to (golden.json)."""
+    return {"accuracy_level": ACCURACY_LEVEL,
+            "max_abs_logit_diff": max(max(r["prefill_max_abs_diff"], r["decode_max_abs_diff"]) for r in runs),
+            "top1_agreement": sum(r["top1_agreement"] * r["top1_total"] for r in runs) / sum(r["top1_total"] for r in runs)}
 
 
 def _failures(report: dict, dtype: str, quantization: str = "none") -> list[str]:
@@ -208,10 +265,10 @@ def _failures(report: dict, dtype: str, quantization: str = "none") -> list[str]
         tol = report["tolerance"]
         failures += [f"{k} {report[k]:.3g} > {tol} (against eager over the same dequantized weights)"
                      for k in diffs if report[k] > tol]
-        top1, floor = report["quality"]["top1_agreement_vs_float32"], MIN_QUALITY_TOP1[quantization]
-        if not top1 >= floor:
-            failures.append(f"top-1 agreement with float32 eager {top1:.2%} < {floor:.0%} over "
-                            f"{report['quality']['positions']} positions")
+        kl, most = report["quality"]["mean_kl_vs_float32"], MAX_QUALITY_KL[quantization]
+        if not kl <= most:
+            failures.append(f"mean KL divergence from float32 eager {kl:.3g} > {most} over "
+                            f"{report['quality']['positions']} positions (is the quantization broken?)")
     elif dtype == "float32":
         failures += [f"{k} {report[k]:.3g} > {FP32_TOL}" for k in diffs if report[k] > FP32_TOL]
         if not report["greedy_identical"]:
@@ -258,9 +315,10 @@ def reverify(artifact: str | Path, checkpoint: str | None = None, provider: str 
     ckpt, cfg = _checkpoint_for(manifest, checkpoint)
     device = resolve_provider(provider)
     eager32 = build_model(cfg, load_weights(ckpt, cfg, torch.float32))
+    reference = reference_model(cfg, eager32, manifest)
     error = None
     try:
-        report, _ = verify(artifact, manifest, eager32, device)  # golden.json stays: it comes from eager
+        report, _ = verify(artifact, manifest, eager32, device, reference)  # golden.json stays: it comes from eager
     except VerificationError as e:
         report, error = e.report, e
     with staged(artifact, ckpt, overwrite=True) as tmp:

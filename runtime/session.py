@@ -58,18 +58,27 @@ def cap_threads(threads: int | None) -> tuple[int | None, str | None]:
     return threads, None
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+# The manifest's session options the runtime applies; the second sets the accuracy of the MatMulNBits
+# kernels ONNX Runtime fuses standard-op quantized graphs into (4: int8 activations, 1: float32).
+SESSION_CONFIG_KEYS = ("session.disable_prepacking", "session.qdq_matmulnbits_accuracy_level")
+
+
+def session_options(threads: int | None = None, config: dict | None = None) -> ort.SessionOptions:
+    """`config`: the manifest's session_options.config (only SESSION_CONFIG_KEYS are taken from an artifact)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.disable_prepacking", "1")
+    for key, value in (config or {}).items():
+        if key in SESSION_CONFIG_KEYS:
+            so.add_session_config_entry(key, value)
     so.intra_op_num_threads = threads or int(os.environ.get("ERNIE_ORT_THREADS", "0"))
     so.log_severity_level = 3
     return so
 
 
 def open_session(path: Path, provider: str, threads: int | None = None,
-                 initializers: dict[str, ort.OrtValue] | None = None) -> ort.InferenceSession:
-    so = session_options(threads)
+                 initializers: dict[str, ort.OrtValue] | None = None, config: dict | None = None) -> ort.InferenceSession:
+    so = session_options(threads, config)
     for name, value in (initializers or {}).items():
         so.add_initializer(name, value)
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
@@ -102,23 +111,63 @@ def map_weights(directory: Path, records: dict[str, dict[str, dict]]) -> dict[st
     return values
 
 
-def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", threads: int | None = None) -> Model:
-    """Both graphs over the shared weights, each session's I/O checked against the manifest."""
+KNOWN_DOMAINS = ("ai.onnx", "com.microsoft")  # the op domains onnxruntime implements and the graphs may use
+KV_CACHES = ("concat",)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:3] if part.isdigit())
+
+
+def check_profile(manifest: dict) -> None:
+    """Refuse, before any session is opened, an artifact whose profile this runtime cannot run."""
+    need = manifest["onnxruntime"]["minimum"]
+    profile = manifest["profile"]
+    what = f"{profile['quantization']} weights, {profile['ops']} ops"
+    if version_tuple(ort.__version__) < version_tuple(need):
+        raise ArtifactError(f"this artifact ({what}) needs onnxruntime >= {need}, but {ort.__version__} is installed: "
+                            f"upgrade onnxruntime (pip install -U onnxruntime)")
+    unknown = [d for d in manifest["onnx"]["op_domains"] if d not in KNOWN_DOMAINS]
+    if unknown:
+        raise ArtifactError(f"this artifact ({what}) uses op domains {unknown} that this runtime cannot run; "
+                            f"export it with --ops standard")
+    if profile["kv_cache"] not in KV_CACHES:
+        raise ArtifactError(f"this artifact's KV cache kind {profile['kv_cache']!r} is not supported by this runtime "
+                            f"(supported: {', '.join(KV_CACHES)}); upgrade the runtime or re-export")
+
+
+def prepacked(manifest: dict) -> bool:
+    return manifest["session_options"]["config"].get("session.disable_prepacking", "1") == "0"
+
+
+def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", threads: int | None = None,
+               graphs: tuple[str, ...] | None = None) -> Model:
+    """The graphs over the shared weights, each session's I/O checked against the manifest.
+
+    `graphs` None: both, except for artifacts whose weights are prepacked (quantized): each session
+    keeps its own packed copy, so only the decode session is opened and prompts are fed to it with
+    an empty past (the contract: decode with past length 0 equals prefill). Verification opens both.
+    """
     directory = Path(directory)
-    records = {graph: external_tensors(directory, manifest, graph) for graph in GRAPHS}
+    check_profile(manifest)
+    graphs = graphs or (("decode",) if prepacked(manifest) else GRAPHS)
+    config = manifest["session_options"]["config"]
+    records = {graph: external_tensors(directory, manifest, graph) for graph in graphs}
     # numpy has no bfloat16 OrtValues; CUDA copies the weights to the device anyway.
     shared = map_weights(directory, records) if provider == "cpu" and manifest["dtype"] != "bfloat16" else {}
     dims, full = manifest["model"]["dims"], manifest["full_logits"]
-    steps = []
-    for graph in GRAPHS:
+    steps = {}
+    for graph in graphs:
         io = GraphIO.from_manifest(manifest, graph)
         path = directory / manifest["files"][graph]["path"]
-        session = open_session(path, provider, threads, shared.get(graph))
+        session = open_session(path, provider, threads, shared.get(graph), config)
         io.check_session(session, path)
-        steps.append(Step(session, io, provider, dims["vocab_size"], dims["max_position_embeddings"], full))
-    check_cache_pairing(steps[0].io, steps[1].io)
+        steps[graph] = Step(session, io, provider, dims["vocab_size"], dims["max_position_embeddings"], full)
+    if "prefill" in steps:
+        check_cache_pairing(steps["prefill"].io, steps["decode"].io)
     shape = {k: dims[k] for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads", "head_dim")}
-    return Model(*steps, shape=shape, cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared)
+    return Model(steps.get("prefill"), steps["decode"], shape=shape,
+                 cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared)
 
 
 def available_memory() -> int | None:

@@ -132,7 +132,7 @@ class Model:
     attention scores of one run, float32 [B, heads, chunk, T], stay within SCORE_BUDGET: fed whole,
     a 10.5k-token prompt on the tiny model needed > 4.4 GB, and 105k tokens asked for 178 GB.
     """
-    prefill: Step
+    prefill: Step | None  # None: prompts go to the decode graph after an empty past
     decode: Step
     shape: dict  # from the manifest's dims: num_attention_heads, num_hidden_layers, num_key_value_heads, head_dim
     cache_itemsize: int = 4  # bytes per cache element (float32; 2 for float16/bfloat16)
@@ -157,6 +157,8 @@ class Model:
         ids, mask, pos = left_pad(prompts, pad_id)
         base = cache.next_positions() if cache is not None else 0  # positions continue the cached sequence
         chunk = self.chunk_length(len(prompts), ids.shape[1] + (cache.length if cache is not None else 0))
+        if cache is None and self.prefill is None:
+            cache = self.empty_cache(len(prompts))
         for lo in range(0, ids.shape[1], chunk):
             part = slice(lo, lo + chunk)
             if cache is None:
@@ -165,6 +167,14 @@ class Model:
                 logits, cache = self.decode(ids[:, part], np.concatenate([cache.mask, mask[:, part]], axis=1),
                                             pos[:, part] + base, cache)
         return logits, cache
+
+    def empty_cache(self, batch: int) -> KVCache:
+        """Past length 0, in the cache dtype of the decode graph."""
+        d = self.shape
+        dtype = {4: np.float32, 2: np.float16}[self.cache_itemsize]
+        empty = np.zeros((batch, d["num_key_value_heads"], 0, d["head_dim"]), dtype)
+        return KVCache({name: _to_device(empty, self.decode.device) for name in self.decode.io.past},
+                       np.zeros((batch, 0), np.int64))
 
     def advance(self, tokens: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Feed one token per row ([B] int64) after `cache`."""
