@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         for c in result["cases"]:
             print(f"{c['name']:>18}: {c['rows']} row(s), top-1 agreement {c['agreement']:.2%}, "
                   f"max |logit diff| {c['max_abs_logit_diff']:.2e}")
+        rule = "exact" if result["exact"] else f"agreement >= {result['min_agreement']:.0%}"
         print(f"golden vectors {'PASSED' if result['passed'] else 'FAILED'} on {gen.provider} "
-              f"(tolerance {result['tolerance']:g}, {'exact' if result['exact'] else f"agreement >= {result['min_agreement']:.0%}"})")
+              f"(tolerance {result['tolerance']:g}, {rule})")
     return 0 if result["passed"] else 1
 
 
