@@ -67,10 +67,9 @@ def session_options(threads: int | None = None, config: dict | None = None) -> o
     """`config`: the manifest's session_options.config (only SESSION_CONFIG_KEYS are taken from an artifact)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.disable_prepacking", "1")
-    for key, value in (config or {}).items():
-        if key in SESSION_CONFIG_KEYS:
-            so.add_session_config_entry(key, value)
+    entries = {"session.disable_prepacking": "1", **{k: v for k, v in (config or {}).items() if k in SESSION_CONFIG_KEYS}}
+    for key, value in entries.items():
+        so.add_session_config_entry(key, value)
     so.intra_op_num_threads = threads or int(os.environ.get("ERNIE_ORT_THREADS", "0"))
     so.log_severity_level = 3
     return so

@@ -1,0 +1,226 @@
+"""Quantized profiles (int8 / int4, standard and onnxruntime ops) on the tiny model.
+
+Each export verifies itself (parity.json): the graphs with float32 MatMulNBits math against eager over
+the same dequantized weights (<= 1e-3), the graphs as shipped (int8 activations) measured against the
+same reference, and quality (mean KL, top-1) against float32 eager. The negative controls below break
+the packing or the scales and must fail that verification.
+"""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+
+from ernie_export import quantize as Q
+from ernie_export.__main__ import main as export_main
+from ernie_export.build import export_artifact
+from ernie_export.verify import VerificationError
+from runtime import generate as G
+from runtime.contract import ArtifactError, load_manifest
+from runtime.session import open_model
+from tests.helpers import hostile_copy
+
+QUIET = dict(log=lambda m: None)
+PROFILES = [("int4", "ort"), ("int4", "standard"), ("int8", "ort"), ("int8", "standard")]
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_ckpt, tmp_path_factory):
+    """One verified tiny export per profile."""
+    root = tmp_path_factory.mktemp("quantized")
+    return {(q, ops): export_artifact(str(tiny_ckpt), root / f"{q}-{ops}", quantize=q, ops=ops, **QUIET) and
+            root / f"{q}-{ops}" for q, ops in PROFILES}
+
+
+# --- the quantizer -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_round_trip_error_bound(bits):
+    """Every value is within half a step (int8), or two (int4: the scale search may clip a block's extremes)."""
+    w = np.random.default_rng(0).normal(0, 0.05, (48, 256)).astype(np.float32)
+    q, scales = Q.quantize_blocks(w, bits, 32)
+    assert q.min() >= -(1 << (bits - 1)) and q.max() <= (1 << (bits - 1)) - 1
+    err = np.abs(Q.dequantize_blocks(q, scales, 32) - w).reshape(48, 8, 32)
+    step = np.abs(scales)[..., None]
+    assert (err <= step * (2.0 if bits == 4 else 0.5) + 1e-7).all()
+    assert err.mean() < step.mean() * 0.3, "a real quantizer, not a constant"
+
+
+def test_int4_scale_search_beats_fixed_divisor():
+    """The MSE search over divisors is never worse than llama.cpp q4_0's fixed choice (-max/8), and better overall."""
+    w = np.random.default_rng(1).normal(0, 0.05, (256, 1024)).astype(np.float32)
+    q, s = Q.quantize_blocks(w, 4, 32)
+    ours = ((Q.dequantize_blocks(q, s, 32) - w) ** 2).mean()
+    x = w.reshape(256, 32, 32)
+    d = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1) / -8
+    fixed = ((np.clip(np.rint(x / d), -8, 7) * d - x) ** 2).mean()
+    assert ours < fixed * 0.92
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_pack_unpack(bits, unsigned):
+    q = np.random.default_rng(2).integers(-(1 << (bits - 1)), 1 << (bits - 1), (6, 64)).astype(np.int8)
+    assert (Q.unpack(Q.pack(q, bits, unsigned), bits, unsigned) == q).all()
+
+
+def test_pack_is_onnx_int4_layout():
+    """Signed packing is byte for byte ONNX's own int4 layout (first element in the low nibble)."""
+    q = np.array([[-8, 7, 1, -1, 0, 3]], np.int8)
+    onnx_bytes = onnx.numpy_helper.from_array(q.astype(ml_dtypes.int4)).raw_data
+    assert Q.pack(q, 4, unsigned=False).tobytes() == onnx_bytes
+    swapped = ((Q.pack(q, 4, False) >> 4) | (Q.pack(q, 4, False) << 4)).astype(np.uint8)
+    assert swapped.tobytes() != onnx_bytes, "negative control: the other nibble order differs"
+
+
+# --- exports ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: "-".join(p))
+def test_export_verifies(quantized, profile):
+    art = quantized[profile]
+    parity = json.loads((art / "parity.json").read_text())
+    assert parity["status"] == "passed" and parity["quantization"] == profile[0]
+    # float32 MatMulNBits math vs eager over the same dequantized weights
+    assert max(parity["prefill_max_abs_diff"], parity["decode_max_abs_diff"]) <= 1e-3
+    assert parity["quality"]["positions"] >= 256
+    assert parity["quality"]["mean_kl_vs_float32"] <= {"int8": 0.05, "int4": 1.0}[profile[0]]
+    assert parity["shipped"]["accuracy_level"] == 4
+    manifest = load_manifest(art)
+    assert manifest["profile"] == {"quantization": profile[0], "block_size": 32, "ops": profile[1], "kv_cache": "concat"}
+    assert manifest["session_options"]["config"]["session.disable_prepacking"] == "0"
+
+
+def test_int8_beats_int4(quantized):
+    kl = {q: json.loads((quantized[(q, "ort")] / "parity.json").read_text())["quality"] for q in ("int8", "int4")}
+    assert kl["int8"]["mean_kl_vs_float32"] < kl["int4"]["mean_kl_vs_float32"] / 10
+    assert kl["int8"]["top1_agreement_vs_float32"] > kl["int4"]["top1_agreement_vs_float32"]
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: "-".join(p))
+def test_graph_ops(quantized, profile):
+    """ort: MatMulNBits + GatherBlockQuantized; standard: ai.onnx only, no float weights left."""
+    art = quantized[profile]
+    manifest = load_manifest(art)
+    for graph in ("prefill", "decode"):
+        model = onnx.load(str(art / f"{graph}.onnx"), load_external_data=False)
+        ops = {(n.domain or "ai.onnx", n.op_type) for n in model.graph.node}
+        floats = [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+                  and not i.name.endswith(("scales", "scalesT"))]
+        assert not floats, f"float weights left: {floats[:3]}"
+        if profile[1] == "ort":
+            assert {("com.microsoft", "MatMulNBits"), ("com.microsoft", "GatherBlockQuantized")} <= ops
+            assert ("ai.onnx", "Gemm") not in ops
+            assert manifest["onnx"]["op_domains"] == ["ai.onnx", "com.microsoft"]
+        else:
+            assert {d for d, _ in ops} == {"ai.onnx"} and ("ai.onnx", "DequantizeLinear") in ops
+            assert manifest["onnx"]["opset"] == 21 and manifest["onnx"]["op_domains"] == ["ai.onnx"]
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: "-".join(p))
+def test_tied_table_stored_once(quantized, profile):
+    """The table's quantized bytes serve the embedding and the LM head from ONE stored copy."""
+    art = quantized[profile]
+    index = load_manifest(art)["weights_index"]["decode"]
+    table = {n: r for n, r in index.items() if n.startswith("model.embed_tokens.weight.q")}
+    # the LM head's view and the gathered rows' view (int8 standard: one int8 [K, V] tensor serves both)
+    assert len(table) == (1 if profile == ("int8", "standard") else 2), table.keys()
+    assert len({(r["offset"], r["length"]) for r in table.values()}) == 1
+    vocab, hidden = 512, 64
+    bits = 4 if profile[0] == "int4" else 8
+    assert next(iter(table.values()))["length"] == vocab * hidden * bits // 8
+    # everything stored: one table, the layers, scales; nothing twice
+    stored = {(r["offset"], r["length"]) for g in load_manifest(art)["weights_index"].values() for r in g.values()}
+    assert (art / "weights.bin").stat().st_size < sum(length for _, length in stored) + 65536 * (len(stored) + 1)
+    assert (art / "weights.bin").stat().st_size < vocab * hidden * 4 + 65536 * (len(stored) + 1), "no float table"
+
+
+# --- the runtime ---------------------------------------------------------------------------------------------
+
+PROMPTS = ["Hello world", "The capital of France is a", "def hello(name):"]
+
+
+@pytest.mark.parametrize("profile", [("int4", "ort"), ("int8", "standard")], ids=lambda p: "-".join(p))
+def test_batched_equals_alone(quantized, profile):
+    """Left-padded batched generation gives each row exactly what it gets alone (greedy, 24 tokens)."""
+    gen = G.load(quantized[profile])
+    opts = gen.options(greedy=True, max_new_tokens=24, ignore_eos=True)
+    prompts = [G.encode_prompt(gen, p) for p in PROMPTS]
+    together = [r.token_ids for r in G.generate(gen, prompts, opts)]
+    alone = [G.generate(gen, [p], opts)[0].token_ids for p in prompts]
+    assert together == alone
+    assert len(set(together[0])) >= 4, "a discriminative fixture: greedy output is varied"
+
+
+def test_single_session_equals_both(quantized):
+    """The runtime opens only the decode session for prepacked weights (prompt after an empty past); the
+    prefill graph verification also runs gives the same tokens."""
+    art = quantized[("int4", "ort")]
+    gen = G.load(art)
+    assert gen.model.prefill is None
+    opts = gen.options(greedy=True, max_new_tokens=16, ignore_eos=True)
+    prompts = [G.encode_prompt(gen, p) for p in PROMPTS]
+    one = [r.token_ids for r in G.generate(gen, prompts, opts)]
+    gen.model = open_model(art, gen.manifest, "cpu", graphs=("prefill", "decode"))
+    assert gen.model.prefill is not None
+    assert [r.token_ids for r in G.generate(gen, prompts, opts)] == one
+
+
+def test_runtime_refuses_profile_it_cannot_run(quantized, tmp_path):
+    art = quantized[("int4", "ort")]
+    newer = hostile_copy(art, tmp_path / "newer", lambda d, m: m["onnxruntime"].update(minimum="99.0.0"))
+    with pytest.raises(ArtifactError, match=r"needs onnxruntime >= 99.0.0.*upgrade"):
+        G.load(newer)
+    foreign = hostile_copy(art, tmp_path / "foreign",
+                           lambda d, m: m["onnx"].update(op_domains=["ai.onnx", "com.example.npu"]))
+    with pytest.raises(ArtifactError, match=r"op domains \['com.example.npu'\].*--ops standard"):
+        G.load(foreign)
+    buffer = hostile_copy(art, tmp_path / "buffer", lambda d, m: m["profile"].update(kv_cache="shared_buffer"))
+    with pytest.raises(ArtifactError, match="KV cache kind"):
+        G.load(buffer)
+
+
+def test_golden_check_passes(quantized, capsys):
+    from runtime.check import main as check_main
+
+    assert check_main(["--model", str(quantized[("int4", "ort")])]) == 0
+    assert "PASSED" in capsys.readouterr().out
+
+
+# --- negative controls ---------------------------------------------------------------------------------------
+
+def test_wrong_nibble_order_fails(tiny_ckpt, tmp_path, monkeypatch):
+    """A graph packed with the nibbles swapped (the reference unchanged) fails float-math parity."""
+    real = Q.pack
+
+    def swapped(q, bits, unsigned):
+        p = real(q, bits, unsigned)
+        return ((p >> 4) | (p << 4)).astype(np.uint8) if bits == 4 else p
+
+    monkeypatch.setattr(Q, "pack", swapped)
+    with pytest.raises(VerificationError, match=r"prefill_max_abs_diff .* > 0.001"):
+        export_artifact(str(tiny_ckpt), tmp_path / "bad", quantize="int4", ops="ort", **QUIET)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_scales_off_by_one_block_fail(tiny_ckpt, tmp_path, monkeypatch):
+    """Scales shifted by one block (graph and reference alike) pass parity but fail the quality gate."""
+    real = Q.quantize_blocks
+    monkeypatch.setattr(Q, "quantize_blocks", lambda w, bits, block: (lambda q, s: (q, np.roll(s, 1, axis=1)))(
+        *real(w, bits, block)))
+    with pytest.raises(VerificationError, match="mean KL divergence"):
+        export_artifact(str(tiny_ckpt), tmp_path / "bad", quantize="int8", ops="ort", **QUIET)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ops", "ort"], "ops ort without --quantize"),
+    (["--quantize", "int4", "--opset", "18"], "need --opset >= 21"),
+    (["--quantize", "int4", "--dtype", "bfloat16"], "cannot be quantized"),
+])
+def test_option_errors(tiny_ckpt, tmp_path, capsys, argv, message):
+    assert export_main(["--model", str(tiny_ckpt), "--out", str(tmp_path / "x"), *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
