@@ -4,11 +4,13 @@ PY     := $(VENV)/bin/python
 MODEL  ?= baidu/ERNIE-4.5-0.3B-PT
 OUT    ?= artifacts/ernie-4.5-0.3b
 DTYPE  ?= float32
+QUANT  ?= none
+OPS    ?= standard
 SYNTH  ?= checkpoints/synthetic-full
 DEMO   ?= artifacts/synthetic-full
 PROMPT ?= Hello from ERNIE
 
-.PHONY: install test test-slow test-all demo export synthetic generate serve serve-ray bench bench-serve clean
+.PHONY: install test test-slow test-all demo export synthetic generate serve serve-ray bench bench-profiles bench-serve clean
 
 install: $(VENV)/.installed
 
@@ -38,8 +40,8 @@ demo: install  ## offline main job: synthetic full-size checkpoint -> verified O
 	$(PY) -m runtime.generate --model $(DEMO) --prompt "$(PROMPT)" --max-new-tokens 32 --greedy --json
 	@echo "(random weights: the ids and text are noise; the timings are real)"
 
-export: install  ## make export MODEL=<dir|hub id> OUT=artifacts/<name> [DTYPE=float16]
-	$(PY) -m ernie_export --model $(MODEL) --out $(OUT) --dtype $(DTYPE)
+export: install  ## make export MODEL=<dir|hub id> OUT=artifacts/<name> [DTYPE=float16] [QUANT=int8|int4 OPS=standard|ort]
+	$(PY) -m ernie_export --model $(MODEL) --out $(OUT) --dtype $(DTYPE) --quantize $(QUANT) --ops $(OPS)
 
 generate: install
 	$(PY) -m runtime.generate --model $(OUT) --prompt "$(PROMPT)"
@@ -57,6 +59,14 @@ bench-serve: install  ## aggregate tokens/s and TTFT at 1, 4, 8 concurrent clien
 
 bench: install  ## runtime vs eager figures on the demo artifact
 	$(PY) -m tools.bench --model $(DEMO) --checkpoint $(SYNTH)
+
+PROFILES ?= int8-ort int4-ort int4-standard
+bench-profiles: install  ## export the synthetic checkpoint in each quantized profile, then benchmark float32 and each
+	test -f $(SYNTH)/config.json || $(PY) -m ernie_export.synthetic --size full --out $(SYNTH)
+	test -f $(DEMO)/manifest.json || $(PY) -m ernie_export --model $(SYNTH) --out $(DEMO)
+	for p in $(PROFILES); do test -f $(DEMO)-$$p/manifest.json || $(PY) -m ernie_export --model $(SYNTH) \
+	  --out $(DEMO)-$$p --quantize $${p%-*} --ops $${p#*-} || exit 1; done
+	for a in $(DEMO) $(foreach p,$(PROFILES),$(DEMO)-$(p)); do $(PY) -m tools.bench --model $$a --batches 1 4; done
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

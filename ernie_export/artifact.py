@@ -24,7 +24,7 @@ import torch
 from runtime.contract import FORMAT, FORMAT_VERSION, MANIFEST, cache_pairs, check_schema, file_entry, io_contract
 
 from .config import ErnieConfig
-from .quantize import ACCURACY_LEVEL, Profile
+from .quantize import ACCURACY_LEVEL, STANDARD_SESSION_CONFIG, Profile
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 1 << 16
@@ -90,8 +90,9 @@ def session_options(profile: Profile) -> dict:
     (prepacking would copy them per session for no decode speed); quantized ones must be prepacked
     (MatMulNBits decodes ~60x slower unpacked: 1.9 vs 115 steps/s measured, full-size int4)."""
     config = {"session.disable_prepacking": "0" if profile.bits else "1"}
-    if profile.bits:  # the MatMulNBits kernels ONNX Runtime fuses standard-op graphs into: int8 activations
+    if profile.bits and profile.ops == "standard":  # the MatMulNBits kernels ONNX Runtime fuses them into
         config["session.qdq_matmulnbits_accuracy_level"] = str(ACCURACY_LEVEL)
+        config.update(STANDARD_SESSION_CONFIG)
     return {"graph_optimization_level": "ORT_ENABLE_ALL", "config": config}
 FEEDING = {
     "padding_side": "left",

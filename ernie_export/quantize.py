@@ -11,7 +11,9 @@ verification's eager model uses):
 - `standard`: only ai.onnx ops (opset >= 21), so any ONNX runtime runs it. A linear layer is
   `DequantizeLinear(W^T [in, out] int, scales, axis=0, block_size) -> MatMul`; ONNX Runtime fuses
   exactly this pattern into its MatMulNBits kernel (measured: the [out, in] + Gemm(transB) form is
-  not fused). The embedding gathers the table's packed columns and unpacks them with bit ops.
+  not fused, and its MatMulAddFusion must be off, `STANDARD_SESSION_CONFIG`, or the projections that
+  feed a residual Add become DequantizeLinear + Gemm first). The embedding gathers the table's packed
+  columns and unpacks them with bit ops.
 - `ort`: onnxruntime contrib ops: `MatMulNBits` (the checkpoint's [out, in] layout, unsigned
   nibbles/bytes with the kernel's default zero point 2^(bits-1)) and `GatherBlockQuantized` over
   the same packed table bytes.
@@ -36,6 +38,9 @@ ORT_DOMAIN = "com.microsoft"
 # at 2.8x the time: 7..9 in quarters it is.
 INT4_DIVISORS = tuple(7.0 + 0.25 * i for i in range(9))
 ROWS_PER_CHUNK = 4096
+# ONNX Runtime session configuration a quantized standard-op graph needs to reach the fused kernels
+# (a config entry, so every language binding can set it; the manifest records it).
+STANDARD_SESSION_CONFIG = {"optimization.disable_specified_optimizers": "MatMulAddFusion"}
 ACCURACY_LEVEL = 4  # MatMulNBits: activations quantized to int8 per block (VNNI on this CPU); measured in README
 
 
@@ -262,7 +267,9 @@ class Quantizer:
             nodes.append(ir.node(op_type, inputs, attrs or None))
             return nodes[-1].outputs[0]
 
-        scales_t = _const(graph, f"{name}.scalesT", np.ascontiguousarray(scales.T).astype(self.dtype))  # [K/bs, V]
+        # [K/bs, V]: the LM head's scales, under their own name: ONNX Runtime fuses a DequantizeLinear into
+        # MatMulNBits only when nothing else reads its scales (the stored bytes are shared anyway)
+        scales_t = _const(graph, f"{name}.scalesT.rows", np.ascontiguousarray(scales.T).astype(self.dtype))
         if self.bits == 8:
             raw = _const(graph, f"{name}.qT", pack(np.ascontiguousarray(q.T), 8, unsigned=False))  # int8 [K, V]
             values = op("Cast", [op("Gather", [raw, ids], axis=1)], to=self._ir_dtype())

@@ -58,9 +58,11 @@ def cap_threads(threads: int | None) -> tuple[int | None, str | None]:
     return threads, None
 
 
-# The manifest's session options the runtime applies; the second sets the accuracy of the MatMulNBits
-# kernels ONNX Runtime fuses standard-op quantized graphs into (4: int8 activations, 1: float32).
-SESSION_CONFIG_KEYS = ("session.disable_prepacking", "session.qdq_matmulnbits_accuracy_level")
+# The manifest's session options the runtime applies: prepacking (quantized weights need it), and for
+# quantized standard-op graphs the accuracy of the MatMulNBits kernels ONNX Runtime fuses them into
+# (4: int8 activations, 1: float32) and the optimizer that would pre-empt that fusion.
+SESSION_CONFIG_KEYS = ("session.disable_prepacking", "session.qdq_matmulnbits_accuracy_level",
+                       "optimization.disable_specified_optimizers")
 
 
 def session_options(threads: int | None = None, config: dict | None = None) -> ort.SessionOptions:

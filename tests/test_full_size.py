@@ -17,14 +17,39 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def full_artifact(tmp_path_factory):
-    from ernie_export.build import export_artifact
+def full_ckpt(tmp_path_factory):
     from ernie_export.synthetic import write_checkpoint
 
-    base = tmp_path_factory.mktemp("full")
-    ckpt = write_checkpoint(base / "ckpt", "full")
-    export_artifact(str(ckpt), base / "art", log=lambda m: print(m, file=sys.stderr))
-    return base / "art"
+    return write_checkpoint(tmp_path_factory.mktemp("full") / "ckpt", "full")
+
+
+@pytest.fixture(scope="module")
+def full_artifact(full_ckpt):
+    from ernie_export.build import export_artifact
+
+    export_artifact(str(full_ckpt), full_ckpt.parent / "art", log=lambda m: print(m, file=sys.stderr))
+    return full_ckpt.parent / "art"
+
+
+def test_full_size_int4_export_verifies_and_generates(full_ckpt):
+    """The deployment profile: int4 MatMulNBits / GatherBlockQuantized, about 0.23 GB, verified, generating."""
+    from ernie_export.build import export_artifact
+
+    out = full_ckpt.parent / "int4"
+    export_artifact(str(full_ckpt), out, quantize="int4", ops="ort", log=lambda m: print(m, file=sys.stderr))
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["status"] == "passed" and max(parity["prefill_max_abs_diff"], parity["decode_max_abs_diff"]) <= 1e-3
+    total = sum(f.stat().st_size for f in out.iterdir())
+    assert total <= 0.26e9, f"int4 artifact {total / 1e9:.3f} GB"
+    r = subprocess.run([sys.executable, "-m", "runtime.generate", "--model", str(out), "--prompt", "Hello ERNIE",
+                        "--greedy", "--max-new-tokens", "32", "--ignore-eos", "--json"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ids = json.loads(r.stdout)["token_ids"]
+    assert len(ids) == 32 and len(set(ids)) >= 8
+    r = subprocess.run([sys.executable, "-m", "runtime.check", "--model", str(out)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_full_size_export_verified_and_weights_stored_once(full_artifact):

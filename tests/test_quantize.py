@@ -109,7 +109,7 @@ def test_graph_ops(quantized, profile):
         model = onnx.load(str(art / f"{graph}.onnx"), load_external_data=False)
         ops = {(n.domain or "ai.onnx", n.op_type) for n in model.graph.node}
         floats = [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
-                  and not i.name.endswith(("scales", "scalesT"))]
+                  and ".scales" not in i.name]
         assert not floats, f"float weights left: {floats[:3]}"
         if profile[1] == "ort":
             assert {("com.microsoft", "MatMulNBits"), ("com.microsoft", "GatherBlockQuantized")} <= ops
@@ -224,3 +224,21 @@ def test_option_errors(tiny_ckpt, tmp_path, capsys, argv, message):
     assert export_main(["--model", str(tiny_ckpt), "--out", str(tmp_path / "x"), *argv]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
+
+
+def test_standard_graph_fuses_into_matmulnbits(quantized, tmp_path):
+    """With the manifest's session options, ONNX Runtime turns every standard-op quantized linear layer
+    (and the LM head) into its MatMulNBits kernel: no DequantizeLinear is left to run at every step.
+    Guards the two measured pitfalls: MatMulAddFusion pre-empting the fusion, and shared scales."""
+    import collections
+
+    import onnxruntime as ort
+
+    from runtime.session import session_options
+
+    art = quantized[("int4", "standard")]
+    so = session_options(None, load_manifest(art)["session_options"]["config"])
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(art / "decode.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node)
+    assert ops["MatMulNBits"] == 2 * 7 + 1 and ops["DequantizeLinear"] == 0

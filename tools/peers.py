@@ -1,0 +1,336 @@
+"""Peer systems on the same checkpoint as our export: llama.cpp (through llama-cpp-python) in f32, q8_0 and
+q4_0, and onnxruntime-genai's model builder in int4, measured the way tools.bench measures our artifact.
+
+In:  setup [--checkpoint CKPT] [--cache DIR]
+     --worker llama|genai --model FILE.gguf|DIR --len N --batch B --new-tokens K [--threads T]
+     agreement --reference F32.gguf --model Q.gguf --ids-from ARTIFACT [--positions 256]
+Out: setup: the peer files under DIR/<checkpoint name>/, listed with their sizes in DIR/peers.json
+     (one `error:` line and exit 1 when a step fails; a failed genai build is recorded and skipped);
+     worker: one JSON line with tools.bench's keys (ttft_s, prefill_tok_s, decode_tok_s, load_s, peak_rss_mb);
+     agreement: one JSON line {top1_agreement, mean_kl, positions} of a quantized GGUF vs its own f32.
+
+setup installs llama-cpp-python from a wheel cached in DIR/wheels (building one there only when none is:
+about 15 minutes on 2 cores) and takes llama.cpp's GGUF converter from the same version's sdist (the
+wheel lacks it). The converter reads ERNIE's vocabulary from a SentencePiece tokenizer.model, which our
+checkpoints (tokenizer.json only) lack, so setup makes a peer checkpoint of links to the weights and
+configs plus a small tokenizer.model trained on the repository's README; the converter pads the
+vocabulary to config vocab_size with [PADn] tokens, so every id keeps its embedding row. Workers feed
+token ids, never text, so the tokenizer's contents do not matter. Every step skips what already exists.
+
+Workers mirror tools.bench.worker_ort: the same fixed prompts, a short warm-up, EOS ignored, and greedy
+decoding timed per phase: prefill until the prompt's logits exist, TTFT once the first token is picked,
+decode over the remaining new-1 tokens. Run each configuration in its own process so peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tools.bench import _prompts, peak_rss_mb
+
+LLAMA_CPP = "0.3.36"  # wheel and converter must come from the same llama.cpp
+GENAI = "onnxruntime-genai==0.18.0"
+QUANTS = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+LINKED = ("config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json")
+
+
+def _sh(cmd: list, log: Path) -> None:
+    """Run cmd with its output in `log`; raise with the log's last line when it fails."""
+    with open(log, "w") as f:
+        rc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc:
+        last = (log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{log.stem} failed: {last} (log: {log})")
+
+
+def install_llama_cpp(cache: Path) -> None:
+    try:
+        if importlib.metadata.version("llama-cpp-python") == LLAMA_CPP:
+            return
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = sorted(wheels.glob(f"llama_cpp_python-{LLAMA_CPP}-*.whl"))
+    if not found:
+        print(f"building llama-cpp-python {LLAMA_CPP} (about 15 minutes on 2 cores)...", flush=True)
+        _sh([sys.executable, "-m", "pip", "wheel", "--no-deps", f"llama-cpp-python=={LLAMA_CPP}", "-w", wheels],
+            cache / "build.log")
+        found = sorted(wheels.glob(f"llama_cpp_python-{LLAMA_CPP}-*.whl"))
+    _sh([sys.executable, "-m", "pip", "install", found[-1]], cache / "install.log")
+
+
+def converter(cache: Path) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py with its conversion/ and gguf-py/ (it puts gguf-py on sys.path itself)."""
+    root = cache / f"llama.cpp-{LLAMA_CPP}"
+    script = root / "convert_hf_to_gguf.py"
+    if script.exists():
+        return script
+    sdist = cache / "sdist" / f"llama_cpp_python-{LLAMA_CPP}.tar.gz"
+    if not sdist.exists():
+        _sh([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP}", "--no-binary", ":all:",
+             "--no-deps", "-d", sdist.parent], cache / "download.log")
+    prefix = f"llama_cpp_python-{LLAMA_CPP}/vendor/llama.cpp/"
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()
+                   and m.name[len(prefix):].partition("/")[0] in ("convert_hf_to_gguf.py", "conversion", "gguf-py")]
+        for m in members:
+            m.name = m.name[len(prefix):]
+        tmp = root.parent / f"{root.name}.part"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tar.extractall(tmp, members, filter="data")
+    tmp.rename(root)
+    return script
+
+
+def peer_checkpoint(checkpoint: Path, out: Path) -> Path:
+    """Links to the checkpoint's weights and configs plus a SentencePiece tokenizer.model (ERNIE's
+    <unk>, <s>, </s> at ids 0, 1, 2) for llama.cpp's converter, which reads the vocabulary from one."""
+    if (out / "tokenizer.model").exists():
+        return out
+    import sentencepiece as spm
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in LINKED:
+        if (checkpoint / name).exists() and not (out / name).exists():
+            (out / name).symlink_to((checkpoint / name).resolve())
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    with open(out / "tokenizer.model.part", "wb") as f, open(os.devnull, "w") as sink:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter([t for t in text if t.strip()]), model_writer=f,
+                                       logstream=sink, model_type="bpe", vocab_size=512, byte_fallback=True,
+                                       hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                       unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", num_threads=1)
+    (out / "tokenizer.model.part").rename(out / "tokenizer.model")
+    return out
+
+
+def make_ggufs(peer: Path, work: Path, cache: Path) -> dict[str, Path]:
+    files = {kind: work / f"{kind}.gguf" for kind in ("f32", *QUANTS)}
+    if not files["f32"].exists():
+        part = files["f32"].with_suffix(".part")
+        _sh([sys.executable, converter(cache), peer, "--outtype", "f32", "--outfile", part], work / "convert.log")
+        part.rename(files["f32"])
+    import llama_cpp
+
+    for kind, ftype in QUANTS.items():
+        if not files[kind].exists():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, ftype)
+            part = files[kind].with_suffix(".part")
+            with open(work / f"quantize-{kind}.log", "w") as log:  # llama.cpp logs every tensor to fd 2
+                saved = os.dup(2)
+                os.dup2(log.fileno(), 2)
+                try:
+                    rc = llama_cpp.llama_model_quantize(str(files["f32"]).encode(), str(part).encode(), ctypes.byref(params))
+                finally:
+                    os.dup2(saved, 2)
+                    os.close(saved)
+            if rc:
+                raise RuntimeError(f"llama_model_quantize to {kind} failed (log: {log.name})")
+            part.rename(files[kind])
+    return files
+
+
+def genai_python(cache: Path) -> Path:
+    """A python with onnxruntime-genai: this one if installing it leaves our onnxruntime as it is (pinned,
+    so pip refuses rather than replaces), else a venv of its own in the cache."""
+    if importlib.util.find_spec("onnxruntime_genai"):
+        return Path(sys.executable)
+    pin = f"onnxruntime=={importlib.metadata.version('onnxruntime')}"
+    try:
+        _sh([sys.executable, "-m", "pip", "install", GENAI, pin], cache / "genai-install.log")
+        return Path(sys.executable)
+    except RuntimeError:
+        pass
+    venv = cache / "genai-venv"
+    python = venv / "bin" / "python"
+    if not (venv / ".installed").exists():
+        _sh([sys.executable, "-m", "venv", "--clear", venv], cache / "genai-venv.log")
+        # torch first, pinned: a bare `torch` pulls several GB of CUDA packages
+        _sh([python, "-m", "pip", "install", "torch==2.13.0"], cache / "genai-venv.log")
+        _sh([python, "-m", "pip", "install", GENAI, "transformers", "safetensors"], cache / "genai-venv.log")
+        (venv / ".installed").touch()
+    return python
+
+
+def make_genai(checkpoint: Path, work: Path, cache: Path) -> dict:
+    """int4 CPU build by onnxruntime-genai's model builder (from the checkpoint itself: it reads tokenizer.json)."""
+    out = work / "genai-int4"
+    python = genai_python(cache)
+    if not (out / "genai_config.json").exists():
+        part = out.with_suffix(".part")
+        shutil.rmtree(part, ignore_errors=True)
+        _sh([python, "-m", "onnxruntime_genai.models.builder", "-i", checkpoint, "-o", part, "-p", "int4", "-e", "cpu",
+             "-c", work / "genai-build-cache"], work / "genai-build.log")
+        part.rename(out)
+    return {"path": str(out), "python": str(python), "mb": round(sum(f.stat().st_size for f in out.iterdir()) / 1e6)}
+
+
+def setup(checkpoint: Path, cache: Path) -> dict:
+    work = cache / checkpoint.resolve().name
+    work.mkdir(parents=True, exist_ok=True)
+    install_llama_cpp(cache)
+    peer = peer_checkpoint(checkpoint, work / "checkpoint")
+    listing = {"checkpoint": str(checkpoint.resolve()), "llama_cpp_python": LLAMA_CPP}
+    for kind, path in make_ggufs(peer, work, cache).items():
+        listing[kind] = {"path": str(path), "mb": round(path.stat().st_size / 1e6)}
+        print(f"{path} ({listing[kind]['mb']} MB)", flush=True)
+    try:
+        listing["genai_int4"] = make_genai(checkpoint, work, cache)
+        print(f"{listing['genai_int4']['path']} ({listing['genai_int4']['mb']} MB)")
+    except RuntimeError as e:
+        listing["genai_int4"] = {"error": str(e)}
+        print(f"genai skipped: {e}")
+    (cache / "peers.json").write_text(json.dumps(listing, indent=2) + "\n")
+    return listing
+
+
+def _llama(model: str, n_ctx: int, n_batch: int, threads: int | None, logits_all: bool = False):
+    from llama_cpp import Llama
+
+    threads = threads or os.cpu_count()
+    return Llama(model_path=model, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, n_threads_batch=threads,
+                 logits_all=logits_all, verbose=False)
+
+
+def worker_llama(model: str, length: int, batch: int, new: int, threads: int | None) -> dict:
+    if batch > 1:
+        return {"error": "batch > 1 not measured"}
+    import llama_cpp
+
+    t0 = time.perf_counter()
+    llm = _llama(model, length + new, max(length, 512), threads)
+    load_s = time.perf_counter() - t0
+
+    def greedy() -> int:
+        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).argmax())
+
+    def run(prompt: list[int], n: int) -> tuple[float, float, float, float]:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        prefilled = time.perf_counter()
+        token = greedy()
+        first = time.perf_counter()
+        for _ in range(n - 1):
+            llm.eval([token])
+            token = greedy()
+        return start, prefilled, first, time.perf_counter()
+
+    [prompt] = _prompts(length, 1)
+    run(prompt[:16], 4)  # warm-up
+    start, prefilled, first, end = run(prompt, new)
+    return {"impl": f"llama.cpp (llama-cpp-python {importlib.metadata.version('llama-cpp-python')})",
+            "ttft_s": round(first - start, 4), "prefill_tok_s": round(length / (prefilled - start), 2),
+            "decode_tok_s": round((new - 1) / (end - first), 2), "load_s": round(load_s, 2),
+            "peak_rss_mb": round(peak_rss_mb())}
+
+
+def worker_genai(model: str, length: int, batch: int, new: int, threads: int | None) -> dict:
+    import onnxruntime_genai as og
+
+    t0 = time.perf_counter()
+    config = og.Config(model)
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    gen_model = og.Model(config)
+    load_s = time.perf_counter() - t0
+
+    def run(prompts: list[list[int]], n: int) -> tuple[float, float, float, float]:
+        params = og.GeneratorParams(gen_model)
+        total = len(prompts[0]) + n  # min_length = max_length: EOS cannot end a row early
+        params.set_search_options(do_sample=False, max_length=total, min_length=total, batch_size=len(prompts))
+        generator = og.Generator(gen_model, params)
+        start = time.perf_counter()
+        generator.append_tokens(np.array(prompts, dtype=np.int32))  # runs the prompt: logits ready
+        prefilled = time.perf_counter()
+        generator.generate_next_token()  # picks the first token from those logits
+        first = time.perf_counter()
+        for _ in range(n - 1):
+            generator.generate_next_token()
+        return start, prefilled, first, time.perf_counter()
+
+    prompts = _prompts(length, batch)
+    run([p[:16] for p in prompts], 4)  # warm-up
+    start, prefilled, first, end = run(prompts, new)
+    return {"impl": f"onnxruntime-genai {og.__version__}", "ttft_s": round(first - start, 4),
+            "prefill_tok_s": round(length * batch / (prefilled - start), 2),
+            "decode_tok_s": round((new - 1) * batch / (end - first), 2), "load_s": round(load_s, 2),
+            "peak_rss_mb": round(peak_rss_mb())}
+
+
+def _log_probs(model: str, ids: list[int], threads: int | None) -> np.ndarray:
+    """log-softmax of llama.cpp's logits at every position of `ids` (one prefill), float64 [len(ids), vocab]."""
+    llm = _llama(model, len(ids), len(ids), threads, logits_all=True)
+    llm.eval(ids)
+    logits = llm.scores[: len(ids)].astype(np.float64)
+    llm.close()
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def agreement(reference: str, model: str, artifact: Path, positions: int, threads: int | None) -> dict:
+    """Teacher-forced over the ids verification scores (ernie_export.verify.quality): after QUALITY_PROMPT
+    tokens of context, the next `positions` predictions of `model` vs `reference`."""
+    from ernie_export.golden import quality_ids
+    from ernie_export.verify import QUALITY_PROMPT
+
+    ids = quality_ids(artifact, json.loads((artifact / "manifest.json").read_text()), QUALITY_PROMPT + positions)
+    ref, got = (_log_probs(m, ids[:-1], threads)[QUALITY_PROMPT - 1:] for m in (reference, model))
+    kl = (np.exp(ref) * (ref - got)).sum(-1)
+    return {"top1_agreement": round(float((ref.argmax(-1) == got.argmax(-1)).mean()), 4),
+            "mean_kl": float(f"{kl.mean():.4g}"), "positions": len(kl)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.peers", description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", choices=["llama", "genai"], help="measure one configuration (one JSON line)")
+    ap.add_argument("--model", help="worker: GGUF file (llama) or model builder output directory (genai)")
+    ap.add_argument("--len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, help="default: all CPUs")
+    sub = ap.add_subparsers(dest="command")
+    s = sub.add_parser("setup", help="install llama-cpp-python and build the peer files")
+    s.add_argument("--checkpoint", type=Path, default=Path("checkpoints/synthetic-full"))
+    s.add_argument("--cache", type=Path, default=Path("~/.cache/ernie-peers").expanduser())
+    a = sub.add_parser("agreement", help="top-1 agreement and mean KL of a quantized GGUF vs its f32")
+    a.add_argument("--reference", required=True, help="the f32 GGUF")
+    a.add_argument("--model", required=True, help="the quantized GGUF")
+    a.add_argument("--ids-from", type=Path, required=True, help="an exported artifact (its tokenizer and manifest)")
+    a.add_argument("--positions", type=int, default=256)
+    args = ap.parse_args(argv)
+    if args.command == "setup":
+        if not (args.checkpoint / "config.json").exists():
+            print(f"error: no checkpoint at {args.checkpoint} (config.json missing)")
+            return 1
+        try:
+            setup(args.checkpoint, args.cache.expanduser())
+        except (RuntimeError, OSError) as e:
+            print(f"error: {e}")
+            return 1
+    elif args.command == "agreement":
+        print(json.dumps(agreement(args.reference, args.model, args.ids_from, args.positions, args.threads)))
+    elif args.worker:
+        fn = worker_llama if args.worker == "llama" else worker_genai
+        print(json.dumps(fn(args.model, args.len, args.batch, args.new_tokens, args.threads)))
+    else:
+        ap.error("give setup, agreement or --worker")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
