@@ -79,9 +79,9 @@ def save_graphs(models: dict[str, ir.Model], directory: Path) -> dict[str, dict]
 
 ORT_TESTED = {"python": "1.32.0", "node": "1.30.0", "web": "1.30.0"}  # where the graphs were run, tests included
 def onnxruntime_versions(profile: Profile) -> dict:
-    """Where the graphs were run (tests included), and so the oldest onnxruntime they are known to run on.
-    Quantized graphs have been run by the Python runtime only so far."""
-    tested = ORT_TESTED if not profile.bits else {"python": ORT_TESTED["python"]}
+    """Where the graphs were run (tests/test_drivers.py included), and so the oldest onnxruntime they are
+    known to run on. The browser test runs the quantized standard-op graphs, not the contrib-op ones."""
+    tested = ORT_TESTED if profile.ops == "standard" else {k: v for k, v in ORT_TESTED.items() if k != "web"}
     return {"minimum": min(tested.values(), key=lambda v: tuple(map(int, v.split(".")))), "tested": tested}
 
 

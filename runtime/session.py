@@ -155,7 +155,11 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
     config = manifest["session_options"]["config"]
     records = {graph: external_tensors(directory, manifest, graph) for graph in graphs}
     # numpy has no bfloat16 OrtValues; CUDA copies the weights to the device anyway.
-    shared = map_weights(directory, records) if provider == "cpu" and manifest["dtype"] != "bfloat16" else {}
+    # Prepacked (quantized) weights are better loaded by ONNX Runtime itself: it frees each original
+    # after packing it, where a mapped one stays resident beside its packed copy (full-size int4 peak
+    # RSS: 454 MB loaded by ONNX Runtime, 600 MB mapped; int8: 676 vs 944 MB).
+    mapped = provider == "cpu" and manifest["dtype"] != "bfloat16" and not prepacked(manifest)
+    shared = map_weights(directory, records) if mapped else {}
     dims, full = manifest["model"]["dims"], manifest["full_logits"]
     steps = {}
     for graph in graphs:

@@ -28,3 +28,16 @@ def tiny_artifact(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "tiny"
     export_artifact(str(tiny_ckpt), out, log=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_quantized(tiny_ckpt, tmp_path_factory):
+    """One verified tiny export per quantized profile: {(quantization, ops): directory}."""
+    from ernie_export.build import export_artifact
+
+    root = tmp_path_factory.mktemp("quantized")
+    out = {}
+    for q, ops in (("int4", "ort"), ("int4", "standard"), ("int8", "ort"), ("int8", "standard")):
+        export_artifact(str(tiny_ckpt), root / f"{q}-{ops}", quantize=q, ops=ops, log=lambda m: None)
+        out[(q, ops)] = root / f"{q}-{ops}"
+    return out

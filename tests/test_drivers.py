@@ -74,9 +74,10 @@ def falsified(tiny_artifact, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_artifact, falsified):
-    """http://127.0.0.1:PORT serving the repository root, /good/ (the artifact) and /bad/ (the falsified copy)."""
-    mounts = {"/good": Path(tiny_artifact), "/bad": falsified}
+def server(tiny_artifact, falsified, tiny_quantized):
+    """http://127.0.0.1:PORT serving the repository root, /good/ (the artifact), /bad/ (the falsified copy)
+    and /int4/ (the int4 standard-op artifact)."""
+    mounts = {"/good": Path(tiny_artifact), "/bad": falsified, "/int4": tiny_quantized[("int4", "standard")]}
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
@@ -156,3 +157,22 @@ def test_web_page_fails_a_falsified_golden(browser, server, falsified):
     page = run_page(browser, f"{server}/drivers/web/index.html?model=/bad/")
     assert page["title"] == "failed" and page["status"].startswith("failed"), page["status"]
     assert page["result"]["agreement"] < 1.0
+
+
+@pytest.mark.parametrize("profile", [("int4", "standard"), ("int4", "ort"), ("int8", "standard")], ids="-".join)
+def test_node_driver_runs_quantized_profiles(node_driver, tiny_quantized, profile):
+    """The quantized graphs port: onnxruntime-node runs them with the manifest's session options alone and
+    meets the tolerance and agreement the export measured for the shipped kernels."""
+    artifact = tiny_quantized[profile]
+    code, result = run_node(node_driver, artifact)
+    golden = golden_of(artifact)
+    assert code == 0 and result["passed"], result
+    assert result["max_abs_logit_diff"] <= golden["tolerance"] and result["agreement"] >= golden["min_agreement"]
+
+
+def test_web_page_runs_int4_standard(browser, server, tiny_quantized):
+    """The int4 standard-op graphs (ai.onnx ops only) in onnxruntime-web's WebAssembly build."""
+    page = run_page(browser, f"{server}/drivers/web/index.html?model=/int4/")
+    golden = golden_of(tiny_quantized[("int4", "standard")])
+    assert page["title"] == "passed" and page["status"].startswith("passed"), page["status"]
+    assert page["result"]["agreement"] >= golden["min_agreement"]

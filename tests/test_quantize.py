@@ -29,11 +29,8 @@ PROFILES = [("int4", "ort"), ("int4", "standard"), ("int8", "ort"), ("int8", "st
 
 
 @pytest.fixture(scope="module")
-def quantized(tiny_ckpt, tmp_path_factory):
-    """One verified tiny export per profile."""
-    root = tmp_path_factory.mktemp("quantized")
-    return {(q, ops): export_artifact(str(tiny_ckpt), root / f"{q}-{ops}", quantize=q, ops=ops, **QUIET) and
-            root / f"{q}-{ops}" for q, ops in PROFILES}
+def quantized(tiny_quantized):
+    return tiny_quantized
 
 
 # --- the quantizer -------------------------------------------------------------------------------------------
