@@ -1,5 +1,6 @@
-"""Peer systems on the same checkpoint as our export: llama.cpp (through llama-cpp-python) in f32, q8_0 and
-q4_0, and onnxruntime-genai's model builder in int4, measured the way tools.bench measures our artifact.
+"""Peers on our checkpoint: llama.cpp (f32, q8_0, q4_0 GGUF) and onnxruntime-genai (model builder int4).
+
+Measured the way tools.bench measures our artifact, on the same checkpoint; llama.cpp through llama-cpp-python.
 
 In:  setup [--checkpoint CKPT] [--cache DIR]
      --worker llama|genai --model FILE.gguf|DIR --len N --batch B --new-tokens K [--threads T]
@@ -15,7 +16,9 @@ wheel lacks it). The converter reads ERNIE's vocabulary from a SentencePiece tok
 checkpoints (tokenizer.json only) lack, so setup makes a peer checkpoint of links to the weights and
 configs plus a small tokenizer.model trained on the repository's README; the converter pads the
 vocabulary to config vocab_size with [PADn] tokens, so every id keeps its embedding row. Workers feed
-token ids, never text, so the tokenizer's contents do not matter. Every step skips what already exists.
+token ids, never text, so the tokenizer's contents do not matter. onnxruntime-genai goes into this
+environment when that leaves its onnxruntime as it is, else into a venv in the cache; peers.json names
+the python that runs its worker (from the repository root). Every step skips what already exists.
 
 Workers mirror tools.bench.worker_ort: the same fixed prompts, a short warm-up, EOS ignored, and greedy
 decoding timed per phase: prefill until the prompt's logits exist, TTFT once the first token is picked,
@@ -44,7 +47,7 @@ from tools.bench import _prompts, peak_rss_mb
 LLAMA_CPP = "0.3.36"  # wheel and converter must come from the same llama.cpp
 GENAI = "onnxruntime-genai==0.18.0"
 QUANTS = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
-LINKED = ("config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json")
+LINKED = ("config.json", "generation_config.json", "tokenizer_config.json", "*.safetensors", "*.safetensors.index.json")
 
 
 def _sh(cmd: list, log: Path) -> None:
@@ -104,9 +107,9 @@ def peer_checkpoint(checkpoint: Path, out: Path) -> Path:
     import sentencepiece as spm
 
     out.mkdir(parents=True, exist_ok=True)
-    for name in LINKED:
-        if (checkpoint / name).exists() and not (out / name).exists():
-            (out / name).symlink_to((checkpoint / name).resolve())
+    for path in (p for pattern in LINKED for p in checkpoint.glob(pattern)):
+        if not (out / path.name).is_symlink():
+            (out / path.name).symlink_to(path.resolve())
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
     with open(out / "tokenizer.model.part", "wb") as f, open(os.devnull, "w") as sink:
         spm.SentencePieceTrainer.train(sentence_iterator=iter([t for t in text if t.strip()]), model_writer=f,
@@ -147,22 +150,23 @@ def make_ggufs(peer: Path, work: Path, cache: Path) -> dict[str, Path]:
 def genai_python(cache: Path) -> Path:
     """A python with onnxruntime-genai: this one if installing it leaves our onnxruntime as it is (pinned,
     so pip refuses rather than replaces), else a venv of its own in the cache."""
+    venv = cache / "genai-venv"
+    python = venv / "bin" / "python"
     if importlib.util.find_spec("onnxruntime_genai"):
         return Path(sys.executable)
+    if (venv / ".installed").exists():
+        return python
     pin = f"onnxruntime=={importlib.metadata.version('onnxruntime')}"
     try:
         _sh([sys.executable, "-m", "pip", "install", GENAI, pin], cache / "genai-install.log")
         return Path(sys.executable)
     except RuntimeError:
         pass
-    venv = cache / "genai-venv"
-    python = venv / "bin" / "python"
-    if not (venv / ".installed").exists():
-        _sh([sys.executable, "-m", "venv", "--clear", venv], cache / "genai-venv.log")
-        # torch first, pinned: a bare `torch` pulls several GB of CUDA packages
-        _sh([python, "-m", "pip", "install", "torch==2.13.0"], cache / "genai-venv.log")
-        _sh([python, "-m", "pip", "install", GENAI, "transformers", "safetensors"], cache / "genai-venv.log")
-        (venv / ".installed").touch()
+    _sh([sys.executable, "-m", "venv", "--clear", venv], cache / "genai-venv.log")
+    # torch first, pinned: a bare `torch` pulls several GB of CUDA packages
+    _sh([python, "-m", "pip", "install", "torch==2.13.0"], cache / "genai-torch.log")
+    _sh([python, "-m", "pip", "install", GENAI, "transformers", "safetensors"], cache / "genai-venv-install.log")
+    (venv / ".installed").touch()
     return python
 
 
@@ -284,7 +288,8 @@ def _log_probs(model: str, ids: list[int], threads: int | None) -> np.ndarray:
 
 def agreement(reference: str, model: str, artifact: Path, positions: int, threads: int | None) -> dict:
     """Teacher-forced over the ids verification scores (ernie_export.verify.quality): after QUALITY_PROMPT
-    tokens of context, the next `positions` predictions of `model` vs `reference`."""
+    tokens of context, the next `positions` predictions of `model` vs `reference` (both with llama.cpp's
+    default f16 KV cache, so only the weights differ)."""
     from ernie_export.golden import quality_ids
     from ernie_export.verify import QUALITY_PROMPT
 
@@ -314,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--positions", type=int, default=256)
     args = ap.parse_args(argv)
     if args.command == "setup":
-        if not (args.checkpoint / "config.json").exists():
-            print(f"error: no checkpoint at {args.checkpoint} (config.json missing)")
+        if not (args.checkpoint / "config.json").exists() or not any(args.checkpoint.glob("*.safetensors")):
+            print(f"error: no checkpoint at {args.checkpoint} (config.json and *.safetensors expected)")
             return 1
         try:
             setup(args.checkpoint, args.cache.expanduser())
