@@ -11,7 +11,8 @@ import errno
 import sys
 
 from .build import DEFAULT_MODEL, DEFAULT_OPSET, ExportOptionError, export_artifact
-from .quantize import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, MIN_STANDARD_OPSET, OPS, QUANTIZATIONS
+from .quantize import (BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_TABLE_BITS, MIN_STANDARD_OPSET, OPS, QUANTIZATIONS,
+                       TABLE_BITS)
 from .config import ConfigError
 from .publish import OutputError, OutputExistsError, Terminated, interrupt_on_sigterm
 from .trace import DTYPES
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight-only block quantization of every linear layer and the embedding / LM-head table")
     ap.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, choices=BLOCK_SIZES,
                     help="inputs per quantization scale (default %(default)s)")
+    ap.add_argument("--table-bits", type=int, choices=TABLE_BITS, default=DEFAULT_TABLE_BITS,
+                    help="bits of the quantized embedding / LM-head table (default %(default)s, as llama.cpp keeps "
+                         "its q4_0 table at 6; 4 gives the smallest file)")
     ap.add_argument("--ops", choices=OPS, default="standard",
                     help="standard: ai.onnx ops only, runs on any ONNX runtime; ort: onnxruntime's contrib "
                          "kernels (MatMulNBits, GatherBlockQuantized), faster on ONNX Runtime")
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export_artifact(args.model, args.out, dtype=args.dtype, opset=args.opset, full_logits=args.full_logits,
                         run_verify=not args.no_verify, overwrite=args.overwrite, quantize=args.quantize,
-                        block_size=args.block_size, ops=args.ops)
+                        block_size=args.block_size, ops=args.ops, table_bits=args.table_bits)
     except OutputExistsError as e:
         print(f"error: {e}: pass --overwrite to replace it, or choose another --out", file=sys.stderr)
         return 1

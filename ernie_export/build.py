@@ -21,7 +21,7 @@ from .artifact import WEIGHTS_FILE, describe, save_graphs, write_manifest
 from .config import load_config
 from .model import build_model
 from .publish import publish, staged
-from .quantize import DEFAULT_BLOCK_SIZE, MIN_STANDARD_OPSET, Profile, QuantizeError, Quantizer
+from .quantize import DEFAULT_BLOCK_SIZE, DEFAULT_TABLE_BITS, MIN_STANDARD_OPSET, Profile, QuantizeError, Quantizer
 from .tokenizer import read_text_files, write_text_files
 from .trace import DTYPES, trace
 from .verify import reference_model, verify, write_parity
@@ -103,6 +103,7 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
 def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opset: int | None = None,
                     full_logits: bool = False, run_verify: bool = True, overwrite: bool = False,
                     quantize: str = "none", block_size: int = DEFAULT_BLOCK_SIZE, ops: str = "standard",
+                    table_bits: int = DEFAULT_TABLE_BITS,
                     log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
     """Export, verify and publish; returns the manifest. Nothing is left behind on failure.
 
@@ -110,7 +111,8 @@ def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opse
     out = Path(out)
     if dtype not in DTYPES:
         raise ExportOptionError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
-    profile = Profile(quantize, block_size if quantize != "none" else None, ops)
+    quantized = quantize != "none"
+    profile = Profile(quantize, block_size if quantized else None, ops, table_bits if quantized else None)
     if opset is None:
         opset = MIN_STANDARD_OPSET if profile.bits and ops == "standard" else DEFAULT_OPSET
     try:

@@ -38,6 +38,16 @@ ORT_DOMAIN = "com.microsoft"
 # at 2.8x the time: 7..9 in quarters it is.
 INT4_DIVISORS = tuple(7.0 + 0.25 * i for i in range(9))
 ROWS_PER_CHUNK = 4096
+# The embedding / LM-head table stays 8-bit by default in the int4 profile too, as llama.cpp keeps its
+# q4_0 files' table at 6 bits (Q6_K). Measured on the full-size synthetic checkpoint (mean KL from float32
+# over 256 positions, float32 math): int4 everything 0.00535, int4 layers + int8 table 0.00430;
+# llama.cpp q4_0 vs its f32 on the same checkpoint and positions: 0.00467.
+TABLE_BITS = (4, 8)
+DEFAULT_TABLE_BITS = 8
+TABLE_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+# Scales are stored as float16 (half the bytes of float32, 0.5 bit per weight at block 32; relative
+# rounding 5e-4) and cast to the compute dtype in the graph, which ONNX Runtime folds at load time.
+SCALE_DTYPE = np.float16
 # ONNX Runtime session configuration a quantized standard-op graph needs to reach the fused kernels
 # (a config entry, so every language binding can set it; the manifest records it).
 STANDARD_SESSION_CONFIG = {"optimization.disable_specified_optimizers": "MatMulAddFusion"}
@@ -54,6 +64,7 @@ class Profile:
     quantization: str = "none"
     block_size: int | None = None
     ops: str = "standard"
+    table_bits: int | None = None  # the embedding / LM-head table's bits (None: not quantized)
 
     @property
     def bits(self) -> int | None:
@@ -64,6 +75,8 @@ class Profile:
             raise QuantizeError(f"quantize {self.quantization!r} is not supported: use one of {', '.join(QUANTIZATIONS)}")
         if self.ops not in OPS:
             raise QuantizeError(f"ops {self.ops!r} is not supported: use one of {', '.join(OPS)}")
+        if self.bits and self.table_bits not in TABLE_BITS:
+            raise QuantizeError(f"table-bits {self.table_bits} is not supported: use one of {', '.join(map(str, TABLE_BITS))}")
         if self.bits and self.block_size not in BLOCK_SIZES:
             raise QuantizeError(f"block-size {self.block_size} is not supported: use one of "
                                 f"{', '.join(map(str, BLOCK_SIZES))}")
@@ -161,17 +174,22 @@ class Quantizer:
     """Rewrites graphs for one profile; each weight is quantized once, whichever graphs use it."""
 
     def __init__(self, profile: Profile, dtype: np.dtype):
-        self.profile, self.bits, self.block = profile, profile.bits, profile.block_size
-        self.dtype = dtype  # the float type of activations and scales
-        self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.profile, self.block = profile, profile.block_size
+        self.dtype = dtype  # the float type of activations (scales are cast to it in the graph)
+        self.cache: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
         self.reference: dict[str, np.ndarray] = {}  # name -> dequantized float32 [N, K] (the eager reference)
 
-    def blocks(self, name: str, weight: ir.Value) -> tuple[np.ndarray, np.ndarray]:
+    def bits(self, name: str) -> int:
+        return self.profile.table_bits if name in TABLE_NAMES else self.profile.bits
+
+    def blocks(self, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """(q [N, K] int8, scales [N, K / block] as stored, bits) for the weight `name`, quantized once."""
         if name not in self.cache:
-            w = weight.const_value.numpy()
-            q, scales = quantize_blocks(w, self.bits, self.block)
-            self.cache[name] = (q, scales)
-            self.reference[name] = dequantize_blocks(q, scales.astype(self.dtype).astype(np.float32), self.block)
+            bits = self.bits(name)
+            q, scales = quantize_blocks(w, bits, self.block)
+            scales = scales.astype(SCALE_DTYPE)
+            self.cache[name] = (q, scales, bits)
+            self.reference[name] = dequantize_blocks(q, scales.astype(np.float32), self.block)
         return self.cache[name]
 
     def reference_weights(self, state: dict) -> dict[str, np.ndarray]:
@@ -181,13 +199,18 @@ class Quantizer:
         for name, tensor in state.items():
             w = tensor.numpy()
             if w.ndim == 2:
-                if name not in self.reference:
-                    q, scales = quantize_blocks(w, self.bits, self.block)
-                    self.reference[name] = dequantize_blocks(q, scales.astype(self.dtype).astype(np.float32), self.block)
+                self.blocks(name, w)
                 w = self.reference[name]
             out[name] = w
         return out
 
+    def _scales(self, graph: ir.Graph, name: str, scales: np.ndarray) -> tuple[ir.Value, list[ir.Node]]:
+        """The stored (float16) scales as the compute dtype: a Cast node unless they already are."""
+        stored = _const(graph, name, scales)
+        if np.dtype(self.dtype) == scales.dtype:
+            return stored, []
+        cast = ir.node("Cast", [stored], {"to": self._ir_dtype()})
+        return cast.outputs[0], [cast]
     def rewrite(self, model: ir.Model) -> None:
         graph = model.graph
         if self.profile.ops == "ort":
@@ -214,25 +237,24 @@ class Quantizer:
         if attrs.get("transB") != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 \
                 or attrs.get("beta", 1.0) != 1.0:
             raise QuantizeError(f"unexpected Gemm attributes {attrs} on {w.name}")
-        q, scales = self.blocks(w.name, w)
+        q, scales, bits = self.blocks(w.name, w.const_value.numpy())
         n, k = q.shape
         name = w.name
         if self.profile.ops == "ort":
-            packed = pack(q, self.bits, unsigned=True).reshape(n, k // self.block, -1)
-            inputs = [a, _const(graph, f"{name}.q", packed), _const(graph, f"{name}.scales", scales.astype(self.dtype))]
-            new = [ir.node("MatMulNBits", inputs + ([None, None, bias] if bias is not None else []),
-                           {"K": k, "N": n, "bits": self.bits, "block_size": self.block,
-                            "accuracy_level": ACCURACY_LEVEL}, domain=ORT_DOMAIN, name=f"{name}.MatMulNBits")]
+            packed = pack(q, bits, unsigned=True).reshape(n, k // self.block, -1)
+            scale, new = self._scales(graph, f"{name}.scales", scales)
+            inputs = [a, _const(graph, f"{name}.q", packed), scale]
+            new.append(ir.node("MatMulNBits", inputs + ([None, None, bias] if bias is not None else []),
+                               {"K": k, "N": n, "bits": bits, "block_size": self.block,
+                                "accuracy_level": ACCURACY_LEVEL}, domain=ORT_DOMAIN, name=f"{name}.MatMulNBits"))
         else:
-            dtype = ir.DataType.INT4 if self.bits == 4 else ir.DataType.INT8
+            dtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
             qt = np.ascontiguousarray(q.T)  # [K, N]: the pattern ONNX Runtime fuses
-            dq = ir.node("DequantizeLinear", [_const(graph, f"{name}.qT", pack(qt, self.bits, unsigned=False),
-                                                     dtype, [k, n]),
-                                              _const(graph, f"{name}.scalesT",
-                                                     np.ascontiguousarray(scales.T).astype(self.dtype))],
-                         {"axis": 0, "block_size": self.block}, name=f"{name}.Dequantize")
+            scale, new = self._scales(graph, f"{name}.scalesT", np.ascontiguousarray(scales.T))
+            dq = ir.node("DequantizeLinear", [_const(graph, f"{name}.qT", pack(qt, bits, unsigned=False), dtype, [k, n]),
+                                              scale], {"axis": 0, "block_size": self.block}, name=f"{name}.Dequantize")
             mm = ir.node("MatMul", [a, dq.outputs[0]], name=f"{name}.MatMul")
-            new = [dq, mm]
+            new += [dq, mm]
             if bias is not None:
                 new.append(ir.node("Add", [mm.outputs[0], bias]))
         ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs, new[-1].outputs)
@@ -241,37 +263,36 @@ class Quantizer:
         table, ids = node.inputs[0], node.inputs[1]
         if node.attributes.get("axis") and node.attributes["axis"].value != 0:
             raise QuantizeError(f"unexpected Gather axis on {table.name}")
-        q, scales = self.blocks(table.name, table)
-        v, k = q.shape
+        q, scales, bits = self.blocks(table.name, table.const_value.numpy())
         name = table.name
         if self.profile.ops == "ort":
             # The same bytes as the LM head's MatMulNBits input, viewed [V, K * bits / 8].
-            new = [ir.node("GatherBlockQuantized",
-                           [_const(graph, f"{name}.q.rows", pack(q, self.bits, unsigned=True)), ids,
-                            _const(graph, f"{name}.scales", scales.astype(self.dtype))],
-                           {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block, "bits": self.bits},
-                           domain=ORT_DOMAIN, name=f"{name}.GatherBlockQuantized")]
+            scale, new = self._scales(graph, f"{name}.scales", scales)
+            new.append(ir.node("GatherBlockQuantized", [_const(graph, f"{name}.q.rows", pack(q, bits, unsigned=True)),
+                                                        ids, scale],
+                               {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block, "bits": bits},
+                               domain=ORT_DOMAIN, name=f"{name}.GatherBlockQuantized"))
         else:
-            new = self._standard_embedding(graph, name, q, scales, ids)
+            new = self._standard_embedding(graph, name, q, scales, bits, ids)
         ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs, new[-1].outputs)
 
-    def _standard_embedding(self, graph, name, q, scales, ids) -> list[ir.Node]:
+    def _standard_embedding(self, graph, name, q, scales, bits, ids) -> list[ir.Node]:
         """Rows of the table stored transposed ([K, V], the LM head's MatMul layout) with standard ops:
         gather the packed columns, unpack the nibbles, scale. ids [B, S] -> [B, S, K]."""
         v, k = q.shape
-        if self.bits == 4 and v % 2:
+        if bits == 4 and v % 2:
             raise QuantizeError(f"int4 standard-op embedding needs an even vocabulary size, got {v}")
-        nodes = []
+        # [K/bs, V]: the LM head's scales, under their own name: ONNX Runtime fuses a DequantizeLinear into
+        # MatMulNBits only when nothing else reads its scales (the stored bytes are shared anyway)
+        scales_t, nodes = self._scales(graph, f"{name}.scalesT.rows", np.ascontiguousarray(scales.T))
 
         def op(op_type, inputs, **attrs):
             nodes.append(ir.node(op_type, inputs, attrs or None))
             return nodes[-1].outputs[0]
 
-        # [K/bs, V]: the LM head's scales, under their own name: ONNX Runtime fuses a DequantizeLinear into
-        # MatMulNBits only when nothing else reads its scales (the stored bytes are shared anyway)
-        scales_t = _const(graph, f"{name}.scalesT.rows", np.ascontiguousarray(scales.T).astype(self.dtype))
-        if self.bits == 8:
-            raw = _const(graph, f"{name}.qT", pack(np.ascontiguousarray(q.T), 8, unsigned=False))  # int8 [K, V]
+        if bits == 8:
+            # int8 [K, V], the LM head's bytes under their own name (the fusion wants a weight read by it alone)
+            raw = _const(graph, f"{name}.qT.rows", pack(np.ascontiguousarray(q.T), 8, unsigned=False))
             values = op("Cast", [op("Gather", [raw, ids], axis=1)], to=self._ir_dtype())
         else:
             packed_t = pack(np.ascontiguousarray(q.T), 4, unsigned=False)  # [K, V/2]: the bytes of int4 [K, V]

@@ -87,7 +87,8 @@ def test_export_verifies(quantized, profile):
     assert parity["quality"]["mean_kl_vs_float32"] <= {"int8": 0.05, "int4": 1.0}[profile[0]]
     assert parity["shipped"]["accuracy_level"] == 4
     manifest = load_manifest(art)
-    assert manifest["profile"] == {"quantization": profile[0], "block_size": 32, "ops": profile[1], "kv_cache": "concat"}
+    assert manifest["profile"] == {"quantization": profile[0], "block_size": 32, "table_bits": 8, "ops": profile[1],
+                                   "kv_cache": "concat"}
     assert manifest["session_options"]["config"]["session.disable_prepacking"] == "0"
 
 
@@ -123,12 +124,10 @@ def test_tied_table_stored_once(quantized, profile):
     art = quantized[profile]
     index = load_manifest(art)["weights_index"]["decode"]
     table = {n: r for n, r in index.items() if n.startswith("model.embed_tokens.weight.q")}
-    # the LM head's view and the gathered rows' view (int8 standard: one int8 [K, V] tensor serves both)
-    assert len(table) == (1 if profile == ("int8", "standard") else 2), table.keys()
+    assert len(table) == 2, table.keys()  # the LM head's view and the gathered rows' view
     assert len({(r["offset"], r["length"]) for r in table.values()}) == 1
     vocab, hidden = 512, 64
-    bits = 4 if profile[0] == "int4" else 8
-    assert next(iter(table.values()))["length"] == vocab * hidden * bits // 8
+    assert next(iter(table.values()))["length"] == vocab * hidden, "the table is 8-bit by default"
     # everything stored: one table, the layers, scales; nothing twice
     stored = {(r["offset"], r["length"]) for g in load_manifest(art)["weights_index"].values() for r in g.values()}
     assert (art / "weights.bin").stat().st_size < sum(length for _, length in stored) + 65536 * (len(stored) + 1)
@@ -226,14 +225,19 @@ def test_option_errors(tiny_ckpt, tmp_path, capsys, argv, message):
 def test_standard_graph_fuses_into_matmulnbits(quantized, tmp_path):
     """With the manifest's session options, ONNX Runtime turns every standard-op quantized linear layer
     (and the LM head) into its MatMulNBits kernel: no DequantizeLinear is left to run at every step.
-    Guards the two measured pitfalls: MatMulAddFusion pre-empting the fusion, and shared scales."""
+    Guards the measured pitfalls: MatMulAddFusion pre-empting the fusion, a weight or scales shared with
+    the embedding."""
+    for art in (quantized[("int4", "standard")], quantized[("int8", "standard")]):
+        _check_fused(art, tmp_path)
+
+
+def _check_fused(art, tmp_path):
     import collections
 
     import onnxruntime as ort
 
     from runtime.session import session_options
 
-    art = quantized[("int4", "standard")]
     so = session_options(None, load_manifest(art)["session_options"]["config"])
     so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(art / "decode.onnx"), so, providers=["CPUExecutionProvider"])
