@@ -10,7 +10,7 @@ SYNTH  ?= checkpoints/synthetic-full
 DEMO   ?= artifacts/synthetic-full
 PROMPT ?= Hello from ERNIE
 
-.PHONY: install test test-slow test-all demo export synthetic generate serve serve-ray bench bench-profiles bench-serve clean
+.PHONY: install test test-slow test-all demo export synthetic generate serve serve-ray profiles bench bench-peers bench-serve clean
 
 install: $(VENV)/.installed
 
@@ -57,16 +57,21 @@ serve-ray: install  ## N replicas behind Ray Serve's proxy on 127.0.0.1:8000 (ma
 bench-serve: install  ## aggregate tokens/s and TTFT at 1, 4, 8 concurrent clients on the demo artifact
 	$(PY) -m tools.bench_serve --model $(DEMO)
 
-bench: install  ## runtime vs eager figures on the demo artifact
-	$(PY) -m tools.bench --model $(DEMO) --checkpoint $(SYNTH)
-
 PROFILES ?= int8-ort int4-ort int4-standard
-bench-profiles: install  ## export the synthetic checkpoint in each quantized profile, then benchmark float32 and each
+ARTIFACTS = $(DEMO) $(foreach p,$(PROFILES),$(DEMO)-$(p))
+PEERS    ?= $(HOME)/.cache/ernie-peers
+profiles: install  ## export the synthetic checkpoint in float32 and each quantized profile (skips existing ones)
 	test -f $(SYNTH)/config.json || $(PY) -m ernie_export.synthetic --size full --out $(SYNTH)
 	test -f $(DEMO)/manifest.json || $(PY) -m ernie_export --model $(SYNTH) --out $(DEMO)
 	for p in $(PROFILES); do test -f $(DEMO)-$$p/manifest.json || $(PY) -m ernie_export --model $(SYNTH) \
 	  --out $(DEMO)-$$p --quantize $${p%-*} --ops $${p#*-} || exit 1; done
-	for a in $(DEMO) $(foreach p,$(PROFILES),$(DEMO)-$(p)); do $(PY) -m tools.bench --model $$a --batches 1 4; done
+
+bench: profiles  ## our float32 and quantized profiles beside transformers' eager model, one table
+	$(PY) -m tools.bench --model $(ARTIFACTS) --checkpoint $(SYNTH)
+
+bench-peers: profiles  ## + llama.cpp (f32/q8_0/q4_0) and onnxruntime-genai int4, same checkpoint, one run (not CI: the first setup compiles llama.cpp, ~15 min)
+	$(PY) -m tools.peers setup --checkpoint $(SYNTH) --cache $(PEERS)
+	$(PY) -m tools.bench --model $(ARTIFACTS) --peers $(PEERS)/peers.json --repeat 3
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

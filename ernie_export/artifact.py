@@ -2,7 +2,8 @@
 
 In:  traced ONNX IR models, the config, the list of files written (tokenizer.py writes the text side).
 Out: in the staging directory: both graphs referencing ONE shared external-data file
-     (`weights.bin`, each tensor stored once, 64 KiB aligned for memory mapping) and
+     (`weights.bin`, each tensor stored once, tensors of 64 KiB and more 64 KiB aligned for memory
+     mapping) and
      `manifest.json` (the versioned contract, whose format and I/O section `runtime.contract` defines).
 
 The directory is assembled in a staging directory (publish.py) that replaces the output only
@@ -27,7 +28,8 @@ from .config import ErnieConfig
 from .quantize import ACCURACY_LEVEL, STANDARD_SESSION_CONFIG, Profile
 
 WEIGHTS_FILE = "weights.bin"
-ALIGN = 1 << 16
+ALIGN = 1 << 16  # tensors of at least this size: the mmap granularity on every OS (Windows: 64 KiB)
+SMALL_ALIGN = 64  # smaller ones (norms, small scales) are read, not mapped: 64 KiB each would add ~4 MB (int4)
 INLINE_BYTES = 1024  # smaller constants stay inside the graph
 
 
@@ -51,7 +53,7 @@ def externalize(models: dict[str, ir.Model], directory: Path) -> dict[str, dict]
                 data = tensor.tobytes()
                 key = hashlib.blake2b(data, digest_size=20).digest() + len(data).to_bytes(8, "little")
                 if key not in stored:
-                    f.write(b"\0" * (-f.tell() % ALIGN))
+                    f.write(b"\0" * (-f.tell() % (ALIGN if len(data) >= ALIGN else SMALL_ALIGN)))
                     stored[key] = f.tell()
                     f.write(data)
                 value.const_value = ir.ExternalTensor(WEIGHTS_FILE, stored[key], len(data), tensor.dtype,

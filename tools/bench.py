@@ -1,9 +1,12 @@
-"""Benchmark: exported artifact on ONNX Runtime vs the eager PyTorch model, same run, same checkpoint.
+"""Benchmark: our artifacts (any profiles) beside llama.cpp, onnxruntime-genai and eager PyTorch, one run.
 
-In:  --model ARTIFACT [--checkpoint CKPT] [--prompt-lens 128 1024] [--batches 1 4] [--new-tokens 128].
-Out: a table (and --json file) of time to first token, prefill tokens/s, decode tokens/s and peak
-     resident memory per configuration, with eager figures and ratios when torch and transformers
-     are installed (transformers' eager model, the project's numerical reference).
+In:  --model ARTIFACT [ARTIFACT ...] [--peers ~/.cache/ernie-peers/peers.json] [--checkpoint CKPT]
+     [--prompt-lens 128 1024] [--batches 1 4] [--new-tokens 128] [--repeat 3].
+Out: one table (and --json file): per system, prompt length and batch, time to first token, prefill
+     tokens/s, decode tokens/s, peak resident memory, file size, and for our artifacts the ratios to
+     llama.cpp in the same format (float32 : f32, int8 : q8_0, int4 : q4_0) measured in the same run.
+     Peers come from `python -m tools.peers setup` (llama.cpp is measured at batch 1 only); the eager
+     model is transformers' (the project's numerical reference) when torch and transformers are installed.
 
 Every configuration runs in its own subprocess so peak RSS is that configuration's alone. Prompts
 are fixed random token ids; EOS is ignored so every run decodes exactly --new-tokens tokens.
@@ -14,11 +17,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -87,8 +92,10 @@ def worker_eager(checkpoint: str, length: int, batch: int, new: int, threads: in
             "decode_tok_s": round((new - 1) * batch / (end - first), 2), "peak_rss_mb": round(peak_rss_mb())}
 
 
-def _run(kind: str, target: str, length: int, batch: int, new: int, threads: int | None) -> dict:
-    cmd = [sys.executable, "-m", "tools.bench", "--worker", kind, "--model", target, "--len", str(length),
+def _run(kind: str, target: str, length: int, batch: int, new: int, threads: int | None,
+         python: str = sys.executable) -> dict:
+    module = "tools.peers" if kind in PEER_WORKERS else "tools.bench"
+    cmd = [python, "-m", module, "--worker", kind, "--model", target, "--len", str(length),
            "--batch", str(batch), "--new-tokens", str(new)] + (["--threads", str(threads)] if threads else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -96,13 +103,59 @@ def _run(kind: str, target: str, length: int, batch: int, new: int, threads: int
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+PEER_WORKERS = ("llama", "genai")
+# Which llama.cpp file each of our formats is compared with (same bits per weight).
+SAME_FORMAT = {"float32": "llama.cpp f32", "int8": "llama.cpp q8_0", "int4": "llama.cpp q4_0"}
+METRICS = ("ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
+
+
+def _size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in (path.iterdir() if path.is_dir() else [path]) if f.is_file()) / 1e6
+
+
+def systems(models: list[str], checkpoint: str | None, peers: str | None) -> list[dict]:
+    """[{name, kind, target, format, size_mb[, python]}]: our artifacts, then llama.cpp / genai, then eager."""
+    out = []
+    for model in models:
+        m = json.loads((Path(model) / "manifest.json").read_text())
+        q = m["profile"]["quantization"]
+        fmt = m["dtype"] if q == "none" else q
+        out.append({"name": f"ours {fmt}" + ("" if q == "none" else f" {m['profile']['ops']}"), "kind": "ort",
+                    "target": model, "format": fmt, "size_mb": _size_mb(Path(model))})
+    if peers:
+        listing = json.loads(Path(peers).expanduser().read_text())
+        for key in ("f32", "q8_0", "q4_0"):
+            if key in listing:
+                out.append({"name": f"llama.cpp {key}", "kind": "llama", "target": listing[key]["path"],
+                            "size_mb": listing[key]["mb"]})
+        if "genai_int4" in listing:
+            g = listing["genai_int4"]
+            out.append({"name": "genai int4", "kind": "genai", "target": g["path"], "size_mb": g["mb"],
+                        "python": g.get("python", sys.executable)})
+    if checkpoint and all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+        out.append({"name": "transformers eager", "kind": "eager", "target": checkpoint, "size_mb": _size_mb(Path(checkpoint))})
+    return out
+
+
+def measure(system: dict, length: int, batch: int, new: int, threads: int | None, repeat: int) -> dict:
+    """The median of `repeat` runs, each in its own process (peak RSS is that run's alone)."""
+    runs = [_run(system["kind"], system["target"], length, batch, new, threads, system.get("python", sys.executable))
+            for _ in range(repeat)]
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[0]
+    return {k: float(np.median([r[k] for r in good])) for k in METRICS}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="artifact directory (or checkpoint, for --worker eager)")
-    ap.add_argument("--checkpoint", help="the checkpoint the artifact came from (eager comparison)")
+    ap.add_argument("--model", nargs="+", required=True, help="artifact directories (or a checkpoint, for --worker eager)")
+    ap.add_argument("--checkpoint", help="the checkpoint they came from: adds transformers' eager model")
+    ap.add_argument("--peers", help="peers.json from `python -m tools.peers setup`: adds llama.cpp and onnxruntime-genai")
     ap.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 1024])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=1, help="runs per configuration; the table shows medians")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--worker", choices=["ort", "eager"], help=argparse.SUPPRESS)
@@ -111,41 +164,62 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         fn = worker_ort if args.worker == "ort" else worker_eager
-        print(json.dumps(fn(args.model, args.len, args.batch, args.new_tokens, args.threads)))
+        print(json.dumps(fn(args.model[0], args.len, args.batch, args.new_tokens, args.threads)))
         return 0
-    has_torch = all(importlib.util.find_spec(m) for m in ("torch", "transformers")) and args.checkpoint
+    found = systems(args.model, args.checkpoint, args.peers)
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cpus, load "
+          f"{os.getloadavg()[0]:.2f}; {args.new_tokens} new tokens; median of {args.repeat}; x = ours / llama.cpp "
+          "in the same format, same run", flush=True)
+    print(f"{'system':<22} {'prompt':>6} {'batch':>5} | {'TTFT s':>7} {'prefill t/s':>11} {'decode t/s':>10} "
+          f"{'RSS MB':>7} {'file MB':>7} | {'prefill x':>9} {'decode x':>8}", flush=True)
     rows = []
-    header = (f"{'prompt':>6} {'batch':>5} | {'TTFT s':>7} {'prefill t/s':>11} {'decode t/s':>10} {'RSS MB':>7}"
-              + (f" | {'eager TTFT':>10} {'prefill':>8} {'decode':>7} {'RSS MB':>7} | {'prefill x':>9} {'decode x':>8}"
-                 if has_torch else ""))
-    print(f"machine: {platform.machine()}, {platform.processor() or ''} {__import__('os').cpu_count()} cpus; "
-          f"artifact {args.model}; {args.new_tokens} new tokens", flush=True)
-    print(header, flush=True)
     for length in args.prompt_lens:
         for batch in args.batches:
-            row = {"prompt": length, "batch": batch, "ort": _run("ort", args.model, length, batch, args.new_tokens, args.threads)}
-            if has_torch:
-                row["eager"] = _run("eager", args.checkpoint, length, batch, args.new_tokens, args.threads)
-            rows.append(row)
-            o, e = row["ort"], row.get("eager")
-            if "error" in o:
-                print(f"{length:>6} {batch:>5} | error: {o['error']}", flush=True)
-                continue
-            line = f"{length:>6} {batch:>5} | {o['ttft_s']:>7.3f} {o['prefill_tok_s']:>11.1f} {o['decode_tok_s']:>10.2f} {o['peak_rss_mb']:>7}"
-            if e and "error" not in e:
-                row["prefill_ratio"] = round(o["prefill_tok_s"] / e["prefill_tok_s"], 2)
-                row["decode_ratio"] = round(o["decode_tok_s"] / e["decode_tok_s"], 2)
-                line += (f" | {e['ttft_s']:>10.3f} {e['prefill_tok_s']:>8.1f} {e['decode_tok_s']:>7.2f} {e['peak_rss_mb']:>7}"
-                         f" | {row['prefill_ratio']:>8.2f}x {row['decode_ratio']:>7.2f}x")
-            elif e:
-                line += f" | eager error: {e['error']}"
-            print(line, flush=True)
-    if has_torch and rows and rows[0].get("eager", {}).get("impl"):
-        print(f"eager reference: {rows[0]['eager']['impl']} (float32, torch threads as configured)")
+            for system in found:
+                r = measure(system, length, batch, args.new_tokens, args.threads, args.repeat)
+                rows.append({"system": system["name"], "prompt": length, "batch": batch, "size_mb": system["size_mb"], **r})
+                head = f"{system['name']:<22} {length:>6} {batch:>5} | "
+                if "error" in r:
+                    print(head + f"{r['error']}", flush=True)
+                    continue
+                peer = next((x for x in rows if x["system"] == SAME_FORMAT.get(system.get("format")) and
+                             x["prompt"] == length and x["batch"] == 1 and "error" not in x), None)
+                ratios = ""
+                if peer and batch == 1:
+                    rows[-1]["prefill_x"] = round(r["prefill_tok_s"] / peer["prefill_tok_s"], 2)
+                    rows[-1]["decode_x"] = round(r["decode_tok_s"] / peer["decode_tok_s"], 2)
+                    ratios = f"{rows[-1]['prefill_x']:>8.2f}x {rows[-1]['decode_x']:>7.2f}x"
+                print(head + f"{r['ttft_s']:>7.3f} {r['prefill_tok_s']:>11.1f} {r['decode_tok_s']:>10.2f} "
+                      f"{r['peak_rss_mb']:>7.0f} {system['size_mb']:>7.0f} | {ratios}", flush=True)
+    quality = quality_table(found, args.model[0], args.threads)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"speed": rows, "quality": quality}, f, indent=2)
     return 0
+
+
+def quality_table(found: list[dict], artifact: str, threads: int | None) -> list[dict]:
+    """Quantized vs its own float32, teacher-forced over the same 256 positions (ernie_export.verify.quality):
+    ours from parity.json (written at export), llama.cpp's q8_0 / q4_0 vs its f32 (tools.peers agreement)."""
+    rows = []
+    for system in found:
+        if system["kind"] == "ort" and system["format"] in ("int8", "int4"):
+            q = json.loads((Path(system["target"]) / "parity.json").read_text())["quality"]
+            rows.append({"system": system["name"], "mean_kl": q["mean_kl_vs_float32"],
+                         "top1_agreement": q["top1_agreement_vs_float32"], "positions": q["positions"]})
+    f32 = next((s for s in found if s["name"] == "llama.cpp f32"), None)
+    for system in found:
+        if f32 and system["kind"] == "llama" and system is not f32:
+            cmd = [sys.executable, "-m", "tools.peers", "agreement", "--reference", f32["target"], "--model",
+                   system["target"], "--ids-from", artifact] + (["--threads", str(threads)] if threads else [])
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode == 0:
+                rows.append({"system": system["name"], **json.loads(r.stdout.strip().splitlines()[-1])})
+    if rows:
+        print("quality vs own float32 (random weights: near-tied logits, so top-1 says little; KL is the measure)")
+        for r in rows:
+            print(f"{r['system']:<22} mean KL {r['mean_kl']:.3g}  top-1 {r['top1_agreement']:.1%}  ({r['positions']} positions)")
+    return rows
 
 
 if __name__ == "__main__":
