@@ -215,12 +215,15 @@ class Quantizer:
         graph = model.graph
         if self.profile.ops == "ort":
             model.opset_imports[ORT_DOMAIN] = 1
+        by_input: dict[str, list[ir.Node]] = {}  # projections of the same input are fused
         for node in list(graph):
             if node.op_type == "Gemm" and self._is_weight(graph, node.inputs[1]):
-                self._linear(graph, node)
+                by_input.setdefault(node.inputs[0].name, []).append(node)
             elif node.op_type == "Gather" and self._is_weight(graph, node.inputs[0]) \
                     and node.inputs[0].name.endswith("embed_tokens.weight"):
                 self._embedding(graph, node)
+        for nodes in by_input.values():
+            self._linear(graph, nodes)
         for name in self.cache:  # the float weights are no longer used
             if name in graph.initializers and not graph.initializers[name].uses():
                 graph.initializers.pop(name)
@@ -230,16 +233,24 @@ class Quantizer:
         return value is not None and value.name in graph.initializers and value.const_value is not None \
             and len(value.shape) == 2
 
-    def _linear(self, graph: ir.Graph, node: ir.Node) -> None:
-        a, w = node.inputs[0], node.inputs[1]
-        bias = node.inputs[2] if len(node.inputs) > 2 else None
-        attrs = {k: v.value for k, v in node.attributes.items()}
-        if attrs.get("transB") != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 \
-                or attrs.get("beta", 1.0) != 1.0:
-            raise QuantizeError(f"unexpected Gemm attributes {attrs} on {w.name}")
-        q, scales, bits = self.blocks(w.name, w.const_value.numpy())
+    def _linear(self, graph: ir.Graph, nodes: list[ir.Node]) -> None:
+        """Projections of one input (q/k/v; gate/up) as ONE quantized matmul whose output is split: one
+        kernel call instead of three (rows are quantized independently, so the weights are unchanged)."""
+        for node in nodes:
+            attrs = {k: v.value for k, v in node.attributes.items()}
+            if attrs.get("transB") != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 \
+                    or attrs.get("beta", 1.0) != 1.0:
+                raise QuantizeError(f"unexpected Gemm attributes {attrs} on {node.inputs[1].name}")
+        biased = [n for n in nodes if len(n.inputs) > 2 and n.inputs[2] is not None]
+        if len(nodes) > 1 and biased:
+            for node in nodes:
+                self._linear(graph, [node])
+            return
+        a, bias = nodes[0].inputs[0], biased[0].inputs[2] if biased else None
+        parts = [self.blocks(n.inputs[1].name, n.inputs[1].const_value.numpy()) for n in nodes]
+        q, scales, bits = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), parts[0][2]
         n, k = q.shape
-        name = w.name
+        name = "+".join(node.inputs[1].name for node in nodes)
         if self.profile.ops == "ort":
             packed = pack(q, bits, unsigned=True).reshape(n, k // self.block, -1)
             scale, new = self._scales(graph, f"{name}.scales", scales)
@@ -257,7 +268,13 @@ class Quantizer:
             new += [dq, mm]
             if bias is not None:
                 new.append(ir.node("Add", [mm.outputs[0], bias]))
-        ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs, new[-1].outputs)
+        outputs = new[-1].outputs
+        if len(nodes) > 1:
+            sizes = _small(graph, f"{name}.split", np.array([p[0].shape[0] for p in parts], np.int64))
+            new.append(ir.node("Split", [outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes)))
+            outputs = new[-1].outputs
+        ir.convenience.replace_nodes_and_values(graph, nodes[0], nodes, new, [node.outputs[0] for node in nodes],
+                                                list(outputs))
 
     def _embedding(self, graph: ir.Graph, node: ir.Node) -> None:
         table, ids = node.inputs[0], node.inputs[1]

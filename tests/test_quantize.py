@@ -111,6 +111,8 @@ def test_graph_ops(quantized, profile):
         assert not floats, f"float weights left: {floats[:3]}"
         if profile[1] == "ort":
             assert {("com.microsoft", "MatMulNBits"), ("com.microsoft", "GatherBlockQuantized")} <= ops
+            kernels = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+            assert len(kernels) == 2 * 4 + 1, "per layer: q|k|v fused, o, gate|up fused, down; then the LM head"
             assert ("ai.onnx", "Gemm") not in ops
             assert manifest["onnx"]["op_domains"] == ["ai.onnx", "com.microsoft"]
         else:
@@ -242,4 +244,4 @@ def _check_fused(art, tmp_path):
     so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(art / "decode.onnx"), so, providers=["CPUExecutionProvider"])
     ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node)
-    assert ops["MatMulNBits"] == 2 * 7 + 1 and ops["DequantizeLinear"] == 0
+    assert ops["MatMulNBits"] == 2 * 4 + 1 and ops["DequantizeLinear"] == 0  # q|k|v and gate|up fused
