@@ -81,7 +81,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x / sqrt(...) rather than transformers' x * rsqrt(...) (equal within float32 rounding): ONNX Runtime
+        # fuses this form into one SimplifiedLayerNormalization kernel, 6 ops fewer per norm, 37 norms a step.
+        xf = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
