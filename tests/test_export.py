@@ -243,3 +243,17 @@ def test_export_side_needs_no_jinja2():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=str(build.Path(__file__).parent.parent))
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_onnxruntime_fuses_rmsnorm(tiny_artifact, tmp_path):
+    """Every RMSNorm (2 per layer + the final one) reaches ONNX Runtime as one SimplifiedLayerNormalization:
+    the x * rsqrt(...) form exported as 6 separate ops per norm, run at every step."""
+    import collections
+
+    from runtime.session import session_options
+
+    so = session_options()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tiny_artifact / "decode.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node)
+    assert ops["SimplifiedLayerNormalization"] == 2 * 2 + 1 and ops["ReduceMean"] == 0
