@@ -71,7 +71,7 @@ bench: profiles  ## our float32 and quantized profiles beside transformers' eage
 
 bench-peers: profiles  ## + llama.cpp (f32/q8_0/q4_0) and onnxruntime-genai int4, same checkpoint, one run (not CI: the first setup compiles llama.cpp, ~15 min)
 	$(PY) -m tools.peers setup --checkpoint $(SYNTH) --cache $(PEERS)
-	$(PY) -m tools.bench --model $(ARTIFACTS) --peers $(PEERS)/peers.json --repeat 3
+	$(PY) -m tools.bench --model $(ARTIFACTS) --peers $(PEERS)/peers.json --repeat 3 --json bench-peers.json
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

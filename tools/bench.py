@@ -114,14 +114,15 @@ def _size_mb(path: Path) -> float:
 
 
 def systems(models: list[str], checkpoint: str | None, peers: str | None) -> list[dict]:
-    """[{name, kind, target, format, size_mb[, python]}]: our artifacts, then llama.cpp / genai, then eager."""
-    out = []
+    """[{name, kind, target, format, size_mb[, python]}]: llama.cpp / genai first (ratios need them measured
+    before ours), then our artifacts, then eager."""
+    out, ours = [], []
     for model in models:
         m = json.loads((Path(model) / "manifest.json").read_text())
         q = m["profile"]["quantization"]
         fmt = m["dtype"] if q == "none" else q
-        out.append({"name": f"ours {fmt}" + ("" if q == "none" else f" {m['profile']['ops']}"), "kind": "ort",
-                    "target": model, "format": fmt, "size_mb": _size_mb(Path(model))})
+        ours.append({"name": f"ours {fmt}" + ("" if q == "none" else f" {m['profile']['ops']}"), "kind": "ort",
+                     "target": model, "format": fmt, "size_mb": _size_mb(Path(model))})
     if peers:
         listing = json.loads(Path(peers).expanduser().read_text())
         for key in ("f32", "q8_0", "q4_0"):
@@ -132,6 +133,7 @@ def systems(models: list[str], checkpoint: str | None, peers: str | None) -> lis
             g = listing["genai_int4"]
             out.append({"name": "genai int4", "kind": "genai", "target": g["path"], "size_mb": g["mb"],
                         "python": g.get("python", sys.executable)})
+    out += ours
     if checkpoint and all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
         out.append({"name": "transformers eager", "kind": "eager", "target": checkpoint, "size_mb": _size_mb(Path(checkpoint))})
     return out
