@@ -245,3 +245,29 @@ def _check_fused(art, tmp_path):
     ort.InferenceSession(str(art / "decode.onnx"), so, providers=["CPUExecutionProvider"])
     ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node)
     assert ops["MatMulNBits"] == 2 * 4 + 1 and ops["DequantizeLinear"] == 0  # q|k|v and gate|up fused
+
+
+def test_serving_engine_joins_rows_on_quantized_artifact(quantized):
+    """Continuous batching on the single decode session: a request joining a running batch, and one after
+    the first left, each get exactly their solo tokens."""
+    from runtime.engine import Engine
+
+    gen = G.load(quantized[("int4", "ort")])
+    opts = gen.options(max_new_tokens=12, temperature=0)
+    prompts = {name: G.encode_prompt(gen, text) for name, text in zip("ABC", PROMPTS)}
+    engine, done = Engine(gen, max_batch=4, max_queue=8), {}
+
+    def emit_for(name):
+        return lambda kind, payload: done.__setitem__(name, payload) if kind in ("done", "error") else None
+
+    engine.submit(prompts["A"], opts, emit_for("A"))
+    for _ in range(3):
+        engine.run_once()
+    engine.submit(prompts["B"], opts, emit_for("B"))
+    while "A" not in done:
+        engine.run_once()
+    engine.submit(prompts["C"], opts, emit_for("C"))
+    while len(done) < 3:
+        engine.run_once()
+    for name in "ABC":
+        assert done[name].token_ids == G.generate(gen, [prompts[name]], opts)[0].token_ids, name
