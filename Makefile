@@ -10,7 +10,7 @@ SYNTH  ?= checkpoints/synthetic-full
 DEMO   ?= artifacts/synthetic-full
 PROMPT ?= Hello from ERNIE
 
-.PHONY: install test test-slow test-all demo export synthetic generate serve serve-ray profiles bench bench-peers bench-serve clean
+.PHONY: install test test-slow test-all demo export synthetic generate serve serve-ray profiles bench bench-peers eval bench-serve clean
 
 install: $(VENV)/.installed
 
@@ -68,6 +68,10 @@ profiles: install  ## export the synthetic checkpoint in float32 and each quanti
 
 bench: profiles  ## our float32 and quantized profiles beside transformers' eager model, one table
 	$(PY) -m tools.bench --model $(ARTIFACTS) --checkpoint $(SYNTH)
+
+EVAL_TEXT ?= README.md
+eval: profiles  ## rolling perplexity of the int8 and int4 exports vs float32 on EVAL_TEXT (python -m runtime.eval)
+	for p in int8-ort int4-ort; do $(PY) -m runtime.eval --model $(DEMO)-$$p --compare $(DEMO) --text $(EVAL_TEXT) || exit 1; done
 
 bench-peers: profiles  ## + llama.cpp (f32/q8_0/q4_0) and onnxruntime-genai int4, same checkpoint, one run (not CI: the first setup compiles llama.cpp, ~15 min)
 	$(PY) -m tools.peers setup --checkpoint $(SYNTH) --cache $(PEERS)
