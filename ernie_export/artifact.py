@@ -23,6 +23,7 @@ import onnxscript
 import torch
 
 from runtime.contract import FORMAT, FORMAT_VERSION, MANIFEST, cache_pairs, check_schema, file_entry, io_contract
+from runtime.session import version_tuple
 
 from .config import ErnieConfig
 from .quantize import ACCURACY_LEVEL, STANDARD_SESSION_CONFIG, Profile
@@ -84,7 +85,7 @@ def onnxruntime_versions(profile: Profile) -> dict:
     """Where the graphs were run (tests/test_drivers.py included), and so the oldest onnxruntime they are
     known to run on. The browser test runs the quantized standard-op graphs, not the contrib-op ones."""
     tested = ORT_TESTED if profile.ops == "standard" else {k: v for k, v in ORT_TESTED.items() if k != "web"}
-    return {"minimum": min(tested.values(), key=lambda v: tuple(map(int, v.split(".")))), "tested": tested}
+    return {"minimum": min(tested.values(), key=version_tuple), "tested": tested}
 
 
 def session_options(profile: Profile) -> dict:

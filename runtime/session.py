@@ -21,7 +21,6 @@ from .contract import GRAPHS, ArtifactError, GraphIO, check_cache_pairing, exter
 from .sampling import OptionError
 from .step import Model, Step
 
-PACKED_DTYPES = ("int4", "uint4")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -103,8 +102,6 @@ def map_weights(directory: Path, records: dict[str, dict[str, dict]]) -> dict[st
     for graph, tensors in records.items():
         values[graph] = {}
         for name, t in tensors.items():
-            if t["dtype"] in PACKED_DTYPES:  # numpy holds int4 one per byte: onnxruntime reads these itself
-                continue
             if t["location"] not in mappings:
                 mappings[t["location"]] = np.memmap(directory / t["location"], dtype=np.uint8, mode="r")
             array = np.ndarray(t["shape"], dtype=t["dtype"], buffer=mappings[t["location"]], offset=t["offset"])
@@ -156,8 +153,9 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
     records = {graph: external_tensors(directory, manifest, graph) for graph in graphs}
     # numpy has no bfloat16 OrtValues; CUDA copies the weights to the device anyway.
     # Prepacked (quantized) weights are better loaded by ONNX Runtime itself: it frees each original
-    # after packing it, where a mapped one stays resident beside its packed copy (full-size int4 peak
-    # RSS: 454 MB loaded by ONNX Runtime, 600 MB mapped; int8: 676 vs 944 MB).
+    # after packing it, where a mapped one stays resident beside its packed copy (full size, measured
+    # with 4-bit tables: int4 peak RSS 454 MB loaded by ONNX Runtime vs 600 MB mapped; int8 676 vs 944 MB).
+    # This is also why int4 tensors (which numpy cannot view packed) never need mapping.
     mapped = provider == "cpu" and manifest["dtype"] != "bfloat16" and not prepacked(manifest)
     shared = map_weights(directory, records) if mapped else {}
     dims, full = manifest["model"]["dims"], manifest["full_logits"]
