@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 import torch
 
+from runtime.contract import GRAPHS, SCORE
+
 from .artifact import WEIGHTS_FILE, describe, save_graphs, write_manifest
 from .config import load_config
 from .model import build_model
@@ -68,7 +70,7 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
         if cfg.synthetic:
             log("[export] note: this is a synthetic checkpoint with RANDOM weights")
     graphs = {}
-    for name in ("prefill", "decode"):
+    for name in (*GRAPHS, SCORE):
         with stage(f"tracing {name} graph (torch.export -> ONNX opset {opset}, {dtype})", log):
             graphs[name] = trace(net, name, opset, full_logits)
     quantizer = None
@@ -80,7 +82,7 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
     with stage("saving graphs with one shared weights file", log):
         weights_index = save_graphs(graphs, tmp)
         del graphs
-        roles = {"prefill": "prefill.onnx", "decode": "decode.onnx", "weights": WEIGHTS_FILE}
+        roles = {graph: f"{graph}.onnx" for graph in (*GRAPHS, SCORE)} | {"weights": WEIGHTS_FILE}
         roles.update(write_text_files(text_files, tmp))
         roles["parity"] = "parity.json"
         manifest = describe(cfg, dtype, opset, full_logits, source_of(model), roles, weights_index,

@@ -1,4 +1,4 @@
-"""Trace the eager model into the prefill and decode ONNX graphs (torch.export -> ONNX).
+"""Trace the eager model into the prefill, decode and score ONNX graphs (torch.export -> ONNX).
 
 In:  an eager `ErnieForCausalLM` (its dtype is the export dtype), the graph name, the opset, and
      whether logits cover every position (`full_logits`) or the last one only.
@@ -16,7 +16,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from runtime.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, io_contract
+from runtime.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, SCORE, io_contract
 
 from .model import ErnieForCausalLM
 
@@ -68,7 +68,7 @@ def trace(model: ErnieForCausalLM, graph: str, opset: int, full_logits: bool) ->
     dtype = {v: k for k, v in DTYPES.items()}[model.model.embed_tokens.weight.dtype]
     contract = io_contract(dims_of(model), dtype, full_logits)[graph]
     args, dyn = _example_inputs(model, graph)
-    module = (_Prefill if graph == "prefill" else _Decode)(model, full_logits)
+    module = (_Prefill if graph == "prefill" else _Decode)(model, full_logits or graph == SCORE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, dynamic_shapes=dyn,

@@ -4,13 +4,14 @@ In:  an artifact directory (staged or published) with its manifest, the eager fl
      an ONNX Runtime provider.
 Out: a parity report (written to `parity.json`); `VerificationError` when any check fails.
 
-Checks: `onnx.checker` (full) and strict shape inference on both graphs; then the runtime's own
+Checks: `onnx.checker` (full) and strict shape inference on every graph; then the runtime's own
 decode loop (`runtime.step.decode_loop`, the sessions opened as the runtime opens them) runs the
 graphs on the golden prompts (golden.py: plain, chat, a left-padded batch), teacher-forced on eager's
 greedy tokens, which with eager's top logits become the artifact's golden vectors. float32: max abs logit difference <= 1e-4 at prefill and each of 16 chained decode steps
 (the graph's own presents fed back), every present within 1e-4, identical greedy tokens for 32
 steps. float16/bfloat16: max abs difference and top-1 agreement against float32 eager, failing
-below 99%.
+below 99%. The score graph (logits after every prompt token: log-probabilities for `echo`) is held
+to the same tolerance as prefill on a golden prompt (reported only for float16/bfloat16).
 
     python -m ernie_export.verify --model ARTIFACT [--checkpoint DIR | HUB_ID] [--provider cuda]
 
@@ -35,7 +36,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from runtime.contract import GRAPHS, MANIFEST, PAST, ArtifactError, cache_names, load_manifest
+from runtime.contract import GRAPHS, MANIFEST, PAST, SCORE, ArtifactError, cache_names, graphs_of, load_manifest
 from runtime.session import PROVIDERS, ProviderError, open_model, resolve_provider
 from runtime.step import KVCache, Model, StepError, decode_loop, left_pad
 
@@ -67,7 +68,7 @@ class VerificationError(RuntimeError):
 
 
 def check_onnx(directory: Path, manifest: dict) -> None:
-    for graph in GRAPHS:
+    for graph in graphs_of(manifest):
         path = directory / manifest["files"][graph]["path"]
         try:
             onnx.checker.check_model(str(path), full_check=True)
@@ -129,6 +130,17 @@ def compare(model: Model, eager: ErnieForCausalLM, prompts: list[list[int]], ste
             "top_logits": [list(row) for row in zip(*stats["top"])]}  # [row][step][k] = [id, logit]
 
 
+def score_parity(model: Model, eager: ErnieForCausalLM, prompt: list[int]) -> float:
+    """Max abs difference of the score graph's logits after every prompt token from eager's (the
+    log-probabilities the server returns for `echo`)."""
+    got: list[np.ndarray] = []
+    model.score(prompt, lambda logits, first: got.append(logits.copy()))
+    with torch.no_grad():
+        t = torch.tensor([prompt])
+        ref = eager(t, torch.ones_like(t), torch.arange(len(prompt))[None], last_only=False)[0][0]
+    return _max_diff(np.concatenate(got), ref)
+
+
 def quality(model: Model, eager32: ErnieForCausalLM, ids: list[int]) -> dict:
     """Top-1 agreement and mean KL(float32 eager || graph) over the teacher-forced positions of `ids`."""
     with torch.no_grad():
@@ -172,7 +184,7 @@ def float_math(directory: Path, manifest: dict):
     tmp = Path(tempfile.mkdtemp(prefix=".float-math-", dir=directory))
     try:
         for role, entry in manifest["files"].items():
-            if role in GRAPHS:
+            if role in graphs_of(manifest):
                 model = onnx.load(str(directory / entry["path"]), load_external_data=False)
                 for node in model.graph.node:
                     for attr in node.attribute:
@@ -214,18 +226,22 @@ def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider:
                       "is pending a CUDA host (run `python -m ernie_export.verify --model ARTIFACT --provider cuda` there)")
         return report, None
     cases = golden_prompts(directory, manifest)
+    scored = cases[0]["prompt_ids"][0] if SCORE in graphs_of(manifest) else None
+    score_diff = None
     try:
         model = open_model(directory, manifest, provider, graphs=GRAPHS)  # both graphs, whatever the runtime opens
         if quantized:
             with float_math(directory, manifest) as (exact_dir, exact_manifest):
                 exact = open_model(exact_dir, exact_manifest, provider, graphs=GRAPHS)
                 runs = [compare(exact, reference, case["prompt_ids"], GREEDY_STEPS) for case in cases]
+                score_diff = score_parity(exact, reference, scored) if scored else None
                 del exact
             shipped = [compare(model, reference, case["prompt_ids"], GREEDY_STEPS) for case in cases]
             report["shipped"] = _shipped(shipped)
             report["quality"] = quality(model, eager32, quality_ids(directory, manifest, QUALITY_PROMPT + QUALITY_POSITIONS))
         else:
             runs = [compare(model, eager32, case["prompt_ids"], GREEDY_STEPS) for case in cases]
+            score_diff = score_parity(model, eager32, scored) if scored else None
     except (ArtifactError, StepError) as e:  # e.g. an opset this onnxruntime cannot run
         raise VerificationError(f"the exported graphs do not run: {e}") from None
     report.update({
@@ -233,6 +249,7 @@ def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider:
         "prefill_max_abs_diff": max(r["prefill_max_abs_diff"] for r in runs),
         "decode_max_abs_diff": max(r["decode_max_abs_diff"] for r in runs),
         "present_max_abs_diff": max(r["present_max_abs_diff"] for r in runs),
+        "score_max_abs_diff": score_diff,  # the score graph, every position of a prompt (None: not exported)
         "top1_agreement": sum(r["top1_agreement"] * r["top1_total"] for r in runs) / sum(r["top1_total"] for r in runs),
         "greedy_steps": GREEDY_STEPS, "checked_decode_steps": CHECKED_STEPS,
         "greedy_identical": all(r["first_greedy_mismatch_step"] is None for r in runs),
@@ -261,6 +278,7 @@ def _failures(report: dict, dtype: str, quantization: str = "none") -> list[str]
     """Every failed check. A NaN difference never passes a `<=` test: non-finite values fail first."""
     failures = [report["non_finite"]] if report["non_finite"] else []
     diffs = ("prefill_max_abs_diff", "decode_max_abs_diff", "present_max_abs_diff")
+    diffs += ("score_max_abs_diff",) if report.get("score_max_abs_diff") is not None else ()
     failures += [f"{k} is {report[k]}" for k in diffs if not math.isfinite(report[k])]
     if quantization != "none":  # against the dequantized reference; quality against float32 eager
         tol = report["tolerance"]

@@ -28,7 +28,8 @@ import onnx
 FORMAT = "ernie4_5-onnx"
 FORMAT_VERSION = 2  # bump on any change of graph I/O names, dtypes, shapes or file layout (2: I/O as arrays, pairs)
 MANIFEST = "manifest.json"
-GRAPHS = ("prefill", "decode")
+GRAPHS = ("prefill", "decode")  # the generation graphs
+SCORE = "score"  # optional third graph: decode's inputs, logits for every new token (log-likelihoods)
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
 TOKEN_INPUTS = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
@@ -47,6 +48,11 @@ class ArtifactError(RuntimeError):
     """An artifact directory the runtime must not use; the message says what to do."""
 
 
+def graphs_of(manifest: dict) -> tuple[str, ...]:
+    """The graphs an artifact has: both generation graphs, and the score graph where it was exported."""
+    return tuple(g for g in (*GRAPHS, SCORE) if g in manifest["graphs"])
+
+
 def cache_names(n_layers: int, prefix: str) -> list[str]:
     """`{prefix}.{layer}.key` / `.value`, layer by layer: the order of the graphs' cache I/O."""
     return [f"{prefix}.{i}.{kind}" for i in range(n_layers) for kind in CACHE_KINDS]
@@ -59,7 +65,8 @@ def cache_pairs(n_layers: int) -> list[dict]:
 
 
 def io_contract(dims: dict, dtype: str, full_logits: bool) -> dict:
-    """Both graphs' inputs and outputs as ordered arrays of {name, dtype, shape}: what other runtimes embed.
+    """Every graph's inputs and outputs as ordered arrays of {name, dtype, shape}: what other runtimes embed.
+    The score graph is the decode graph with logits for every new token, whatever `full_logits` says.
 
     `dims` holds num_hidden_layers, num_key_value_heads, head_dim and vocab_size. Cache tensors are
     [batch_size, kv_heads, length, head_dim] in the export dtype; logits are always float32.
@@ -76,6 +83,8 @@ def io_contract(dims: dict, dtype: str, full_logits: bool) -> dict:
         if graph == "decode":
             inputs += [kv(name, "past_sequence_length") for name in cache_names(n, PAST)]
         contract[graph] = {"inputs": inputs, "outputs": [logits] + [kv(name, mask_len) for name in cache_names(n, PRESENT)]}
+    every = value(LOGITS, "float32", ["batch_size", "sequence_length", dims["vocab_size"]])
+    contract[SCORE] = {"inputs": contract["decode"]["inputs"], "outputs": [every] + contract["decode"]["outputs"][1:]}
     return contract
 
 

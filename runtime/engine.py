@@ -24,9 +24,9 @@ from typing import Callable
 
 import numpy as np
 
-from .generate import Generator, check_request
+from .generate import Generator, check_request, score_prompt
 from .request import ModelOutputError, Options, Row
-from .step import KVCache, StepError, merge_caches, select_rows
+from .step import KVCache, ScoreUnavailable, StepError, merge_caches, select_rows
 
 Emit = Callable[[str, object], None]
 
@@ -132,6 +132,17 @@ class Engine:
             request.row = Row(request.opts, request.prompt, self.gen.text, self.gen.eos_ids,
                               lambda chunk, r=request: r.emit("text", chunk))
             fresh.append(request)
+        for request in [r for r in fresh if r.opts.echo_logprobs]:  # scored alone, through the score graph
+            fresh.remove(request)
+            try:
+                logits, cache = score_prompt(self.gen, request.row)
+            except (StepError, ScoreUnavailable) as e:
+                self._finish(request, "error", str(e), "failed")
+                continue
+            if request.opts.max_new_tokens == 0:
+                self._finish(request, "done", None, "completed")
+            else:
+                self._join([request], logits, cache)
         if not fresh:
             return
         try:
@@ -140,6 +151,10 @@ class Engine:
             for request in fresh:
                 self._finish(request, "error", str(e), "failed")
             return
+        self._join(fresh, logits, cache)
+
+    def _join(self, fresh: list[Request], logits: np.ndarray, cache: KVCache) -> None:
+        """Choose the prefilled requests' first tokens; merge the rows that go on into the running batch."""
         going_on = [i for i, request in enumerate(fresh) if self._choose(request, logits[i])]
         if not going_on:
             return

@@ -25,6 +25,7 @@ import numpy as np
 
 from .contract import ArtifactError
 from .generate import Generator, InputError, check_utf8, load
+from .logprobs import log_softmax
 from .session import ProviderError
 from .step import StepError
 
@@ -39,12 +40,6 @@ def windows(ids: list[int], prefix: int, size: int) -> list[tuple[list[int], lis
         chunk = ids[lo:lo + size]
         out.append(([ids[lo - 1] if lo else prefix] + chunk[:-1], chunk))
     return out
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .contract import load_manifest, read_json_file
+from .logprobs import entries
 from .request import ModelOutputError, Options, Result, Row  # noqa: F401  (ModelOutputError: part of the API)
 from .sampling import OptionError
 from .session import available_memory, cap_threads, open_model, resolve_provider
@@ -181,6 +182,19 @@ def continue_generation(gen: Generator, prompt: list[int], opts: Options, cache:
     cache = decode_loop(gen.model, [prompt], batch, pad_id=gen.pad_id, cache=cache, keep_last=True)
     [result] = batch.results()
     return result, cache
+
+
+def score_prompt(gen: Generator, row: Row) -> tuple[np.ndarray, KVCache]:
+    """Set `row.prompt_logprobs` (each prompt token after the first, under the logits before it) from the
+    score graph; return the last position's logits [1, V] and the cache, for decoding to go on."""
+    prompt, scored = row.prompt, []
+
+    def each(logits: np.ndarray, first: int) -> None:
+        targets = prompt[first + 1:first + 1 + len(logits)]
+        scored.extend(entries(logits[:len(targets)], targets, row.opts.logprobs))
+    last, cache = gen.model.score(prompt, each)
+    row.prompt_logprobs = scored
+    return last, cache
 
 
 if __name__ == "__main__":  # `python -m runtime.generate` is the command line's documented name

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .contract import ArtifactError
+from .logprobs import MAX_ALTERNATIVES, Entry, entries
 from .sampling import OptionError, SamplingParams, choose
 from .text import StreamText, Text
 
@@ -35,12 +36,15 @@ class Options:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks, fixed-length comparisons)
+    logprobs: int | None = None  # record each generated token's log-probability and this many alternatives
+    echo_logprobs: bool = False  # also score the prompt's own tokens (max_new_tokens may then be 0)
 
     @classmethod
     def from_artifact(cls, generation: dict, *, max_new_tokens: int | None = None, temperature: float | None = None,
                       top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                       greedy: bool = False, seed: int | None = None, stop: tuple[str, ...] | list[str] | None = None,
-                      ignore_eos: bool = False) -> "Options":
+                      ignore_eos: bool = False, logprobs: int | None = None,
+                      echo_logprobs: bool = False) -> "Options":
         """The artifact's defaults, then the given overrides (None keeps the default).
 
         Giving temperature, top_k or top_p turns sampling on; `greedy` turns it off whatever else is set.
@@ -59,13 +63,19 @@ class Options:
                                        repetition_penalty=repetition_penalty).items() if v is not None}
         do_sample = False if greedy else base.do_sample or bool(given.keys() & {"temperature", "top_k", "top_p"})
         opts = cls(default_tokens if max_new_tokens is None else max_new_tokens,
-                   replace(base, do_sample=do_sample, **given), tuple(stop or ()), seed, ignore_eos)
+                   replace(base, do_sample=do_sample, **given), tuple(stop or ()), seed, ignore_eos,
+                   logprobs, echo_logprobs)
         return opts.validate()
 
     def validate(self) -> "Options":
         self.sampling.validate()
-        if self.max_new_tokens < 1:
-            raise OptionError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < (0 if self.echo_logprobs else 1):
+            raise OptionError("max_new_tokens", f"must be >= 1 (0 only when echoing the prompt's log-probabilities), "
+                              f"got {self.max_new_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_ALTERNATIVES:
+            raise OptionError("logprobs", f"must be in [0, {MAX_ALTERNATIVES}], got {self.logprobs}")
+        if self.echo_logprobs and self.logprobs is None:
+            raise OptionError("logprobs", "echoing the prompt's log-probabilities needs logprobs (0 or more alternatives)")
         return self
 
 
@@ -77,6 +87,8 @@ class Result:
     finish_reason: str  # eos | stop | length
     timings: dict
     stop_token_id: int | None = None  # the end-of-sequence id that ended the row (finish_reason "eos")
+    logprobs: list[Entry] | None = None  # per generated token (Options.logprobs)
+    prompt_logprobs: list[Entry] | None = None  # per prompt token after the first (Options.echo_logprobs)
 
     def to_json(self) -> dict:
         return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids, "text": self.text,
@@ -95,6 +107,8 @@ class Row:
         self.seen = list(prompt)
         self.out: list[int] = []
         self.finish_reason: str | None = None  # eos | stop | length (or set by a server: cancelled, timeout)
+        self.logprobs: list[Entry] | None = None if opts.logprobs is None else []
+        self.prompt_logprobs: list[Entry] | None = None  # set by whoever scored the prompt
 
     def step(self, logits: np.ndarray) -> int:
         """Choose the next token from this row's logits [V]; record it, stream it, decide whether to stop."""
@@ -103,6 +117,8 @@ class Row:
                                    f"{len(self.out) + 1}; the artifact computes garbage: re-export it with "
                                    "verification on, or re-verify it (python -m ernie_export.verify)")
         token = int(choose(logits[None], [self.seen], self.opts.sampling, self.rng)[0])
+        if self.logprobs is not None:
+            self.logprobs += entries(logits[None], [token], self.opts.logprobs)
         self.out.append(token)
         self.seen.append(token)
         if token in self.eos:
@@ -122,4 +138,5 @@ class Row:
     def result(self, timings: dict) -> Result:
         text = self.stream.final if self.stream.final is not None else self.stream.flush()
         reason = self.finish_reason or "length"
-        return Result(self.prompt, self.out, text, reason, timings, self.out[-1] if reason == "eos" else None)
+        return Result(self.prompt, self.out, text, reason, timings, self.out[-1] if reason == "eos" else None,
+                      self.logprobs, self.prompt_logprobs)

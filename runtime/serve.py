@@ -2,7 +2,8 @@
 
 In:  an artifact, limits (batch, queue, body size, time budget), an optional API key (flag or
      ERNIE_API_KEY), host (127.0.0.1 unless told otherwise) and port.
-Out: POST /v1/chat/completions and /v1/completions (stream or not), GET /v1/models, /health and
+Out: POST /v1/chat/completions and /v1/completions (stream or not; completions also take token-id and
+     several prompts, `logprobs` and `echo` as the legacy API returns them), GET /v1/models, /health and
      /metrics (Prometheus text). Errors are OpenAI-style objects with the right 4xx/5xx status.
 
 This layer only validates requests and maps them onto `Options`; the engine owns the model. Chat
@@ -27,9 +28,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .contract import ArtifactError
+from .contract import SCORE, ArtifactError, graphs_of
 from .engine import Engine, QueueFull
 from .generate import Generator, InputError, check_utf8, load
+from .logprobs import MAX_ALTERNATIVES, openai_logprobs
 from .request import Options
 from .sampling import OptionError
 from .text import ChatTemplateError
@@ -58,7 +60,11 @@ class ChatBody(_Body):
 
 
 class CompletionBody(_Body):
-    prompt: str = Field(min_length=1)
+    # OpenAI's four forms: a string, strings (one choice each), token ids, lists of token ids.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo + logprobs (scoring the prompt)
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_ALTERNATIVES)
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
@@ -67,8 +73,28 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param:
 
 def options_for(gen: Generator, body: _Body) -> Options:
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    logprobs = getattr(body, "logprobs", None)
     return gen.options(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                       top_k=body.top_k, repetition_penalty=body.repetition_penalty, seed=body.seed, stop=stop)
+                       top_k=body.top_k, repetition_penalty=body.repetition_penalty, seed=body.seed, stop=stop,
+                       logprobs=logprobs, echo_logprobs=getattr(body, "echo", False) and logprobs is not None)
+
+
+def prompts_of(gen: Generator, prompt) -> list[tuple[str, list[int]]]:
+    """The request's prompts as (text, token ids); InputError names what is wrong."""
+    many = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
+    out = []
+    for item in prompt if many else [prompt]:
+        if isinstance(item, str):
+            if not item:
+                raise InputError("prompt: an empty string has no tokens; pass some text")
+            check_utf8(item, "prompt")
+            out.append((item, gen.text.encode(item)))
+        else:
+            vocab = gen.manifest["model"]["dims"]["vocab_size"]
+            if not item or not all(0 <= i < vocab for i in item):
+                raise InputError(f"prompt: token ids must be a non-empty list of ids in [0, {vocab})")
+            out.append((gen.text.decode(item, skip_special_tokens=False), list(item)))
+    return out
 
 
 class BodyLimit:
@@ -138,10 +164,21 @@ def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_
     async def completions(body: CompletionBody):
         engine = get_engine()
         try:
-            check_utf8(body.prompt, "prompt")
+            prompts = prompts_of(engine.gen, body.prompt)
         except InputError as e:
             return error(400, str(e), param="prompt")
-        return await respond(engine, body, engine.gen.text.encode(body.prompt), "text", model_name, timeout_s)
+        if body.echo and body.logprobs is not None and SCORE not in graphs_of(engine.gen.manifest):
+            return error(400, "this artifact has no score graph, so it cannot return the prompt's log-probabilities "
+                         "(echo with logprobs); re-export it with this version", param="echo")
+        if body.stream and (len(prompts) > 1 or body.logprobs is not None):
+            return error(400, "stream supports one prompt and no logprobs; send stream: false for those",
+                         param="stream")
+        if len(prompts) == 1:
+            return await respond(engine, body, prompts[0][1], "text", model_name, timeout_s, prompts[0][0])
+        answers = await asyncio.gather(*(respond(engine, body, ids, "text", model_name, timeout_s, text)
+                                         for text, ids in prompts))
+        failed = next((a for a in answers if isinstance(a, JSONResponse)), None)
+        return failed or _merge_choices(answers)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
@@ -161,12 +198,13 @@ def prometheus(values: dict) -> str:
                    for name, value in values.items())
 
 
-async def respond(engine: Engine, body: _Body, prompt: list[int], kind: str, model_name: str, timeout_s: float):
+async def respond(engine: Engine, body: _Body, prompt: list[int], kind: str, model_name: str, timeout_s: float,
+                  prompt_text: str = ""):
     """Submit to the engine; answer with the whole completion, a stream of events, or an error object."""
     try:
         opts = options_for(engine.gen, body)
     except OptionError as e:
-        return error(400, str(e), param=e.option)
+        return error(400, str(e).replace("max_new_tokens", "max_tokens"), param=e.option.replace("max_new_tokens", "max_tokens"))
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     emit = lambda k, payload: loop.call_soon_threadsafe(events.put_nowait, (k, payload))  # noqa: E731
     try:
@@ -184,7 +222,7 @@ async def respond(engine: Engine, body: _Body, prompt: list[int], kind: str, mod
         while True:
             event, payload = await events.get()
             if event == "done":
-                return _final(payload, ident, created, model_name, kind)
+                return _final(payload, ident, created, model_name, kind, engine.gen, body, prompt_text)
             if event == "error":
                 return error(504 if "time budget" in payload else 500, payload, "server_error")
     except asyncio.CancelledError:  # the client went away: free its row
@@ -197,12 +235,33 @@ def _usage(result) -> dict:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
 
 
-def _final(result, ident: str, created: int, model: str, kind: str) -> dict:
+def _final(result, ident: str, created: int, model: str, kind: str, gen: Generator, body: _Body,
+           prompt_text: str) -> dict:
     reason = "stop" if result.finish_reason in ("eos", "stop") else "length"
-    choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": reason}
-              if kind == "chat" else {"index": 0, "text": result.text, "finish_reason": reason, "logprobs": None})
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": reason}
+    else:
+        echo = getattr(body, "echo", False)
+        choice = {"index": 0, "text": (prompt_text if echo else "") + result.text, "finish_reason": reason,
+                  "logprobs": None if result.logprobs is None else _logprobs(gen, result, echo)}
     return {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
             "model": model, "choices": [choice], "usage": _usage(result)}
+
+
+def _logprobs(gen: Generator, result, echo: bool) -> dict:
+    """The legacy completions `logprobs` object; echoed, the prompt's tokens come first (the first unscored)."""
+    piece = lambda token: gen.text.decode([token], skip_special_tokens=False)  # noqa: E731
+    ids, scored = list(result.token_ids), list(result.logprobs)
+    if echo:
+        ids, scored = result.prompt_token_ids + ids, [None, *result.prompt_logprobs] + scored
+    return openai_logprobs([piece(t) for t in ids], scored, piece)
+
+
+def _merge_choices(answers: list[dict]) -> dict:
+    """One response for several prompts: their choices in prompt order, usage summed."""
+    merged = {**answers[0], "choices": [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]}
+    merged["usage"] = {k: sum(a["usage"][k] for a in answers) for k in answers[0]["usage"]}
+    return merged
 
 
 async def _sse(events: asyncio.Queue, engine: Engine, handle, ident: str, created: int, model: str, kind: str):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .contract import GRAPHS, ArtifactError, GraphIO, check_cache_pairing, external_tensors
+from .contract import GRAPHS, SCORE, ArtifactError, GraphIO, check_cache_pairing, external_tensors, graphs_of
 from .sampling import OptionError
 from .step import Model, Step
 
@@ -145,6 +145,7 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
     `graphs` None: both, except for artifacts whose weights are prepacked (quantized): each session
     keeps its own packed copy, so only the decode session is opened and prompts are fed to it with
     an empty past (the contract: decode with past length 0 equals prefill). Verification opens both.
+    The score graph, where the artifact has one, is opened at the first `Model.score` call.
     """
     directory = Path(directory)
     check_profile(manifest)
@@ -157,20 +158,32 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
     # with 4-bit tables: int4 peak RSS 454 MB loaded by ONNX Runtime vs 600 MB mapped; int8 676 vs 944 MB).
     # This is also why int4 tensors (which numpy cannot view packed) never need mapping.
     mapped = provider == "cpu" and manifest["dtype"] != "bfloat16" and not prepacked(manifest)
+    if mapped and SCORE in graphs_of(manifest) and SCORE not in records:  # opened at first use, same mapping
+        records[SCORE] = external_tensors(directory, manifest, SCORE)
     shared = map_weights(directory, records) if mapped else {}
-    dims, full = manifest["model"]["dims"], manifest["full_logits"]
-    steps = {}
-    for graph in graphs:
+    dims = manifest["model"]["dims"]
+
+    def step(graph: str, weights: dict | None) -> Step:
         io = GraphIO.from_manifest(manifest, graph)
         path = directory / manifest["files"][graph]["path"]
-        session = open_session(path, provider, threads, shared.get(graph), config)
+        session = open_session(path, provider, threads, weights, config)
         io.check_session(session, path)
-        steps[graph] = Step(session, io, provider, dims["vocab_size"], dims["max_position_embeddings"], full)
+        every = graph == SCORE
+        return Step(session, io, provider, dims["vocab_size"], dims["max_position_embeddings"],
+                    manifest["full_logits"] or every, every)
+
+    def open_score() -> Step | None:
+        if SCORE not in graphs_of(manifest):
+            return None
+        return step(SCORE, shared.get(SCORE))
+
+    steps = {graph: step(graph, shared.get(graph)) for graph in graphs}
     if "prefill" in steps:
         check_cache_pairing(steps["prefill"].io, steps["decode"].io)
     shape = {k: dims[k] for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads", "head_dim")}
     return Model(steps.get("prefill"), steps["decode"], shape=shape,
-                 cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared)
+                 cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared,
+                 open_score=(lambda: steps[SCORE]) if SCORE in steps else open_score)
 
 
 def available_memory() -> int | None:

@@ -29,6 +29,10 @@ class StepError(RuntimeError):
     """ONNX Runtime failed while running a graph (the message carries its first line)."""
 
 
+class ScoreUnavailable(RuntimeError):
+    """Log-probabilities of a prompt were asked of an artifact without a score graph."""
+
+
 class FeedError(ValueError):
     """Inputs that break the feeding contract, caught before ONNX Runtime sees them (it would fail with
     an opaque broadcast error, or, for positions, silently compute the wrong thing)."""
@@ -93,7 +97,8 @@ class Step:
     device: str  # "cpu" or "cuda"
     vocab: int
     max_positions: int
-    full_logits: bool = False  # artifact exported with --full-logits: logits [B, S, V]
+    full_logits: bool = False  # the graph's logits are [B, S, V] (the score graph; --full-logits artifacts)
+    every_position: bool = False  # return them all (the score graph), not only the last position's
     _logits: ort.OrtValue | None = None  # host buffer reused across steps of the same batch size
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray,
@@ -121,7 +126,8 @@ class Step:
                             f"{ids.shape[1]} new tokens, mask {mask.shape[1]}): {first[:300]}") from None
         values = dict(zip((LOGITS, *self.io.present), io.get_outputs()))  # in binding order
         presents = {self.io.feeds[name]: values[name] for name in self.io.present}
-        return values[LOGITS].numpy()[:, -1], KVCache(presents, mask)
+        logits = values[LOGITS].numpy()
+        return (logits if self.every_position else logits[:, -1]), KVCache(presents, mask)
 
 
 @dataclass
@@ -137,6 +143,8 @@ class Model:
     shape: dict  # from the manifest's dims: num_attention_heads, num_hidden_layers, num_key_value_heads, head_dim
     cache_itemsize: int = 4  # bytes per cache element (float32; 2 for float16/bfloat16)
     weights: dict = field(default_factory=dict, repr=False)  # mapped weights the sessions use: keep alive
+    open_score: Callable[[], "Step | None"] | None = field(default=None, repr=False)  # opens the score graph
+    _score: "Step | None" = field(default=None, repr=False)
 
     SCORE_BUDGET = 256 << 20  # bytes of float32 attention scores per run; the graph holds ~3 such arrays
 
@@ -167,6 +175,28 @@ class Model:
                 logits, cache = self.decode(ids[:, part], np.concatenate([cache.mask, mask[:, part]], axis=1),
                                             pos[:, part] + base, cache)
         return logits, cache
+
+    def score(self, prompt: list[int], each: Callable[[np.ndarray, int], None]) -> tuple[np.ndarray, KVCache]:
+        """Feed one prompt through the score graph (opened at first use: ordinary requests never pay for
+        logits at every position) in chunks; `each(logits [n, V], first)` receives the logits after
+        tokens first..first+n-1. Returns the last position's logits [1, V] and the cache, from which
+        decoding goes on as after `start`."""
+        if self._score is None:
+            self._score = self.open_score() if self.open_score else None
+            if self._score is None:
+                raise ScoreUnavailable("this artifact has no score graph (logits at every position), so it cannot "
+                                       "return a prompt's log-probabilities; re-export it with this version")
+        # Both the attention scores and the [chunk, vocab] float32 logits of one run stay within SCORE_BUDGET.
+        chunk = min(self.chunk_length(1, len(prompt)), max(16, self.SCORE_BUDGET // (4 * self._score.vocab)))
+        ids = np.array([prompt], np.int64)
+        cache = self.empty_cache(1)
+        for lo in range(0, len(prompt), chunk):
+            part = ids[:, lo:lo + chunk]
+            mask = np.ones((1, cache.length + part.shape[1]), np.int64)
+            pos = np.arange(cache.length, mask.shape[1], dtype=np.int64)[None]
+            logits, cache = self._score(part, mask, pos, cache)
+            each(logits[0], lo)
+        return logits[:, -1], cache
 
     def empty_cache(self, batch: int) -> KVCache:
         """Past length 0, in the cache dtype of the decode graph."""

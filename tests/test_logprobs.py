@@ -1,0 +1,173 @@
+"""Log-probabilities in /v1/completions (`logprobs`, `echo`): what lm-evaluation-harness's
+`local-completions` asks for. float32 values equal transformers' eager log-softmax within 1e-4 at
+the right positions; the score graph is used only for echo requests; chunked scoring equals whole."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import httpx
+
+from runtime import generate as G
+from runtime.request import Row
+from runtime.step import Model
+
+from .helpers import hf_model
+from .test_serve import serving
+
+TOL = 1e-4  # float32 graph vs float32 eager log-softmax (the exporter's own parity bound on logits)
+TEXT = "The capital of France is Paris. Numbers 0 1 2 3"
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_artifact):
+    return G.load(tiny_artifact, "cpu")
+
+
+@pytest.fixture(scope="module")
+def server(gen):
+    with serving(gen) as (url, engine):
+        yield url, engine
+
+
+@pytest.fixture(scope="module")
+def eager_lsm(tiny_ckpt):
+    """ids -> transformers' log-softmax after every token [len(ids), V] (float64)."""
+    model = hf_model(tiny_ckpt)
+
+    def run(ids):
+        with torch.no_grad():
+            return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1).numpy()
+    return run
+
+
+def post(url, **body):
+    return httpx.post(f"{url}/v1/completions", json={"temperature": 0, **body}, timeout=60)
+
+
+def test_echo_logprobs_equal_eager_log_softmax_at_each_position(server, gen, eager_lsm):
+    """Guards: a server that ignores echo, or scores a token under the logits of the wrong position."""
+    url, _ = server
+    r = post(url, prompt=TEXT, max_tokens=1, logprobs=3, echo=True)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    ids = gen.text.encode(TEXT)
+    assert len(ids) >= 10 and len(lp["tokens"]) == len(ids) + 1  # the prompt's tokens, then the generated one
+    assert choice["text"].startswith(TEXT) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    ref = eager_lsm(ids)
+    generated = int(ref[-1].argmax())  # greedy
+    want = [ref[i - 1, t] for i, t in enumerate(ids) if i] + [ref[-1, generated]]
+    got = np.array(lp["token_logprobs"][1:])
+    assert np.abs(got - want).max() <= TOL
+    # negative control: each token scored under the logits one position later differs by far more
+    shifted = [ref[i, t] for i, t in enumerate(ids) if i]
+    assert np.abs(got[:-1] - shifted).max() > 100 * TOL
+    for i, top in enumerate(lp["top_logprobs"][1:], 1):  # best first; its max is that position's best
+        assert len(top) <= 3 and abs(max(top.values()) - ref[i - 1].max()) <= TOL
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+
+
+def test_echo_with_zero_tokens_scores_the_prompt_only(server, gen, eager_lsm):
+    url, _ = server
+    ids = gen.text.encode(TEXT)
+    body = post(url, prompt=ids, max_tokens=0, logprobs=0, echo=True).json()  # token ids, as lm-eval sends them
+    choice = body["choices"][0]
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    assert choice["finish_reason"] == "length" and len(choice["logprobs"]["tokens"]) == len(ids)
+    assert choice["logprobs"]["top_logprobs"][1] == {}
+    ref = eager_lsm(ids)
+    assert np.abs(np.array(choice["logprobs"]["token_logprobs"][1:]) - [ref[i - 1, t] for i, t in enumerate(ids) if i]).max() <= TOL
+
+
+def test_generated_token_logprobs_are_the_models_distribution(server, gen, eager_lsm):
+    """Without echo: one entry per generated token, under the raw logits (not the sampling transform)."""
+    url, _ = server
+    body = post(url, prompt=TEXT, max_tokens=6, logprobs=2, temperature=0.7, seed=3).json()
+    lp = body["choices"][0]["logprobs"]
+    ids = gen.text.encode(TEXT)
+    out = G.generate(gen, [ids], gen.options(max_new_tokens=6, temperature=0.7, seed=3))[0].token_ids
+    assert len(lp["token_logprobs"]) == len(out) == body["usage"]["completion_tokens"]
+    ref = eager_lsm(ids + out)
+    want = [ref[len(ids) - 1 + k, t] for k, t in enumerate(out)]
+    assert np.abs(np.array(lp["token_logprobs"]) - want).max() <= TOL
+    assert "".join(lp["tokens"]) == gen.text.decode(out, skip_special_tokens=False)
+
+
+def test_several_prompts_get_one_choice_each_in_order(server, gen):
+    url, _ = server
+    texts = ["Hello world", "def hello(name):", "Numbers 0 1 2"]
+    body = post(url, prompt=texts, max_tokens=5).json()
+    solo = [post(url, prompt=t, max_tokens=5).json()["choices"][0]["text"] for t in texts]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2] and [c["text"] for c in body["choices"]] == solo
+    assert body["usage"]["prompt_tokens"] == sum(len(gen.text.encode(t)) for t in texts)
+
+
+def test_chunked_scoring_equals_scoring_whole(gen, monkeypatch):
+    """Guards the chunk offsets: a long prompt is scored in several runs of the score graph."""
+    ids = gen.text.encode(TEXT * 3)
+    opts = gen.options(max_new_tokens=1, logprobs=0, echo_logprobs=True)
+
+    def scored():
+        row = Row(opts, ids, gen.text, gen.eos_ids)
+        last, cache = G.score_prompt(gen, row)
+        return np.array([e.logprob for e in row.prompt_logprobs]), last.copy(), cache.length
+    whole, last_whole, n = scored()
+    monkeypatch.setattr(Model, "SCORE_BUDGET", 16 * 4 * 512)  # 16-token chunks on the tiny vocabulary
+    assert Model.chunk_length is not None and len(ids) > 2 * 16
+    monkeypatch.setattr(Model, "chunk_length", lambda self, batch, total: 16)
+    chunked, last_chunked, m = scored()
+    assert len(whole) == len(ids) - 1 and n == m == len(ids)
+    assert np.abs(whole - chunked).max() <= 1e-5 and np.abs(last_whole - last_chunked).max() <= 1e-4
+
+
+def test_normal_requests_never_open_the_score_graph(tiny_artifact):
+    fresh = G.load(tiny_artifact, "cpu")
+    G.generate(fresh, [fresh.text.encode(TEXT)], fresh.options(max_new_tokens=3, logprobs=2))
+    assert fresh.model._score is None
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"prompt": "hi", "logprobs": 1, "stream": True}, "stream"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 0, "echo": True}, "max_tokens"),  # echo without logprobs: nothing to score
+    ({"prompt": "hi", "logprobs": 50}, "logprobs"),
+    ({"prompt": [10**9]}, "token ids"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [""]}, "empty"),
+])
+def test_bad_logprob_requests_are_400(server, body, message):
+    url, _ = server
+    r = post(url, **body)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_an_artifact_without_score_graph_refuses_echo_clearly(tiny_artifact, tmp_path):
+    from .helpers import hostile_copy
+
+    def drop_score(directory, manifest):
+        del manifest["graphs"]["score"], manifest["files"]["score"]
+    old = G.load(hostile_copy(tiny_artifact, tmp_path / "old", drop_score), "cpu")
+    with serving(old) as (url, _):
+        r = post(url, prompt="hi", max_tokens=1, logprobs=1, echo=True)
+        assert r.status_code == 400 and "no score graph" in r.json()["error"]["message"]
+        assert post(url, prompt="hi", max_tokens=2, logprobs=1).status_code == 200  # generated tokens still work
+
+
+def test_quantized_echo_matches_its_own_decode_steps(tiny_quantized):
+    """On a prepacked int4 artifact (decode session only) the score graph is opened on demand, and
+    the prompt's log-probabilities equal those of the same graph fed one token at a time."""
+    q = G.load(tiny_quantized[("int4", "ort")], "cpu")
+    ids = q.text.encode(TEXT)
+    row = Row(q.options(max_new_tokens=1, logprobs=0, echo_logprobs=True), ids, q.text, q.eos_ids)
+    G.score_prompt(q, row)
+    from runtime.logprobs import log_softmax
+
+    stepwise, (logits, cache) = [], q.model.start([ids[:1]], q.pad_id)
+    for t in ids[1:]:
+        stepwise.append(log_softmax(logits[0])[t])
+        logits, cache = q.model.advance(np.array([t], np.int64), cache)
+    # measured 0.0: MatMulNBits quantizes int8 activations per row, so a row's result does not depend on
+    # how many rows a run has; the bound leaves room for kernels that block rows differently
+    assert np.abs(np.array([e.logprob for e in row.prompt_logprobs]) - stepwise).max() <= 1e-4
