@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first: a bare `torch` would pull several GB of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[export,runtime,serve,serve-ray,test]'
+	$(PY) -m pip install -q -e '.[export,runtime,serve,serve-ray,eval,test]'
 	touch $@
 
 test: install  ## the fast suite (tiny models), under 10 minutes on 2 cores
