@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from .contract import ArtifactError
 from .generate import Generator, check_request, score_prompt
 from .request import ModelOutputError, Options, Row
 from .step import KVCache, ScoreUnavailable, StepError, merge_caches, select_rows
@@ -51,6 +52,9 @@ class Request:
 class Engine:
     RATE_WINDOW_S = 10.0  # tokens/s in /metrics is over this window
     def __init__(self, gen: Generator, max_batch: int = 8, max_queue: int = 32):
+        if gen.manifest["dtype"] == "bfloat16":  # merging rows reads the cache on the host
+            raise ArtifactError("the serving engine cannot batch a bfloat16 artifact (numpy cannot hold its cache "
+                                "to merge rows); serve a float16 export on CUDA (--dtype float16)")
         self.gen, self.max_batch, self.max_queue = gen, max_batch, max_queue
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()

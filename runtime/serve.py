@@ -329,12 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         gen = load(args.model, args.provider, args.threads)
+        engine = Engine(gen, args.max_batch, args.max_queue)
     except (ArtifactError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for w in gen.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    engine = Engine(gen, args.max_batch, args.max_queue).start()
+    engine.start()
     name = os.path.basename(os.path.normpath(args.model))
     app = BodyLimit(create_app(lambda: engine, name, args.api_key, args.timeout, args.max_body), args.max_body)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

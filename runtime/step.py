@@ -29,6 +29,10 @@ class StepError(RuntimeError):
     """ONNX Runtime failed while running a graph (the message carries its first line)."""
 
 
+# The manifest's cache dtypes as ONNX Runtime element types (numpy has no bfloat16; 16 is ONNX's BFLOAT16).
+CACHE_TYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": 16}
+
+
 class ScoreUnavailable(RuntimeError):
     """Log-probabilities of a prompt were asked of an artifact without a score graph."""
 
@@ -199,12 +203,12 @@ class Model:
         return logits[:, -1], cache
 
     def empty_cache(self, batch: int) -> KVCache:
-        """Past length 0, in the cache dtype of the decode graph."""
+        """Past length 0, in the cache dtype the decode graph declares (bfloat16 too, which numpy lacks)."""
         d = self.shape
-        dtype = {4: np.float32, 2: np.float16}[self.cache_itemsize]
-        empty = np.zeros((batch, d["num_key_value_heads"], 0, d["head_dim"]), dtype)
-        return KVCache({name: _to_device(empty, self.decode.device) for name in self.decode.io.past},
-                       np.zeros((batch, 0), np.int64))
+        shape = [batch, d["num_key_value_heads"], 0, d["head_dim"]]
+        return KVCache({name: ort.OrtValue.ortvalue_from_shape_and_type(
+                            shape, CACHE_TYPES[self.decode.io.inputs[name]["dtype"]], self.decode.device, 0)
+                        for name in self.decode.io.past}, np.zeros((batch, 0), np.int64))
 
     def advance(self, tokens: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Feed one token per row ([B] int64) after `cache`."""

@@ -423,3 +423,19 @@ def test_runtime_binds_by_the_manifest_names(gen):
     assert gen.model.decode.io.past == tuple(p["past"] for p in pairs)
     assert gen.model.prefill.io.present == tuple(p["present"] for p in pairs)
     assert gen.model.decode.io.feeds == {p["present"]: p["past"] for p in pairs}
+
+
+def test_empty_cache_takes_the_graphs_cache_dtype_bfloat16_too():
+    """Guards the bug an H200 run found: a bfloat16 artifact's empty past (prompts fed to the decode or
+    score graph) was made float16, which onnxruntime refused ("expected tensor(bfloat16)")."""
+    from runtime.contract import GraphIO, cache_pairs, io_contract
+    from runtime.step import Model, Step
+
+    dims = {"num_hidden_layers": 2, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 16}
+    shape = {"num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2, "head_dim": 8}
+    for dtype, want in (("bfloat16", "tensor(bfloat16)"), ("float16", "tensor(float16)"), ("float32", "tensor(float)")):
+        manifest = {"graphs": io_contract(dims, dtype, False), "cache": {"pairs": cache_pairs(2)}}
+        decode = Step(None, GraphIO.from_manifest(manifest, "decode"), "cpu", 16, 64)
+        cache = Model(None, decode, shape).empty_cache(3)
+        assert {v.data_type() for v in cache.values.values()} == {want}
+        assert all(v.shape() == [3, 2, 0, 8] for v in cache.values.values()) and cache.length == 0
