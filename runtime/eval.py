@@ -42,6 +42,13 @@ def windows(ids: list[int], prefix: int, size: int) -> list[tuple[list[int], lis
     return out
 
 
+def rolling_windows(manifest: dict, ids: list[int], size: int) -> list[tuple[list[int], list[int]]]:
+    """`windows` with lm-eval's prefix token: the artifact's BOS id, else its first EOS id."""
+    tokens = manifest["tokens"]
+    prefix = tokens["bos_token_id"] if tokens["bos_token_id"] is not None else tokens["eos_token_ids"][0]
+    return windows(ids, prefix, size)
+
+
 @dataclass
 class Score:
     """Running sums over the scored positions."""
@@ -52,6 +59,15 @@ class Score:
     agree: int = 0
     seconds: float = 0.0
     per_model_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])
+
+    def add(self, lp: np.ndarray, target: int, ref: np.ndarray | None = None) -> None:
+        """One predicted token: the model's log-probabilities [V] (and the compared model's)."""
+        self.nll -= lp[target]
+        if ref is not None:
+            self.nll_compare -= ref[target]
+            self.kl += float((np.exp(ref) * (ref - lp)).sum())
+            self.agree += int(ref.argmax() == lp.argmax())
+        self.tokens += 1
 
     def figures(self, compare: bool) -> dict:
         out = {"tokens": self.tokens, "perplexity": float(np.exp(self.nll / self.tokens)),
@@ -86,22 +102,13 @@ def evaluate(gen: Generator, ids: list[int], window: int = DEFAULT_WINDOW, compa
         raise InputError("the text has no tokens: pass some text")
     if compare is not None and compare.manifest["model"]["dims"]["vocab_size"] != gen.manifest["model"]["dims"]["vocab_size"]:
         raise InputError("--compare must be an export of the same model (the vocabulary sizes differ)")
-    tokens = gen.manifest["tokens"]
-    prefix = tokens["bos_token_id"] if tokens["bos_token_id"] is not None else tokens["eos_token_ids"][0]
     score = Score()
-    parts = windows(ids, prefix, min(window, gen.max_context))
+    parts = rolling_windows(gen.manifest, ids, min(window, gen.max_context))
     for done, (inputs, targets) in enumerate(parts):
         mine = _steps(gen, inputs, score.per_model_seconds, 0)
         theirs = _steps(compare, inputs, score.per_model_seconds, 1) if compare else None
         for target in targets:
-            lp = next(mine)
-            score.nll -= lp[target]
-            if theirs is not None:
-                ref = next(theirs)
-                score.nll_compare -= ref[target]
-                score.kl += float((np.exp(ref) * (ref - lp)).sum())
-                score.agree += int(ref.argmax() == lp.argmax())
-            score.tokens += 1
+            score.add(next(mine), target, next(theirs) if theirs is not None else None)
         progress(done + 1, len(parts))
     return score.figures(compare is not None)
 

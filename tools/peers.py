@@ -5,10 +5,12 @@ Measured the way tools.bench measures our artifact, on the same checkpoint; llam
 In:  setup [--checkpoint CKPT] [--cache DIR]
      --worker llama|genai --model FILE.gguf|DIR --len N --batch B --new-tokens K [--threads T]
      agreement --reference F32.gguf --model Q.gguf --ids-from ARTIFACT [--positions 256]
+     eval --reference F32.gguf --model Q.gguf --ids-from ARTIFACT --text FILE [--window 512]
 Out: setup: the peer files under DIR/<checkpoint name>/, listed with their sizes in DIR/peers.json
      (one `error:` line and exit 1 when a step fails; a failed genai build is recorded and skipped);
      worker: one JSON line with tools.bench's keys (ttft_s, prefill_tok_s, decode_tok_s, load_s, peak_rss_mb);
-     agreement: one JSON line {top1_agreement, mean_kl, positions} of a quantized GGUF vs its own f32.
+     agreement: one JSON line {top1_agreement, mean_kl, positions} of a quantized GGUF vs its own f32;
+     eval: one JSON line with runtime.eval --compare's keys (perplexity, mean_kl, top1_agreement, ...).
 
 setup installs llama-cpp-python from a wheel cached in DIR/wheels (building one there only when none is:
 about 15 minutes on 2 cores) and takes llama.cpp's GGUF converter from the same version's sdist (the
@@ -300,6 +302,30 @@ def agreement(reference: str, model: str, artifact: Path, positions: int, thread
             "mean_kl": float(f"{kl.mean():.4g}"), "positions": len(kl)}
 
 
+def rolling(reference: str, model: str, artifact: Path, text: Path, window: int, threads: int | None) -> dict:
+    """runtime.eval's figures for llama.cpp: `model` (a quantized GGUF) scored against `reference` (its f32)
+    over the same rolling windows of the same token ids (the artifact's tokenizer) that `python -m
+    runtime.eval --model OURS --compare OUR_FLOAT32 --text TEXT` scores; one prefill per window each."""
+    from tokenizers import Tokenizer
+
+    from runtime.eval import Score, rolling_windows
+
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    tok = Tokenizer.from_file(str(artifact / manifest["files"]["tokenizer"]["path"]))
+    ids = tok.encode(text.read_text(encoding="utf-8"), add_special_tokens=False).ids
+    score = Score()
+    for inputs, targets in rolling_windows(manifest, ids, window):
+        started = time.perf_counter()
+        lp = _log_probs(model, inputs, threads)
+        score.per_model_seconds[0] += time.perf_counter() - started
+        started = time.perf_counter()
+        ref = _log_probs(reference, inputs, threads)
+        score.per_model_seconds[1] += time.perf_counter() - started
+        for row, target in enumerate(targets):
+            score.add(lp[row], target, ref[row])
+    return {"model": model, "compare": reference, "window": window, **score.figures(True)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.peers", description=__doc__.splitlines()[0])
     ap.add_argument("--worker", choices=["llama", "genai"], help="measure one configuration (one JSON line)")
@@ -317,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--model", required=True, help="the quantized GGUF")
     a.add_argument("--ids-from", type=Path, required=True, help="an exported artifact (its tokenizer and manifest)")
     a.add_argument("--positions", type=int, default=256)
+    e = sub.add_parser("eval", help="runtime.eval's rolling perplexity, KL and top-1 of a quantized GGUF vs its f32")
+    e.add_argument("--reference", required=True, help="the f32 GGUF")
+    e.add_argument("--model", required=True, help="the quantized GGUF")
+    e.add_argument("--ids-from", type=Path, required=True, help="an exported artifact (its tokenizer and manifest)")
+    e.add_argument("--text", type=Path, required=True)
+    e.add_argument("--window", type=int, default=512)
     args = ap.parse_args(argv)
     if args.command == "setup":
         if not (args.checkpoint / "config.json").exists() or not any(args.checkpoint.glob("*.safetensors")):
@@ -327,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, OSError) as e:
             print(f"error: {e}")
             return 1
+    elif args.command == "eval":
+        print(json.dumps(rolling(args.reference, args.model, args.ids_from, args.text, args.window, args.threads)))
     elif args.command == "agreement":
         print(json.dumps(agreement(args.reference, args.model, args.ids_from, args.positions, args.threads)))
     elif args.worker:
