@@ -37,8 +37,8 @@ synthetic: install  ## full-size synthetic checkpoint (RANDOM weights)
 demo: install  ## offline main job: synthetic full-size checkpoint -> verified ONNX artifact -> generation
 	test -f $(SYNTH)/config.json || $(PY) -m ernie_export.synthetic --size full --out $(SYNTH)
 	$(PY) -m ernie_export --model $(SYNTH) --out $(DEMO) --overwrite
-	$(PY) -m runtime.generate --model $(DEMO) --prompt "$(PROMPT)" --max-new-tokens 32 --greedy --json
-	@echo "(random weights: the ids and text are noise; the timings are real)"
+	$(PY) -m runtime.generate --model $(DEMO) --prompt "$(PROMPT)" --max-new-tokens 32 --greedy --stream
+	@echo "(random weights: the text is noise; the timings are real)"
 
 export: install  ## make export MODEL=<dir|hub id> OUT=artifacts/<name> [DTYPE=float16] [QUANT=int8|int4 OPS=standard|ort]
 	$(PY) -m ernie_export --model $(MODEL) --out $(OUT) --dtype $(DTYPE) --quantize $(QUANT) --ops $(OPS)

@@ -5,6 +5,7 @@ Out: config.json, model.safetensors (or shards + index), generation_config.json,
      (a small byte-level BPE trained here with `tokenizers`, with ERNIE's special tokens) and
      tokenizer_config.json carrying the published ERNIE 4.5 chat template.
 The weights are random: anything generated from them is noise, never a measure of model quality.
+They are initialised so that noise is readable: generated ids are among `visible_ids(tokenizer)`.
 
     python -m ernie_export.synthetic --size full --out checkpoints/synthetic-full
 """
@@ -97,18 +98,41 @@ def config_dict(size: str, layout: str = "current", tie: bool = True, rope: dict
 # or a wrong cache. Measured: tiny 0.2 gives varied output with float32 parity ~1e-5; at full size
 # 0.2 breaks parity (1e-3) and 0.06 already fails it, so full size uses 0.04.
 INIT_STD = {"tiny": 0.2, "full": 0.04}
-TOKENIZER_VOCAB = 400  # train_tokenizer()'s size: ids at or above it decode to nothing
-UNKNOWN_ROW_SCALE = 0.01  # embedding / LM-head rows of those ids: the tied head never prefers them
+HIDDEN_ROW_SCALE = 0.01  # embedding / LM-head rows of ids outside visible_ids(): greedy never picks them
+# Sampling defaults of the synthetic generation_config.json (what interactive chat uses). ERNIE's published
+# file names no top_k: transformers then uses 50, ernie_export/tokenizer.py 0 (off). Written out because with
+# random weights the ~103k ids outside the 400-id tokenizer get logits near 0 and so, under top_p alone, ~99%
+# of the mass: measured at full size, 47-48 of 48 sampled ids decoded to nothing; with top_k 50, none did.
+SAMPLING = {"do_sample": True, "temperature": 0.8, "top_p": 0.8, "top_k": 50, "repetition_penalty": 1.0}
 
 
-def random_weights(raw: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16, std: float = 0.02,
-                   known_ids: int = TOKENIZER_VOCAB) -> dict[str, torch.Tensor]:
+def visible_ids(tokenizer) -> list[int]:
+    """The ids whose own text is readable: printable characters, not empty, no U+FFFD.
+
+    Excluded: special tokens (they decode to ""), byte-level pieces of a multi-byte character
+    (alone they decode to U+FFFD), control characters and ids past the tokenizer's vocabulary.
+    Any sequence of these ids decodes to visible text.
+    """
+    ids = []
+    for i in range(tokenizer.get_vocab_size()):
+        text = tokenizer.decode([i], skip_special_tokens=True)
+        if text and text.isprintable() and "\ufffd" not in text:
+            ids.append(i)
+    return ids
+
+
+def random_weights(raw: dict, visible: list[int], seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                   std: float = 0.02) -> dict[str, torch.Tensor]:
     """Random tensors for every canonical name; norm weights != 1 so a missed norm shows up.
 
-    Rows of the embedding (and an untied LM head) for ids the synthetic tokenizer does not have
-    are scaled down, so greedy output decodes to visible text instead of nothing.
+    The embedding rows (and an untied LM head's) of ids not in `visible` are scaled down, so greedy
+    output picks visible ids and decodes to readable text instead of U+FFFD, control characters or
+    nothing. This includes the special tokens, end-of-sequence ids among them: generation on these
+    weights never ends early with an empty text (it runs to max_new_tokens).
     """
     gen = torch.Generator().manual_seed(seed)
+    hidden = torch.ones(raw["vocab_size"], dtype=torch.bool)  # [V]
+    hidden[visible] = False
     out = {}
     for name, shape in expected_shapes(parse_config(raw)).items():
         if name.endswith("norm.weight"):
@@ -116,7 +140,7 @@ def random_weights(raw: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16
         else:
             t = std * torch.randn(shape, generator=gen)
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            t[known_ids:] *= UNKNOWN_ROW_SCALE
+            t[hidden] *= HIDDEN_ROW_SCALE
         out[name] = t.to(torch.bfloat16).to(dtype)  # same values whatever the storage dtype
     return out
 
@@ -167,8 +191,8 @@ def train_tokenizer(vocab_size: int = 400):
     return tok
 
 
-def write_tokenizer(out: Path) -> None:
-    train_tokenizer().save(str(out / "tokenizer.json"))
+def write_tokenizer(tokenizer, out: Path) -> None:
+    tokenizer.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
@@ -186,18 +210,17 @@ def write_checkpoint(out: str | Path, size: str = "tiny", *, layout: str = "curr
     out.mkdir(parents=True, exist_ok=True)
     raw = config_dict(size, layout, tie, rope)
     raw["synthetic"] = RANDOM_WEIGHTS_NOTICE
-    weights = random_weights(raw, seed, dtype, INIT_STD[size])
+    tokenizer = train_tokenizer()
+    weights = random_weights(raw, visible_ids(tokenizer), seed, dtype, INIT_STD[size])
     if tie and with_lm_head:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
     if layout == "original":
         weights = to_original_layout(weights)
     save_weights(weights, out, shards)
     (out / "config.json").write_text(json.dumps(raw, indent=2))
-    (out / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-        "do_sample": True, "temperature": 0.8, "top_p": 0.8, "repetition_penalty": 1.0,
-    }, indent=2))
-    write_tokenizer(out)
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **SAMPLING}, indent=2))
+    write_tokenizer(tokenizer, out)
     (out / "README.md").write_text(f"# {RANDOM_WEIGHTS_NOTICE}\n\nWritten by `python -m ernie_export.synthetic --size {size}`.\n")
     return out
 

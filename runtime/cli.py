@@ -1,8 +1,9 @@
 """`python -m runtime.generate`: the command line over the generation API.
 
 In:  flags (`--model`, prompts, generation options), or a terminal for interactive chat.
-Out: generated text on stdout (plain, streamed or one JSON object per prompt); every failure is
-     one `error:` line on stderr and exit status 2.
+Out: generated text on stdout (plain, streamed or one JSON object per prompt); a plain or streamed
+     run ends with one line of timings on stderr; every failure is one `error:` line on stderr and
+     exit status 2.
 
 This module only maps flags onto `Options.from_artifact` and words the library's errors as flags;
 it decides no default of its own.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from .chat import Chat
 from .contract import ArtifactError
-from .generate import Generator, InputError, ModelOutputError, Options, encode_prompt, generate, load
+from .generate import Generator, InputError, ModelOutputError, Options, Result, encode_prompt, generate, load
 from .sampling import OptionError
 from .session import ProviderError
 from .step import FeedError, StepError
@@ -62,6 +63,16 @@ def flag_message(e: Exception) -> str:
     if isinstance(e, ProviderError):
         return f"--provider {e.provider}: {e.problem.replace('the cpu provider', '--provider cpu')}"
     return str(e)
+
+
+def timings_line(results: list[Result]) -> str:
+    """The batch's tokens and timings in words, for a person reading a plain or streamed run."""
+    t = results[0].timings  # one batch: the same timings on every row
+    reasons = "/".join(sorted({r.finish_reason for r in results}))
+    decode = "-" if t["decode_tokens_per_s"] is None else f"{t['decode_tokens_per_s']:g}"
+    return (f"[{sum(len(r.token_ids) for r in results)} tokens ({reasons}); "
+            f"first token after {t['time_to_first_token_s']:g} s; prefill {t['prefill_tokens_per_s']:g} tokens/s; "
+            f"decode {decode} tokens/s]")
 
 
 def _interactive(gen: Generator, opts: Options, system: str | None, read=input,
@@ -128,13 +139,16 @@ def run(args: argparse.Namespace) -> None:
         raise InputError("--stream prints one sequence; drop --stream to run several prompts as a batch")
     token_prompts = [encode_prompt(gen, p, args.chat, args.system) for p in prompts]
     on_text = (lambda row, chunk: print(chunk, end="", flush=True)) if args.stream and not args.json else None
-    for r in generate(gen, token_prompts, opts, on_text):
+    results = generate(gen, token_prompts, opts, on_text)
+    for r in results:
         if args.json:
             print(json.dumps(r.to_json(), ensure_ascii=False))
         elif args.stream:
-            print()
+            print(flush=True)
         else:
-            print(r.text)
+            print(r.text, flush=True)
+    if not args.json:
+        print(timings_line(results), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,3 +61,20 @@ def hostile_copy(src, dst, edit) -> "Path":
             entry.update(file_entry(path))
     (dst / "manifest.json").write_text(json.dumps(manifest))
     return dst
+
+
+def readable(text: str) -> bool:
+    """Text a person can read on a terminal: not blank, no U+FFFD, no control characters."""
+    return bool(text.strip()) and text.isprintable() and "\ufffd" not in text
+
+
+def demo_args(artifact) -> list[str]:
+    """`make demo`'s generation flags, read from the Makefile (so a test follows the demo), on `artifact`."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    make = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    prompt = re.search(r"^PROMPT \?= (.*)$", make, re.M)[1]
+    flags = re.search(r"-m runtime\.generate --model \$\(DEMO\) (.*)$", make, re.M)[1]
+    return ["--model", str(artifact), *shlex.split(flags.replace("$(PROMPT)", prompt))]

@@ -5,11 +5,14 @@
 - Chat template sources: tokenizer_config.json, else chat_template.jinja, else none (and --chat says so).
 - The tiny fixture is discriminative, and deliberately broken drivers (wrong positions, a cache not
   grown, a mask off by one) fail the generation-parity comparison: the negative controls.
+- Its noise is readable: `make demo`'s text and interactive chat's sampled replies are visible text;
+  the same weights with only the old row scaling (every tokenizer id kept) are the negative control.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 
@@ -18,13 +21,13 @@ import pytest
 import torch
 
 from ernie_export.build import export_artifact
-from ernie_export.synthetic import write_checkpoint
+from ernie_export.synthetic import INIT_STD, random_weights, save_weights, train_tokenizer, write_checkpoint
 from runtime import generate as G
 from runtime import step as S
 from runtime.cli import main as cli_main
 from runtime.sampling import SamplingParams
 from tests import spm_fixtures as fx
-from tests.helpers import eager_greedy, our_model
+from tests.helpers import demo_args, eager_greedy, our_model, readable
 
 QUIET = dict(log=lambda m: None)
 GREEDY = G.Options(max_new_tokens=32, sampling=SamplingParams(), ignore_eos=True)
@@ -181,3 +184,51 @@ def test_json_says_which_token_stopped_a_row(gen, tiny_artifact, capsys):
     cli_main(["--model", str(tiny_artifact), "--prompt", "hi", "--max-new-tokens", "2", "--json", "--greedy"])
     row = json.loads(capsys.readouterr().out.splitlines()[0])
     assert "stop_token_id" in row
+
+
+# ---- a demo a newcomer can read ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def every_id_artifact(tmp_path_factory):
+    """The tiny checkpoint with the same random draws, but every tokenizer id's row kept at full scale
+    (the scaling before visible_ids(): byte pieces of multi-byte characters, control characters and
+    special tokens stay as likely as words)."""
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("every-id") / "ckpt", "tiny")
+    raw = json.loads((ckpt / "config.json").read_text())
+    every_id = list(range(train_tokenizer().get_vocab_size()))
+    save_weights(random_weights(raw, every_id, std=INIT_STD["tiny"]), ckpt)
+    export_artifact(str(ckpt), ckpt.parent / "art", run_verify=False, **QUIET)
+    return ckpt.parent / "art"
+
+
+@pytest.mark.parametrize("artifact, shows_text", [("tiny_artifact", True), ("every_id_artifact", False)])
+def test_demo_prints_readable_text_and_timings(request, capsys, artifact, shows_text):
+    """`make demo`'s command (read from the Makefile) prints visible text, then its timings in words.
+    every_id_artifact is the negative control: there the same check must fail."""
+    assert cli_main(demo_args(request.getfixturevalue(artifact))) == 0
+    out, err = capsys.readouterr()
+    assert out.endswith("\n") and readable(out[:-1]) == shows_text, repr(out)
+    assert re.search(r"^\[32 tokens \(length\); first token after [\d.e-]+ s; .* decode [\d.e+]+ tokens/s\]$", err, re.M), err
+
+
+@pytest.mark.parametrize("artifact, shows_text", [("tiny_artifact", True), ("every_id_artifact", False)])
+def test_interactive_chat_replies_are_readable(request, artifact, shows_text):
+    """Interactive chat samples with the artifact's defaults (generation_config.json's); each reply
+    must be visible text. every_id_artifact is the negative control."""
+    from runtime.cli import _interactive
+
+    gen = G.load(request.getfixturevalue(artifact), "cpu")
+    lines = iter(["Hello there", "What is the capital of France?"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    chunks = []
+    _interactive(gen, replace(gen.defaults, max_new_tokens=24, seed=0), None, read=read, write=chunks.append)
+    transcript = "".join(chunks)
+    replies = transcript.split("\n")[:-1]  # each reply ends with a newline
+    assert transcript.endswith("\n")
+    assert (len(replies) == 2 and all(map(readable, replies))) == shows_text, replies
