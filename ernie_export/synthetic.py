@@ -99,11 +99,11 @@ def config_dict(size: str, layout: str = "current", tie: bool = True, rope: dict
 # 0.2 breaks parity (1e-3) and 0.06 already fails it, so full size uses 0.04.
 INIT_STD = {"tiny": 0.2, "full": 0.04}
 HIDDEN_ROW_SCALE = 0.01  # embedding / LM-head rows of ids outside visible_ids(): greedy never picks them
-# Sampling defaults of the synthetic generation_config.json (what interactive chat uses). ERNIE's published
-# file names no top_k: transformers then uses 50, ernie_export/tokenizer.py 0 (off). Written out because with
-# random weights the ~103k ids outside the 400-id tokenizer get logits near 0 and so, under top_p alone, ~99%
-# of the mass: measured at full size, 47-48 of 48 sampled ids decoded to nothing; with top_k 50, none did.
-SAMPLING = {"do_sample": True, "temperature": 0.8, "top_p": 0.8, "top_k": 50, "repetition_penalty": 1.0}
+# Sampling defaults of the synthetic generation_config.json, as ERNIE's published file has them: no top_k,
+# so the exporter takes transformers' default, 50. That matters here: with random weights the ~103k ids
+# outside the 400-id tokenizer get logits near 0 and so, under top_p alone, ~99% of the mass (measured at
+# full size: 47-48 of 48 sampled ids decoded to nothing); with top_k 50, none did.
+SAMPLING = {"do_sample": True, "temperature": 0.8, "top_p": 0.8, "repetition_penalty": 1.0}
 
 
 def visible_ids(tokenizer) -> list[int]:

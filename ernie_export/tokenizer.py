@@ -106,7 +106,9 @@ def _defaults(gen: dict, cfg: ErnieConfig, tok_cfg: dict, vocab: dict[str, int])
         "do_sample": bool(gen.get("do_sample", False)),
         "temperature": _number(gen, "temperature", 1.0, float),
         "top_p": _number(gen, "top_p", 1.0, float),
-        "top_k": _number(gen, "top_k", 0, int),
+        # transformers' GenerationConfig default when the file names none (ERNIE 4.5's does not): sampling
+        # with the artifact's defaults then matches transformers' generate() on the same checkpoint
+        "top_k": _number(gen, "top_k", 50, int),
         "repetition_penalty": _number(gen, "repetition_penalty", 1.0, float),
         "max_new_tokens": _number(gen, "max_new_tokens", 256, int),
         "special_tokens": {k: _token(tok_cfg, k) for k in SPECIAL_KEYS if _token(tok_cfg, k) is not None},

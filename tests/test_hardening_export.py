@@ -247,3 +247,17 @@ def test_opset_is_honoured_or_refused(tiny_ckpt, tmp_path, capsys):
         model = onnx.load(str(tmp_path / "o21" / f"{graph}.onnx"), load_external_data=False)
         assert {o.domain: o.version for o in model.opset_import}[""] == 21
     assert json.loads((tmp_path / "o21" / "parity.json").read_text())["status"] == "passed"
+
+
+def test_sampling_defaults_follow_transformers_when_the_file_is_silent(tmp_path):
+    """ERNIE 4.5's generation_config.json names no top_k; transformers then samples with top_k 50, and so
+    must the artifact's defaults (0 would let ~99% of the mass go to ids the synthetic tokenizer lacks)."""
+    from ernie_export.config import load_config
+    from ernie_export.tokenizer import read_text_files
+
+    ckpt = write_checkpoint(tmp_path / "c", "tiny")
+    assert "top_k" not in json.loads((ckpt / "generation_config.json").read_text())
+    assert read_text_files(ckpt, load_config(ckpt)).generation["top_k"] == 50
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    (ckpt / "generation_config.json").write_text(json.dumps({**gen, "top_k": 0}))  # given: honoured
+    assert read_text_files(ckpt, load_config(ckpt)).generation["top_k"] == 0
