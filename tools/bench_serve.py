@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
     url = f"http://127.0.0.1:{args.port}"
+    with socket.socket() as probe:  # a server already there would answer instead of the one measured
+        if probe.connect_ex(("127.0.0.1", args.port)) == 0:
+            print(f"error: port {args.port} is already in use on 127.0.0.1; stop what listens there or pass --port")
+            return 1
     server = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", args.model, "--port", str(args.port),
                                "--max-batch", str(max(args.clients))])
     try:
