@@ -4,7 +4,8 @@ In:  an artifact, a UTF-8 text file, optionally a second artifact of the same mo
      judge an int4 export against).
 Out: rolling perplexity of the text and tokens/s; with --compare, on the same token positions: mean
      KL divergence KL(p_compare || p_model), top-1 agreement and the perplexity ratio model / compare.
-     `--json` prints one object. Torch-free: the runtime's own sessions and step loop.
+     `--json` prints one object. Torch-free: the runtime's own sessions, through the score graph (logits at
+     every position; an artifact exported without one is refused with a message).
 
 Rolling semantics are lm-evaluation-harness's `loglikelihood_rolling` (context length 1): the text's
 tokens are cut into non-overlapping windows of `--window` predicted tokens; a window is fed the token
@@ -27,7 +28,7 @@ from .contract import ArtifactError
 from .generate import Generator, InputError, check_utf8, load
 from .logprobs import log_softmax
 from .session import ProviderError
-from .step import StepError
+from .step import ScoreUnavailable, StepError
 
 DEFAULT_WINDOW = 512
 
@@ -81,18 +82,14 @@ class Score:
         return out
 
 
-def _steps(gen: Generator, inputs: list[int], clock: list[float], slot: int):
-    """Log-probabilities after each input token, teacher-forced (the artifact's graphs give the last
-    position's logits, so the window is fed one token at a time after its first)."""
+def _window(gen: Generator, inputs: list[int], clock: list[float], slot: int) -> np.ndarray:
+    """Logits after each input token [len(inputs), V] float32, from the score graph (one chunked
+    prefill per window, not one decode step per token)."""
     t = time.perf_counter()
-    logits, cache = gen.model.start([inputs[:1]], gen.pad_id)
+    parts: list[np.ndarray] = []
+    gen.model.score(inputs, lambda logits, first: parts.append(logits.copy()))
     clock[slot] += time.perf_counter() - t
-    for i in range(len(inputs)):
-        yield log_softmax(logits[0])
-        if i + 1 < len(inputs):
-            t = time.perf_counter()
-            logits, cache = gen.model.advance(np.array([inputs[i + 1]], np.int64), cache)
-            clock[slot] += time.perf_counter() - t
+    return np.concatenate(parts)
 
 
 def evaluate(gen: Generator, ids: list[int], window: int = DEFAULT_WINDOW, compare: Generator | None = None,
@@ -105,10 +102,10 @@ def evaluate(gen: Generator, ids: list[int], window: int = DEFAULT_WINDOW, compa
     score = Score()
     parts = rolling_windows(gen.manifest, ids, min(window, gen.max_context))
     for done, (inputs, targets) in enumerate(parts):
-        mine = _steps(gen, inputs, score.per_model_seconds, 0)
-        theirs = _steps(compare, inputs, score.per_model_seconds, 1) if compare else None
-        for target in targets:
-            score.add(next(mine), target, next(theirs) if theirs is not None else None)
+        mine = _window(gen, inputs, score.per_model_seconds, 0)
+        theirs = _window(compare, inputs, score.per_model_seconds, 1) if compare else None
+        for row, target in enumerate(targets):
+            score.add(log_softmax(mine[row]), target, None if theirs is None else log_softmax(theirs[row]))
         progress(done + 1, len(parts))
     return score.figures(compare is not None)
 
@@ -137,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e.filename}: no such file; pass an existing --text file and artifact", file=sys.stderr)
         return 1
-    except (ArtifactError, ProviderError, StepError, InputError, OSError) as e:
+    except (ArtifactError, ProviderError, StepError, ScoreUnavailable, InputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

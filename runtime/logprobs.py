@@ -44,11 +44,11 @@ def entries(logits: np.ndarray, tokens: list[int] | np.ndarray, n: int) -> list[
     return out
 
 
-def openai_logprobs(pieces: list[str], scored: list[Entry | None], piece_of, start: int = 0) -> dict:
+def openai_logprobs(pieces: list[str], scored: list[Entry | None], piece_of) -> dict:
     """{tokens, token_logprobs, top_logprobs, text_offset} for tokens whose text pieces are `pieces`
     (an unscored one, the echoed prompt's first, gets null). `piece_of(id)` names an alternative;
-    offsets count characters from `start` in the returned text."""
-    offsets, at = [], start
+    offsets count characters in the returned text."""
+    offsets, at = [], 0
     for piece in pieces:
         offsets.append(at)
         at += len(piece)

@@ -28,12 +28,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .contract import SCORE, ArtifactError, graphs_of
+from .contract import ArtifactError
 from .engine import Engine, QueueFull
 from .generate import Generator, InputError, check_utf8, load
 from .logprobs import MAX_ALTERNATIVES, openai_logprobs
 from .request import Options
 from .sampling import OptionError
+from .step import ScoreUnavailable
 from .text import ChatTemplateError
 
 
@@ -77,6 +78,11 @@ def options_for(gen: Generator, body: _Body) -> Options:
     return gen.options(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                        top_k=body.top_k, repetition_penalty=body.repetition_penalty, seed=body.seed, stop=stop,
                        logprobs=logprobs, echo_logprobs=getattr(body, "echo", False) and logprobs is not None)
+
+
+def api_words(message: str) -> str:
+    """The library's option names as the API spells them."""
+    return message.replace("max_new_tokens", "max_tokens")
 
 
 def prompts_of(gen: Generator, prompt) -> list[tuple[str, list[int]]]:
@@ -167,9 +173,8 @@ def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_
             prompts = prompts_of(engine.gen, body.prompt)
         except InputError as e:
             return error(400, str(e), param="prompt")
-        if body.echo and body.logprobs is not None and SCORE not in graphs_of(engine.gen.manifest):
-            return error(400, "this artifact has no score graph, so it cannot return the prompt's log-probabilities "
-                         "(echo with logprobs); re-export it with this version", param="echo")
+        if body.echo and body.logprobs is not None and engine.gen.model.open_score is None:
+            return error(400, ScoreUnavailable.MESSAGE, param="echo")
         if body.stream and (len(prompts) > 1 or body.logprobs is not None):
             return error(400, "stream supports one prompt and no logprobs; send stream: false for those",
                          param="stream")
@@ -204,7 +209,7 @@ async def respond(engine: Engine, body: _Body, prompt: list[int], kind: str, mod
     try:
         opts = options_for(engine.gen, body)
     except OptionError as e:
-        return error(400, str(e).replace("max_new_tokens", "max_tokens"), param=e.option.replace("max_new_tokens", "max_tokens"))
+        return error(400, api_words(str(e)), param=api_words(e.option))
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     emit = lambda k, payload: loop.call_soon_threadsafe(events.put_nowait, (k, payload))  # noqa: E731
     try:
@@ -213,7 +218,7 @@ async def respond(engine: Engine, body: _Body, prompt: list[int], kind: str, mod
         return JSONResponse({"error": {"message": str(e), "type": "server_busy", "param": None, "code": 429}},
                             429, headers={"Retry-After": "1"})
     except (InputError, OptionError) as e:
-        return error(400, str(e).replace("max_new_tokens", "max_tokens"), param="max_tokens")
+        return error(400, api_words(str(e)), param="max_tokens")
     ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
     if body.stream:
         return StreamingResponse(_sse(events, engine, handle, ident, created, model_name, kind),

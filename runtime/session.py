@@ -179,18 +179,13 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
         return Step(session, io, provider, dims["vocab_size"], dims["max_position_embeddings"],
                     manifest["full_logits"] or every, every)
 
-    def open_score() -> Step | None:
-        if SCORE not in graphs_of(manifest):
-            return None
-        return step(SCORE, shared.get(SCORE))
-
     steps = {graph: step(graph, shared.get(graph)) for graph in graphs}
     if "prefill" in steps:
         check_cache_pairing(steps["prefill"].io, steps["decode"].io)
     shape = {k: dims[k] for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads", "head_dim")}
     return Model(steps.get("prefill"), steps["decode"], shape=shape,
                  cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared,
-                 open_score=(lambda: steps[SCORE]) if SCORE in steps else open_score)
+                 open_score=(lambda: step(SCORE, shared.get(SCORE))) if SCORE in graphs_of(manifest) else None)
 
 
 def available_memory() -> int | None:

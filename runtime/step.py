@@ -35,6 +35,8 @@ CACHE_TYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": 16}
 
 class ScoreUnavailable(RuntimeError):
     """Log-probabilities of a prompt were asked of an artifact without a score graph."""
+    MESSAGE = ("this artifact has no score graph (logits at every position), so it cannot return a prompt's "
+               "log-probabilities; re-export it with this version")
 
 
 class FeedError(ValueError):
@@ -147,7 +149,7 @@ class Model:
     shape: dict  # from the manifest's dims: num_attention_heads, num_hidden_layers, num_key_value_heads, head_dim
     cache_itemsize: int = 4  # bytes per cache element (float32; 2 for float16/bfloat16)
     weights: dict = field(default_factory=dict, repr=False)  # mapped weights the sessions use: keep alive
-    open_score: Callable[[], "Step | None"] | None = field(default=None, repr=False)  # opens the score graph
+    open_score: Callable[[], "Step"] | None = field(default=None, repr=False)  # None: the artifact has no score graph
     _score: "Step | None" = field(default=None, repr=False)
 
     SCORE_BUDGET = 256 << 20  # bytes of float32 attention scores per run; the graph holds ~3 such arrays
@@ -185,11 +187,10 @@ class Model:
         logits at every position) in chunks; `each(logits [n, V], first)` receives the logits after
         tokens first..first+n-1. Returns the last position's logits [1, V] and the cache, from which
         decoding goes on as after `start`."""
+        if self.open_score is None:
+            raise ScoreUnavailable(ScoreUnavailable.MESSAGE)
         if self._score is None:
-            self._score = self.open_score() if self.open_score else None
-            if self._score is None:
-                raise ScoreUnavailable("this artifact has no score graph (logits at every position), so it cannot "
-                                       "return a prompt's log-probabilities; re-export it with this version")
+            self._score = self.open_score()
         # Both the attention scores and the [chunk, vocab] float32 logits of one run stay within SCORE_BUDGET.
         chunk = min(self.chunk_length(1, len(prompt)), max(16, self.SCORE_BUDGET // (4 * self._score.vocab)))
         ids = np.array([prompt], np.int64)
