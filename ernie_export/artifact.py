@@ -22,7 +22,8 @@ import onnx_ir as ir
 import onnxscript
 import torch
 
-from runtime.contract import FORMAT, FORMAT_VERSION, MANIFEST, cache_pairs, check_schema, file_entry, io_contract
+from runtime.contract import (FORMAT, FORMAT_VERSION, MANIFEST, SHARED_BUFFER, cache_pairs, check_schema, file_entry,
+                              io_contract)
 from runtime.session import version_tuple
 
 from .config import ErnieConfig
@@ -108,6 +109,21 @@ FEEDING = {
             "positions continued, past_key_values.* = the previous step's present.* per cache.pairs); "
             "decode with an empty past (length 0) equals prefill",
 }
+# profile.kv_cache "shared_buffer" (--ops ort: onnxruntime's GroupQueryAttention) feeds the decode graph so:
+SHARED_FEEDING = {
+    "padding_side": "right",
+    "attention_mask": "int64 [batch, total]: row b is 1 at its first n_b positions, n_b = its cached plus new "
+                      "tokens (right padded); total = max n_b; only the row sums are read",
+    "position_ids": "none: the new tokens of row b take positions n_b - new.. (a first prompt, total == new, "
+                    "starts at 0 and may be right padded)",
+    "dims": {"max_sequence_length": "the buffer's capacity, >= total; past and present have it"},
+    "logits": "float32 [batch, 1, vocab] for each row's last real new token (every position when full_logits)",
+    "loop": "allocate past_key_values.* [batch, kv_heads, capacity, head_dim] and bind each as its present.* "
+            "output too (per cache.pairs): the graph writes the new keys and values in place. A prompt is decode "
+            "after an empty buffer; then one token per row per step. Several new tokens after a non-empty cache "
+            "need batch 1 (onnxruntime's rule). Grow the buffer (copy into a larger one) before total exceeds "
+            "capacity; there is no prefill graph",
+}
 
 
 def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source: dict,
@@ -130,11 +146,11 @@ def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source
         "onnx": {"ir_version": lowest_ir_version(opset), "opset": opset, "op_domains": profile.op_domains},
         "onnxruntime": onnxruntime_versions(profile),
         "profile": {"quantization": profile.quantization, "block_size": profile.block_size,
-                    "table_bits": profile.table_bits, "ops": profile.ops, "kv_cache": "concat"},
+                    "table_bits": profile.table_bits, "ops": profile.ops, "kv_cache": profile.kv_cache},
         "session_options": session_options(profile),
-        "graphs": io_contract(dims, dtype, full_logits),
+        "graphs": io_contract(dims, dtype, full_logits, profile.kv_cache),
         "cache": {"pairs": cache_pairs(cfg.num_hidden_layers)},
-        "feeding": FEEDING,
+        "feeding": SHARED_FEEDING if profile.kv_cache == SHARED_BUFFER else FEEDING,
         "tokens": tokens,
         "files": {role: {"path": name} for role, name in roles.items()},
         "weights_index": weights_index,

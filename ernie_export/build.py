@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import torch
 
-from runtime.contract import GRAPHS, SCORE
+from runtime.contract import SCORE, generation_graphs
 
 from .artifact import WEIGHTS_FILE, describe, save_graphs, write_manifest
 from .config import load_config
@@ -70,9 +70,10 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
         if cfg.synthetic:
             log("[export] note: this is a synthetic checkpoint with RANDOM weights")
     graphs = {}
-    for name in (*GRAPHS, SCORE):
-        with stage(f"tracing {name} graph (torch.export -> ONNX opset {opset}, {dtype})", log):
-            graphs[name] = trace(net, name, opset, full_logits)
+    names = (*generation_graphs(profile.kv_cache), SCORE)
+    for name in names:
+        with stage(f"tracing {name} graph (torch.export -> ONNX opset {opset}, {dtype}, {profile.kv_cache} cache)", log):
+            graphs[name] = trace(net, name, opset, full_logits, profile.kv_cache)
     quantizer = None
     if profile.bits:
         with stage(f"quantizing weights ({profile.quantization}, blocks of {profile.block_size}, {profile.ops} ops)", log):
@@ -82,7 +83,7 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
     with stage("saving graphs with one shared weights file", log):
         weights_index = save_graphs(graphs, tmp)
         del graphs
-        roles = {graph: f"{graph}.onnx" for graph in (*GRAPHS, SCORE)} | {"weights": WEIGHTS_FILE}
+        roles = {graph: f"{graph}.onnx" for graph in names} | {"weights": WEIGHTS_FILE}
         roles.update(write_text_files(text_files, tmp))
         roles["parity"] = "parity.json"
         manifest = describe(cfg, dtype, opset, full_logits, source_of(model), roles, weights_index,

@@ -3,6 +3,9 @@
 In:  `ErnieConfig` and canonical weights (see weights.py).
 Out: `ErnieForCausalLM.forward(input_ids, attention_mask, position_ids, past)` ->
      `(logits, present)`; the KV cache is an argument, never module state.
+     `forward_shared_buffer(input_ids, attention_mask, buffers)`: the same model over a preallocated,
+     right-padded cache that each step writes in place (the `--ops ort` profile), its attention one
+     `group_query_attention` op, which exports as onnxruntime's fused GroupQueryAttention kernel.
 
 Shapes: B batch, S new tokens, P past length (may be 0), T = P + S, H query heads,
 KV key/value heads, G = H // KV, D head_dim (NOT hidden // H for ERNIE 4.5: 16 x 128 != 1024).
@@ -73,6 +76,59 @@ def attention_allowed(attention_mask: torch.Tensor, seq_len: int) -> torch.Tenso
     return allowed[:, None, None]  # [B, 1, 1, S, T]
 
 
+@torch.library.custom_op("ernie::group_query_attention", mutates_args=())
+def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
+                          past_value: torch.Tensor, seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor,
+                          cos_cache: torch.Tensor, sin_cache: torch.Tensor, num_heads: int,
+                          kv_num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What onnxruntime's com.microsoft GroupQueryAttention (do_rotary, rotary_interleaved) computes, as the
+    exporter maps it (trace.py); this eager body is its reference, checked against the kernel in the tests.
+
+    query [B, S, H*D], key / value [B, S, KV*D]; past_key / past_value [B, KV, C, D]: a buffer of capacity C
+    whose row b holds its tokens at 0..n_b-1 (right padded), n_b = seqlens_k[b] + 1 after this step.
+    The new tokens of row b sit at n_b - S.. (a first prompt, total_sequence_length == S, starts at 0 and
+    may be right padded: only its first n_b tokens are real). RoPE (interleaved pairs) at those positions,
+    cos_cache / sin_cache [>= T, D/2]. Returns attention output [B, S, H*D] and the buffers with the new
+    keys / values written (present; onnxruntime writes them in place when past and present share memory).
+    """
+    b, s, _ = query.shape
+    d = past_key.shape[-1]
+    out, present_k, present_v = torch.zeros_like(query), past_key.clone(), past_value.clone()
+    for r in range(b):
+        n = int(seqlens_k[r]) + 1
+        start = 0 if int(total_sequence_length) == s else n - s
+        real = min(s, n - start)  # real new tokens of the row
+        pos = torch.arange(start, start + real)
+        cos, sin = cos_cache[pos][None, None], sin_cache[pos][None, None]  # [1, 1, real, D/2]
+        q = apply_rope(query[r, :real].view(1, real, num_heads, d).transpose(1, 2), cos, sin)  # [1, H, real, D]
+        k = apply_rope(key[r, :real].view(1, real, kv_num_heads, d).transpose(1, 2), cos, sin)  # [1, KV, real, D]
+        present_k[r, :, start:n], present_v[r, :, start:n] = k[0], value[r, :real].view(real, kv_num_heads, d).transpose(0, 1)
+        allowed = attention_allowed(torch.ones(1, n, dtype=torch.int64), real)  # [1, 1, 1, real, n]
+        o = attend(q, present_k[r:r + 1, :, :n], present_v[r:r + 1, :, :n], allowed, d ** -0.5)  # [1, real, H*D]
+        out[r, :real] = o[0]
+    return out, present_k, present_v
+
+
+@group_query_attention.register_fake
+def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
+      num_heads, kv_num_heads):
+    return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+    """q [B, H, S, D], k / v [B, KV, T, D], allowed [B, 1, 1, S, T] -> [B, S, H*D]."""
+    b, h, s, d = q.shape
+    kv = k.shape[1]
+    g = h // kv
+    # GQA without repeating K/V: the G query heads of one KV head form one matmul batch.
+    qg = q.reshape(b, kv, g * s, d)  # [B, KV, G*S, D]
+    scores = torch.matmul(qg, k.transpose(2, 3)) * scaling  # [B, KV, G*S, T]
+    scores = torch.where(allowed, scores.float().unflatten(2, (g, s)), MASK_VALUE)  # [B, KV, G, S, T]
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).flatten(2, 3)  # [B, KV, G*S, T]
+    out = torch.matmul(probs, v)  # [B, KV, G*S, D]
+    return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -118,14 +174,16 @@ class Attention(nn.Module):
         if past is not None:
             k = torch.cat((past[0], k), dim=2)  # [B, KV, T, D]
             v = torch.cat((past[1], v), dim=2)  # [B, KV, T, D]
-        # GQA without repeating K/V: the G query heads of one KV head form one matmul batch.
-        qg = q.reshape(b, kv, g * s, d)  # [B, KV, G*S, D]
-        scores = torch.matmul(qg, k.transpose(2, 3)) * self.scaling  # [B, KV, G*S, T]
-        scores = torch.where(allowed, scores.float().unflatten(2, (g, s)), MASK_VALUE)  # [B, KV, G, S, T]
-        probs = torch.softmax(scores, dim=-1).to(q.dtype).flatten(2, 3)  # [B, KV, G*S, T]
-        out = torch.matmul(probs, v)  # [B, KV, G*S, D]
-        out = out.view(b, kv * g, s, d).transpose(1, 2).reshape(b * s, kv * g * d)  # [B*S, H*D]
+        out = attend(q, k, v, allowed, self.scaling).view(b * s, kv * g * d)  # [B*S, H*D]
         return self.o_proj(out), (k, v)
+
+    def forward_shared(self, x, b: int, s: int, seqlens_k, total, cos_cache, sin_cache,
+                       buffers: tuple[torch.Tensor, torch.Tensor]):
+        """The same attention over a shared, right-padded buffer (see group_query_attention). x [B*S, hidden]."""
+        out, k, v = group_query_attention(self.q_proj(x).view(b, s, -1), self.k_proj(x).view(b, s, -1),
+                                          self.v_proj(x).view(b, s, -1), buffers[0], buffers[1], seqlens_k, total,
+                                          cos_cache, sin_cache, self.n_heads, self.n_kv)
+        return self.o_proj(out.view(b * s, -1)), (k, v)
 
 
 class DecoderLayer(nn.Module):
@@ -136,8 +194,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, b, s, cos, sin, allowed, past):  # x [B*S, hidden]
-        h, present = self.self_attn(self.input_layernorm(x), b, s, cos, sin, allowed, past)
+    def forward(self, x, past, *context, shared: bool = False):  # x [B*S, hidden]; context: the attention's
+        attn = self.self_attn.forward_shared if shared else self.self_attn
+        h, present = attn(self.input_layernorm(x), *context, past)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, present
@@ -179,13 +238,40 @@ class ErnieForCausalLM(nn.Module):
         allowed = attention_allowed(attention_mask, s)  # [B, 1, 1, S, T]
         present: KVCache = []
         for i, layer in enumerate(self.model.layers):
-            x, kv = layer(x, b, s, cos, sin, allowed, None if past is None else past[i])
+            x, kv = layer(x, None if past is None else past[i], b, s, cos, sin, allowed)
             present.append(kv)
         x = self.model.norm(x)
         if last_only:
             x = x.view(b, s, -1)[:, -1]  # [B, hidden]: left padding keeps every row's last token real
         logits = F.linear(x, self.lm_weight())  # [B*S or B, vocab]
         return logits.view(b, -1, logits.shape[-1]), present  # [B, S or 1, vocab]
+
+    def forward_shared_buffer(
+        self,
+        input_ids: torch.Tensor,  # [B, S] int64
+        attention_mask: torch.Tensor,  # [B, T] int64, RIGHT padded: row b is 1 at its first n_b positions
+        buffers: KVCache,  # per layer ([B, KV, C, D], [B, KV, C, D]), C >= T; rows hold their tokens at 0..
+        last_only: bool = False,  # logits for each row's last real new token only
+    ) -> tuple[torch.Tensor, KVCache]:
+        """The model over a shared buffer: the new tokens of row b take positions n_b - S.. (a first prompt,
+        T == S, starts at 0, right padded); positions are implied, so there is no position_ids."""
+        b, s = input_ids.shape
+        seqlens_k = (attention_mask.sum(-1) - 1).to(torch.int32)  # [B]: each row's last real index
+        total = torch.full((), attention_mask.shape[1], dtype=torch.int32)
+        freqs = torch.arange(attention_mask.shape[1], dtype=torch.float32)[:, None] * self.inv_freq  # [T, D/2]
+        dtype = self.model.embed_tokens.weight.dtype
+        cos_cache, sin_cache = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        x = self.model.embed_tokens(input_ids).flatten(0, 1)  # [B*S, hidden]
+        present: KVCache = []
+        for i, layer in enumerate(self.model.layers):
+            x, kv = layer(x, buffers[i], b, s, seqlens_k, total, cos_cache, sin_cache, shared=True)
+            present.append(kv)
+        x = self.model.norm(x)
+        if last_only:  # row b's last real new token: seqlens_k[b] in a padded first prompt, else S - 1
+            last = torch.clamp(seqlens_k.long(), max=s - 1)[:, None, None].expand(b, 1, x.shape[-1])
+            x = x.view(b, s, -1).gather(1, last)[:, 0]  # [B, hidden]
+        logits = F.linear(x, self.lm_weight())
+        return logits.view(b, -1, logits.shape[-1]), present
 
 
 def build_model(cfg: ErnieConfig, weights: dict[str, torch.Tensor]) -> ErnieForCausalLM:

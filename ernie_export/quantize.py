@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from runtime.contract import CONCAT, SHARED_BUFFER
+
 QUANTIZATIONS = {"none": None, "int8": 8, "int4": 4}
 OPS = ("standard", "ort")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -83,6 +85,11 @@ class Profile:
         if self.bits and self.ops == "standard" and opset < MIN_STANDARD_OPSET:
             raise QuantizeError(f"opset {opset} has no blocked DequantizeLinear: quantized standard-op graphs "
                                 f"need --opset >= {MIN_STANDARD_OPSET}")
+
+    @property
+    def kv_cache(self) -> str:
+        """`--ops ort` attends with onnxruntime's GroupQueryAttention over a shared, preallocated buffer."""
+        return SHARED_BUFFER if self.ops == "ort" else CONCAT
 
     @property
     def op_domains(self) -> list[str]:

@@ -36,7 +36,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from runtime.contract import GRAPHS, MANIFEST, PAST, SCORE, ArtifactError, cache_names, graphs_of, load_manifest
+from runtime.contract import (MANIFEST, PAST, SCORE, ArtifactError, cache_names, generation_graphs, graphs_of,
+                              kv_cache_of, load_manifest)
 from runtime.session import PROVIDERS, ProviderError, open_model, resolve_provider
 from runtime.step import KVCache, Model, StepError, decode_loop, left_pad
 
@@ -89,9 +90,18 @@ def _max_diff(a: np.ndarray, b: torch.Tensor) -> float:
     return float(np.abs(a.astype(np.float32) - b.float().numpy()).max())
 
 
+def _cache_diff(values: np.ndarray, cache: KVCache, eager: torch.Tensor) -> float:
+    """A graph's cache tensor vs eager's [B, KV, T, D] (left padded); a shared buffer holds row b's n_b
+    tokens at 0..n_b-1 of its capacity."""
+    if not cache.shared:
+        return _max_diff(values, eager)
+    return max(_max_diff(values[b, :, :n], eager[b, :, eager.shape[2] - n:]) for b, n in enumerate(cache.mask.sum(-1)))
+
+
 def compare(model: Model, eager: ErnieForCausalLM, prompts: list[list[int]], steps: int) -> dict:
     """Run the runtime's decode loop teacher-forced on eager's greedy tokens; collect differences."""
     ids, mask, pos = map(torch.from_numpy, left_pad(prompts))
+    e_mask = mask  # eager's own (left-padded) mask, whatever layout the graph's cache has
     with torch.no_grad():
         e_logits, e_past = eager(ids, mask, pos, last_only=True)
     names = cache_names(eager.config.num_hidden_layers, PAST)
@@ -101,7 +111,7 @@ def compare(model: Model, eager: ErnieForCausalLM, prompts: list[list[int]], ste
              "non_finite": None, "greedy": [], "top": []}
 
     def pick(logits: np.ndarray, cache: KVCache) -> tuple[np.ndarray, bool]:
-        nonlocal e_logits, e_past
+        nonlocal e_logits, e_past, e_mask
         step = stats["step"]
         for side, values in (("ONNX Runtime", logits), ("eager PyTorch", e_logits.numpy())):
             if stats["non_finite"] is None and not np.isfinite(values).all():
@@ -111,7 +121,7 @@ def compare(model: Model, eager: ErnieForCausalLM, prompts: list[list[int]], ste
             eager_cache = (t for kv in e_past for t in kv)
             if stats["present_diff"] is not None:  # numpy cannot read bfloat16 values: logits only
                 stats["present_diff"] = max(stats["present_diff"], max(
-                    _max_diff(cache.values[name].numpy(), t) for name, t in zip(names, eager_cache)))
+                    _cache_diff(cache.values[name].numpy(), cache, t) for name, t in zip(names, eager_cache)))
         e_next = e_logits[:, -1].argmax(-1).numpy()
         stats["greedy"].append(e_next.tolist())
         if step < TOP_STEPS:  # golden vectors: eager's top logits of the first steps
@@ -128,9 +138,9 @@ def compare(model: Model, eager: ErnieForCausalLM, prompts: list[list[int]], ste
         if stats["mismatch_step"] is None and not same.all():
             stats["mismatch_step"] = step
         token = torch.from_numpy(e_next[:, None].astype(np.int64))
-        grown = torch.from_numpy(np.concatenate([cache.mask, np.ones((len(e_next), 1), np.int64)], axis=1))
+        e_mask = torch.cat([e_mask, torch.ones(len(e_next), 1, dtype=torch.int64)], dim=1)
         with torch.no_grad():
-            e_logits, e_past = eager(token, grown, torch.from_numpy(cache.next_positions()), e_past, last_only=True)
+            e_logits, e_past = eager(token, e_mask, torch.from_numpy(cache.next_positions()), e_past, last_only=True)
         stats["step"] += 1
         return e_next.astype(np.int64), step == steps - 1
 
@@ -243,10 +253,11 @@ def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider:
     scored = cases[0]["prompt_ids"][0] if SCORE in graphs_of(manifest) else None
     score_diff = None
     try:
-        model = open_model(directory, manifest, provider, graphs=GRAPHS)  # both graphs, whatever the runtime opens
+        graphs = generation_graphs(kv_cache_of(manifest))  # every generation graph, whatever the runtime opens
+        model = open_model(directory, manifest, provider, graphs=graphs)
         if quantized:
             with float_math(directory, manifest) as (exact_dir, exact_manifest):
-                exact = open_model(exact_dir, exact_manifest, provider, graphs=GRAPHS)
+                exact = open_model(exact_dir, exact_manifest, provider, graphs=graphs)
                 runs = [compare(exact, reference, case["prompt_ids"], GREEDY_STEPS) for case in cases]
                 score_diff = score_parity(exact, reference, scored) if scored else None
                 del exact

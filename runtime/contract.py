@@ -30,6 +30,10 @@ FORMAT_VERSION = 2  # bump on any change of graph I/O names, dtypes, shapes or f
 MANIFEST = "manifest.json"
 GRAPHS = ("prefill", "decode")  # the generation graphs
 SCORE = "score"  # optional third graph: decode's inputs, logits for every new token (log-likelihoods)
+# The KV-cache kinds: "concat", each present is the past plus the new tokens (left padded rows); "shared_buffer",
+# past and present are one preallocated buffer the graph writes in place (right padded rows; decode graph only).
+CONCAT, SHARED_BUFFER = "concat", "shared_buffer"
+KV_CACHE_KINDS = (CONCAT, SHARED_BUFFER)
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
 TOKEN_INPUTS = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
@@ -49,8 +53,17 @@ class ArtifactError(RuntimeError):
 
 
 def graphs_of(manifest: dict) -> tuple[str, ...]:
-    """The graphs an artifact has: both generation graphs, and the score graph where it was exported."""
+    """The graphs an artifact has: its generation graphs, and the score graph where it was exported."""
     return tuple(g for g in (*GRAPHS, SCORE) if g in manifest["graphs"])
+
+
+def generation_graphs(kv_cache: str) -> tuple[str, ...]:
+    """A shared-buffer artifact has no prefill graph: a prompt is decode after an empty buffer."""
+    return ("decode",) if kv_cache == SHARED_BUFFER else GRAPHS
+
+
+def kv_cache_of(manifest: dict) -> str:
+    return manifest["profile"]["kv_cache"]
 
 
 def cache_names(n_layers: int, prefix: str) -> list[str]:
@@ -64,12 +77,14 @@ def cache_pairs(n_layers: int) -> list[dict]:
             for present, past in zip(cache_names(n_layers, PRESENT), cache_names(n_layers, PAST))]
 
 
-def io_contract(dims: dict, dtype: str, full_logits: bool) -> dict:
+def io_contract(dims: dict, dtype: str, full_logits: bool, kv_cache: str = CONCAT) -> dict:
     """Every graph's inputs and outputs as ordered arrays of {name, dtype, shape}: what other runtimes embed.
     The score graph is the decode graph with logits for every new token, whatever `full_logits` says.
 
     `dims` holds num_hidden_layers, num_key_value_heads, head_dim and vocab_size. Cache tensors are
-    [batch_size, kv_heads, length, head_dim] in the export dtype; logits are always float32.
+    [batch_size, kv_heads, length, head_dim] in the export dtype; logits are always float32. A shared
+    buffer's length is its capacity (max_sequence_length), the same for past and present, and its graphs
+    take no position_ids (positions follow from the right-padded attention_mask).
     """
     n, kv_heads, head_dim = dims["num_hidden_layers"], dims["num_key_value_heads"], dims["head_dim"]
     value = lambda name, dt, shape: {"name": name, "dtype": dt, "shape": shape}  # noqa: E731
@@ -77,12 +92,17 @@ def io_contract(dims: dict, dtype: str, full_logits: bool) -> dict:
     ids = ["batch_size", "sequence_length"]
     logits = value(LOGITS, "float32", ["batch_size", "sequence_length" if full_logits else 1, dims["vocab_size"]])
     contract = {}
+    shared = kv_cache == SHARED_BUFFER
     for graph, mask_len in (("prefill", "sequence_length"), ("decode", "total_sequence_length")):
-        inputs = [value(INPUT_IDS, "int64", ids), value(ATTENTION_MASK, "int64", ["batch_size", mask_len]),
-                  value(POSITION_IDS, "int64", ids)]
+        if graph not in generation_graphs(kv_cache):
+            continue
+        inputs = [value(INPUT_IDS, "int64", ids), value(ATTENTION_MASK, "int64", ["batch_size", mask_len])]
+        inputs += [] if shared else [value(POSITION_IDS, "int64", ids)]
+        past_len, present_len = ("max_sequence_length",) * 2 if shared else ("past_sequence_length", mask_len)
         if graph == "decode":
-            inputs += [kv(name, "past_sequence_length") for name in cache_names(n, PAST)]
-        contract[graph] = {"inputs": inputs, "outputs": [logits] + [kv(name, mask_len) for name in cache_names(n, PRESENT)]}
+            inputs += [kv(name, past_len) for name in cache_names(n, PAST)]
+        contract[graph] = {"inputs": inputs,
+                           "outputs": [logits] + [kv(name, present_len) for name in cache_names(n, PRESENT)]}
     every = value(LOGITS, "float32", ["batch_size", "sequence_length", dims["vocab_size"]])
     contract[SCORE] = {"inputs": contract["decode"]["inputs"], "outputs": [every] + contract["decode"]["outputs"][1:]}
     return contract
@@ -103,7 +123,8 @@ class GraphIO:
         section = manifest["graphs"][graph]
         inputs, outputs = ({v["name"]: v for v in section[k]} for k in ("inputs", "outputs"))
         feeds = {p["present"]: p["past"] for p in manifest["cache"]["pairs"]}
-        missing = [n for n in TOKEN_INPUTS if n not in inputs] + [n for n in (LOGITS,) if n not in outputs]
+        needed = TOKEN_INPUTS if kv_cache_of(manifest) == CONCAT else (INPUT_IDS, ATTENTION_MASK)
+        missing = [n for n in needed if n not in inputs] + [n for n in (LOGITS,) if n not in outputs]
         if missing:
             raise ArtifactError(f"the manifest's {graph} graph lacks {', '.join(missing)}; re-run the export")
         present = tuple(n for n in outputs if n in feeds)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .contract import GRAPHS, SCORE, ArtifactError, GraphIO, check_cache_pairing, external_tensors, graphs_of
+from .contract import (KV_CACHE_KINDS, SCORE, SHARED_BUFFER, ArtifactError, GraphIO, check_cache_pairing, external_tensors,
+                       generation_graphs, graphs_of, kv_cache_of)
 from .sampling import OptionError
 from .step import Model, Step
 
@@ -117,7 +118,6 @@ def map_weights(directory: Path, records: dict[str, dict[str, dict]]) -> dict[st
 
 
 KNOWN_DOMAINS = ("ai.onnx", "com.microsoft")  # the op domains onnxruntime implements and the graphs may use
-KV_CACHES = ("concat",)
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -136,9 +136,9 @@ def check_profile(manifest: dict) -> None:
     if unknown:
         raise ArtifactError(f"this artifact ({what}) uses op domains {unknown} that this runtime cannot run; "
                             f"export it with --ops standard")
-    if profile["kv_cache"] not in KV_CACHES:
+    if profile["kv_cache"] not in KV_CACHE_KINDS:
         raise ArtifactError(f"this artifact's KV cache kind {profile['kv_cache']!r} is not supported by this runtime "
-                            f"(supported: {', '.join(KV_CACHES)}); upgrade the runtime or re-export")
+                            f"(supported: {', '.join(KV_CACHE_KINDS)}); upgrade the runtime or re-export")
 
 
 def prepacked(manifest: dict) -> bool:
@@ -149,14 +149,16 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
                graphs: tuple[str, ...] | None = None) -> Model:
     """The graphs over the shared weights, each session's I/O checked against the manifest.
 
-    `graphs` None: both, except for artifacts whose weights are prepacked (quantized): each session
-    keeps its own packed copy, so only the decode session is opened and prompts are fed to it with
-    an empty past (the contract: decode with past length 0 equals prefill). Verification opens both.
+    `graphs` None: the artifact's generation graphs, except for artifacts whose weights are prepacked
+    (quantized): each session keeps its own packed copy, so only the decode session is opened and
+    prompts are fed to it with an empty past (the contract: decode with past length 0 equals prefill).
+    Verification opens every generation graph. A shared-buffer artifact has the decode graph only.
     The score graph, where the artifact has one, is opened at the first `Model.score` call.
     """
     directory = Path(directory)
     check_profile(manifest)
-    graphs = graphs or (("decode",) if prepacked(manifest) else GRAPHS)
+    kv_cache = kv_cache_of(manifest)
+    graphs = graphs or (("decode",) if prepacked(manifest) else generation_graphs(kv_cache))
     config = manifest["session_options"]["config"]
     records = {graph: external_tensors(directory, manifest, graph) for graph in graphs}
     # numpy has no bfloat16 OrtValues; CUDA copies the weights to the device anyway.
@@ -184,7 +186,7 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
         check_cache_pairing(steps["prefill"].io, steps["decode"].io)
     shape = {k: dims[k] for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads", "head_dim")}
     return Model(steps.get("prefill"), steps["decode"], shape=shape,
-                 cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared,
+                 cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared, shared=kv_cache == SHARED_BUFFER,
                  open_score=(lambda: step(SCORE, shared.get(SCORE))) if SCORE in graphs_of(manifest) else None)
 
 

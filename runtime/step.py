@@ -8,10 +8,17 @@ Out: last-position logits [B, V] as a host numpy array and a `KVCache` whose val
 `decode_loop()` is the only generation loop in the project: the runtime's `generate()`, the
 exporter's verification (teacher-forced against eager PyTorch) and the benchmark all run it.
 
-The feeding rules (the contract other drivers follow): prompts are left padded; the attention
-mask is 1 for real tokens and 0 for padding and covers the cache plus the new tokens; a token's
-position counts the real tokens before it. The cache grows with the sequence: it is never
-preallocated to the model's full context.
+The feeding rules (the contract other drivers follow), for the "concat" cache: prompts are left
+padded; the attention mask is 1 for real tokens and 0 for padding and covers the cache plus the new
+tokens; a token's position counts the real tokens before it. The cache grows with the sequence: it
+is never preallocated to the model's full context.
+
+For the "shared_buffer" cache (onnxruntime's GroupQueryAttention): one preallocated buffer per cache
+tensor is bound as both past and present, so a step writes its keys and values in place instead of
+copying the cache. Rows are RIGHT padded: row b holds its n_b tokens at 0..n_b-1, and the mask is 1
+at its first n_b positions (n_b counting the new tokens), T = max n_b wide; positions follow from it.
+More than one new token per row after a non-empty cache is batch 1 only (the kernel's rule), so such
+rows are fed one by one and merged. The buffer grows (doubling, a copy) when a sequence outgrows it.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ class FeedError(ValueError):
 def check_feeds(ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache: "KVCache | None",
                 max_positions: int) -> None:
     """The contract's shape rules, stated in the error when broken."""
+    if cache is not None and cache.shared and mask.shape[1] > cache.capacity:
+        raise FeedError(f"attention_mask covers {mask.shape[1]} positions but the shared cache buffer holds "
+                        f"{cache.capacity}; grow the buffer first (Model.reserve)")
     if ids.ndim != 2 or mask.ndim != 2 or pos.shape != ids.shape:
         raise FeedError(f"input_ids {ids.shape} and position_ids {pos.shape} must both be [batch, new tokens], "
                         f"attention_mask [batch, past + new]; got attention_mask {mask.shape}")
@@ -76,15 +86,33 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.
     return ids, mask, np.maximum(mask.cumsum(-1) - 1, 0)
 
 
+def right_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The shared buffer's layout: (input_ids, attention_mask, position_ids) [B, S] with each row from 0."""
+    width = max(map(len, prompts))
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    for row, p in enumerate(prompts):
+        ids[row, :len(p)] = p
+    mask = (np.arange(width)[None] < np.array([len(p) for p in prompts])[:, None]).astype(np.int64)
+    return ids, mask, np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape).copy()
+
+
 @dataclass(frozen=True)
 class KVCache:
-    """What the model has seen: per cache input name, [B, KV, T, D] values; and its mask [B, T]."""
+    """What the model has seen: per cache input name, [B, KV, T, D] values; and its mask [B, T].
+
+    `shared`: the values are [B, KV, capacity, D] buffers that the next step writes IN PLACE (this
+    cache object is then stale: keep only the newest), rows right padded, T = the longest row."""
     values: dict[str, ort.OrtValue]  # keyed by the decode graph's past input names
     mask: np.ndarray  # int64 [B, T]: 1 where the cached position holds a real token
+    shared: bool = False
 
     @property
     def length(self) -> int:
         return self.mask.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.values.values())).shape()[2]
 
     def next_positions(self) -> np.ndarray:
         """[B, 1]: the position of a token appended now (the number of real tokens cached)."""
@@ -113,7 +141,8 @@ class Step:
         io = self.session.io_binding()
         batch = ids.shape[0]
         for name, array in ((INPUT_IDS, ids), (ATTENTION_MASK, mask), (POSITION_IDS, pos)):
-            io.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+            if name in self.io.inputs:  # a shared-buffer graph takes no position_ids
+                io.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
         for name in self.io.past:
             io.bind_ortvalue_input(name, cache.values[name])
         if self.full_logits:
@@ -122,8 +151,12 @@ class Step:
             if self._logits is None or self._logits.shape()[0] != batch:
                 self._logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, 1, self.vocab], np.float32, "cpu")
             io.bind_ortvalue_output(LOGITS, self._logits)
-        for name in self.io.present:
-            io.bind_output(name, self.device)
+        shared = cache is not None and cache.shared
+        for name in self.io.present:  # a shared buffer is its own present: written in place
+            if shared:
+                io.bind_ortvalue_output(name, cache.values[self.io.feeds[name]])
+            else:
+                io.bind_output(name, self.device)
         try:
             self.session.run_with_iobinding(io)
         except Exception as e:  # onnxruntime's own exception types; out of memory arrives here too
@@ -131,9 +164,9 @@ class Step:
             raise StepError(f"ONNX Runtime failed running the {self.io.graph} graph (batch {batch}, "
                             f"{ids.shape[1]} new tokens, mask {mask.shape[1]}): {first[:300]}") from None
         values = dict(zip((LOGITS, *self.io.present), io.get_outputs()))  # in binding order
-        presents = {self.io.feeds[name]: values[name] for name in self.io.present}
+        presents = cache.values if shared else {self.io.feeds[name]: values[name] for name in self.io.present}
         logits = values[LOGITS].numpy()
-        return (logits if self.every_position else logits[:, -1]), KVCache(presents, mask)
+        return (logits if self.every_position else logits[:, -1]), KVCache(presents, mask, shared)
 
 
 @dataclass
@@ -149,6 +182,7 @@ class Model:
     shape: dict  # from the manifest's dims: num_attention_heads, num_hidden_layers, num_key_value_heads, head_dim
     cache_itemsize: int = 4  # bytes per cache element (float32; 2 for float16/bfloat16)
     weights: dict = field(default_factory=dict, repr=False)  # mapped weights the sessions use: keep alive
+    shared: bool = False  # the decode graph's cache is a shared buffer (KV-cache kind "shared_buffer")
     open_score: Callable[[], "Step"] | None = field(default=None, repr=False)  # None: the artifact has no score graph
     _score: "Step | None" = field(default=None, repr=False)
 
@@ -164,10 +198,12 @@ class Model:
         d = self.shape
         cache = batch * total * d["num_hidden_layers"] * 2 * d["num_key_value_heads"] * d["head_dim"] * self.cache_itemsize
         chunk = min(self.chunk_length(batch, total), total)
-        return 2 * cache + 3 * 4 * batch * d["num_attention_heads"] * chunk * total
+        return (1 if self.shared else 2) * cache + 3 * 4 * batch * d["num_attention_heads"] * chunk * total
 
     def start(self, prompts: list[list[int]], pad_id: int, cache: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
         """Feed left-padded prompts after `cache` (None: from scratch), in chunks when they are long."""
+        if self.shared:
+            return self._start_shared(prompts, pad_id, cache)
         ids, mask, pos = left_pad(prompts, pad_id)
         base = cache.next_positions() if cache is not None else 0  # positions continue the cached sequence
         chunk = self.chunk_length(len(prompts), ids.shape[1] + (cache.length if cache is not None else 0))
@@ -182,6 +218,40 @@ class Model:
                                             pos[:, part] + base, cache)
         return logits, cache
 
+    def _start_shared(self, prompts: list[list[int]], pad_id: int, cache: KVCache | None) -> tuple[np.ndarray, KVCache]:
+        """`start` for a shared buffer: a batch from scratch in one right-padded run when it fits one chunk;
+        otherwise row by row (the kernel takes several new tokens after a cache for batch 1 only), merged."""
+        longest = max(map(len, prompts)) + (cache.length if cache is not None else 0)
+        if len(prompts) > 1 and (cache is not None or longest > self.chunk_length(len(prompts), longest)):
+            logits, merged = [], None
+            for i, p in enumerate(prompts):
+                last, row = self._start_shared([p], pad_id, None if cache is None else select_rows(cache, [i], self.decode.device))
+                logits.append(last.copy())  # a view of the step's logits buffer, which the next row overwrites
+                merged = row if merged is None else merge_caches(merged, row, self.decode.device)
+            return np.concatenate(logits), merged
+        cache = self.reserve(cache if cache is not None else self.empty_cache(len(prompts)), longest)
+        if len(prompts) > 1:
+            ids, mask, pos = right_pad(prompts, pad_id)
+            return self.decode(ids, mask, pos, cache)
+        ids = np.array(prompts, np.int64)
+        for lo in range(0, ids.shape[1], self.chunk_length(1, longest)):
+            part = ids[:, lo:lo + self.chunk_length(1, longest)]
+            total = cache.length + part.shape[1]
+            logits, cache = self.decode(part, np.ones((1, total), np.int64),
+                                        np.arange(cache.length, total, dtype=np.int64)[None], cache)
+        return logits, cache
+
+    RESERVE_STEP = 256  # a shared buffer's capacity is a multiple of this, and at least doubles when it grows
+
+    def reserve(self, cache: KVCache, total: int) -> KVCache:
+        """`cache` with room for `total` positions (a shared buffer only; a concat cache grows by itself)."""
+        if not cache.shared or total <= cache.capacity:
+            return cache
+        step = self.RESERVE_STEP
+        capacity = max(-(-total // step) * step, 2 * cache.capacity)
+        return KVCache({name: _to_device(_pad_to(v.numpy(), capacity, axis=2), self.decode.device)
+                        for name, v in cache.values.items()}, cache.mask, True)
+
     def score(self, prompt: list[int], each: Callable[[np.ndarray, int], None]) -> tuple[np.ndarray, KVCache]:
         """Feed one prompt through the score graph (opened at first use: ordinary requests never pay for
         logits at every position) in chunks; `each(logits [n, V], first)` receives the logits after
@@ -194,7 +264,7 @@ class Model:
         # Both the attention scores and the [chunk, vocab] float32 logits of one run stay within SCORE_BUDGET.
         chunk = min(self.chunk_length(1, len(prompt)), max(16, self.SCORE_BUDGET // (4 * self._score.vocab)))
         ids = np.array([prompt], np.int64)
-        cache = self.empty_cache(1)
+        cache = self.reserve(self.empty_cache(1), len(prompt))
         for lo in range(0, len(prompt), chunk):
             part = ids[:, lo:lo + chunk]
             mask = np.ones((1, cache.length + part.shape[1]), np.int64)
@@ -204,16 +274,22 @@ class Model:
         return logits[:, -1], cache
 
     def empty_cache(self, batch: int) -> KVCache:
-        """Past length 0, in the cache dtype the decode graph declares (bfloat16 too, which numpy lacks)."""
+        """Past length 0, in the cache dtype the decode graph declares (bfloat16 too, which numpy lacks);
+        a shared buffer of capacity 0 (`reserve` makes room)."""
         d = self.shape
         shape = [batch, d["num_key_value_heads"], 0, d["head_dim"]]
         return KVCache({name: ort.OrtValue.ortvalue_from_shape_and_type(
                             shape, CACHE_TYPES[self.decode.io.inputs[name]["dtype"]], self.decode.device, 0)
-                        for name in self.decode.io.past}, np.zeros((batch, 0), np.int64))
+                        for name in self.decode.io.past}, np.zeros((batch, 0), np.int64), self.shared)
 
     def advance(self, tokens: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Feed one token per row ([B] int64) after `cache`."""
-        mask = np.concatenate([cache.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
+        if cache.shared:  # each row's token goes right after its own tokens
+            lengths = cache.mask.sum(-1)
+            cache = self.reserve(cache, int(lengths.max()) + 1)
+            mask = (np.arange(int(lengths.max()) + 1)[None] <= lengths[:, None]).astype(np.int64)
+        else:
+            mask = np.concatenate([cache.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
         return self.decode(tokens.reshape(-1, 1), mask, cache.next_positions(), cache)
 
 
@@ -246,24 +322,30 @@ def _to_device(array: np.ndarray, device: str) -> ort.OrtValue:
     return value
 
 
+def _pad_to(x: np.ndarray, size: int, axis: int, left: bool = False) -> np.ndarray:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (size - x.shape[axis], 0) if left else (0, size - x.shape[axis])
+    return np.pad(x, widths)
+
+
 def merge_caches(a: KVCache, b: KVCache, device: str) -> KVCache:
     """Stack two caches along the batch, left padding the shorter to the longer (mask 0 there), so every
-    row still attends to exactly its own tokens. For rows joining a running batch."""
+    row still attends to exactly its own tokens. For rows joining a running batch. Shared buffers
+    (right padded) pad on the right, to the larger capacity."""
     length = max(a.length, b.length)
-
-    def pad(x: np.ndarray, axis: int) -> np.ndarray:
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (length - x.shape[axis], 0)
-        return np.pad(x, widths)
-
-    values = {name: _to_device(np.concatenate([pad(a.values[name].numpy(), 2), pad(b.values[name].numpy(), 2)]),
-                               device) for name in a.values}
-    return KVCache(values, np.concatenate([pad(a.mask, 1), pad(b.mask, 1)]))
+    size, left = (max(a.capacity, b.capacity), False) if a.shared else (length, True)
+    values = {name: _to_device(np.concatenate([_pad_to(c.values[name].numpy(), size, 2, left) for c in (a, b)]), device)
+              for name in a.values}
+    return KVCache(values, np.concatenate([_pad_to(c.mask, length, 1, left) for c in (a, b)]), a.shared)
 
 
 def select_rows(cache: KVCache, rows: list[int], device: str) -> KVCache:
-    """Keep only `rows` of the batch, and drop leading positions that none of them attends to."""
+    """Keep only `rows` of the batch, and drop leading positions that none of them attends to (trailing
+    ones for a shared buffer, whose capacity stays)."""
     mask = cache.mask[rows]
+    if cache.shared:
+        values = {name: _to_device(v.numpy()[rows], device) for name, v in cache.values.items()}
+        return KVCache(values, mask[:, :int(mask.sum(-1).max())], True)
     start = int(np.argmax(mask.any(axis=0))) if mask.any() else 0
     values = {name: _to_device(v.numpy()[rows][:, :, start:], device) for name, v in cache.values.items()}
     return KVCache(values, mask[:, start:])

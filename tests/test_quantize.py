@@ -20,7 +20,7 @@ from ernie_export.__main__ import main as export_main
 from ernie_export.build import export_artifact
 from ernie_export.verify import VerificationError
 from runtime import generate as G
-from runtime.contract import ArtifactError, load_manifest
+from runtime.contract import ArtifactError, generation_graphs, load_manifest
 from runtime.session import open_model
 from tests.helpers import hostile_copy
 
@@ -88,7 +88,7 @@ def test_export_verifies(quantized, profile):
     assert parity["shipped"]["accuracy_level"] == 4
     manifest = load_manifest(art)
     assert manifest["profile"] == {"quantization": profile[0], "block_size": 32, "table_bits": 8, "ops": profile[1],
-                                   "kv_cache": "concat"}
+                                   "kv_cache": {"ort": "shared_buffer", "standard": "concat"}[profile[1]]}
     assert manifest["session_options"]["config"]["session.disable_prepacking"] == "0"
 
 
@@ -103,14 +103,15 @@ def test_graph_ops(quantized, profile):
     """ort: MatMulNBits + GatherBlockQuantized; standard: ai.onnx only, no float weights left."""
     art = quantized[profile]
     manifest = load_manifest(art)
-    for graph in ("prefill", "decode"):
+    for graph in generation_graphs(manifest["profile"]["kv_cache"]):
         model = onnx.load(str(art / f"{graph}.onnx"), load_external_data=False)
         ops = {(n.domain or "ai.onnx", n.op_type) for n in model.graph.node}
         floats = [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
                   and ".scales" not in i.name]
         assert not floats, f"float weights left: {floats[:3]}"
         if profile[1] == "ort":
-            assert {("com.microsoft", "MatMulNBits"), ("com.microsoft", "GatherBlockQuantized")} <= ops
+            assert {("com.microsoft", "MatMulNBits"), ("com.microsoft", "GatherBlockQuantized"),
+                    ("com.microsoft", "GroupQueryAttention")} <= ops
             kernels = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
             assert len(kernels) == 2 * 4 + 1, "per layer: q|k|v fused, o, gate|up fused, down; then the LM head"
             assert ("ai.onnx", "Gemm") not in ops
@@ -156,7 +157,7 @@ def test_batched_equals_alone(quantized, profile):
 def test_single_session_equals_both(quantized):
     """The runtime opens only the decode session for prepacked weights (prompt after an empty past); the
     prefill graph verification also runs gives the same tokens."""
-    art = quantized[("int4", "ort")]
+    art = quantized[("int4", "standard")]
     gen = G.load(art)
     assert gen.model.prefill is None
     opts = gen.options(greedy=True, max_new_tokens=16, ignore_eos=True)
@@ -176,9 +177,9 @@ def test_runtime_refuses_profile_it_cannot_run(quantized, tmp_path):
                            lambda d, m: m["onnx"].update(op_domains=["ai.onnx", "com.example.npu"]))
     with pytest.raises(ArtifactError, match=r"op domains \['com.example.npu'\].*--ops standard"):
         G.load(foreign)
-    buffer = hostile_copy(art, tmp_path / "buffer", lambda d, m: m["profile"].update(kv_cache="shared_buffer"))
-    with pytest.raises(ArtifactError, match="KV cache kind"):
-        G.load(buffer)
+    paged = hostile_copy(art, tmp_path / "paged", lambda d, m: m["profile"].update(kv_cache="paged"))
+    with pytest.raises(ArtifactError, match="KV cache kind 'paged' is not supported by this runtime.*upgrade the runtime"):
+        G.load(paged)
 
 
 def test_golden_check_passes(quantized, capsys):

@@ -434,7 +434,8 @@ def test_empty_cache_takes_the_graphs_cache_dtype_bfloat16_too():
     dims = {"num_hidden_layers": 2, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 16}
     shape = {"num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2, "head_dim": 8}
     for dtype, want in (("bfloat16", "tensor(bfloat16)"), ("float16", "tensor(float16)"), ("float32", "tensor(float)")):
-        manifest = {"graphs": io_contract(dims, dtype, False), "cache": {"pairs": cache_pairs(2)}}
+        manifest = {"graphs": io_contract(dims, dtype, False), "cache": {"pairs": cache_pairs(2)},
+                    "profile": {"kv_cache": "concat"}}
         decode = Step(None, GraphIO.from_manifest(manifest, "decode"), "cpu", 16, 64)
         cache = Model(None, decode, shape).empty_cache(3)
         assert {v.data_type() for v in cache.values.values()} == {want}

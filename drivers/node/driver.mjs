@@ -6,6 +6,11 @@
 // Out: openArtifact(dir) -> {manifest, start(prompts), advance(tokens, cache), ...}: the logits of
 //      the last position per row (Float32Array [vocab] each) and the KV cache to continue from.
 //      Token ids in and out only: there is no tokenizer in Node.
+//      Both KV-cache kinds (manifest.profile.kv_cache): "concat" (prefill + decode, left padding) and
+//      "shared_buffer" (decode only, right padding, no position_ids). This driver feeds each present
+//      back as the next past, starting from an empty buffer: GroupQueryAttention then sizes the present
+//      to the sequence and copies the past into it (correct, not in place; the Python runtime binds one
+//      buffer as both, which onnxruntime-node's run() cannot express).
 import { readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import ort from 'onnxruntime-node';
@@ -16,6 +21,7 @@ export const FORMAT_VERSION = 2;
 const LEVELS = { ORT_DISABLE_ALL: 'disabled', ORT_ENABLE_BASIC: 'basic', ORT_ENABLE_EXTENDED: 'extended',
   ORT_ENABLE_LAYOUT: 'layout', ORT_ENABLE_ALL: 'all' };
 const CACHE_TYPES = ['float32', 'float16']; // bfloat16 has no JavaScript tensor type
+const KV_CACHES = ['concat', 'shared_buffer'];
 
 export class ArtifactError extends Error {}
 
@@ -39,6 +45,10 @@ export function readManifest(dir) {
     if (size !== entry.size) {
       throw new ArtifactError(`${entry.path} (${role}) has ${size ?? 'no'} bytes, the manifest says ${entry.size}`);
     }
+  }
+  if (!KV_CACHES.includes(manifest.profile.kv_cache)) {
+    throw new ArtifactError(`KV cache kind ${manifest.profile.kv_cache} is not supported by this driver ` +
+      `(supported: ${KV_CACHES.join(', ')}); upgrade the driver or re-export`);
   }
   if (!CACHE_TYPES.includes(manifest.dtype)) {
     throw new ArtifactError(`${manifest.dtype} artifacts have no JavaScript tensor type; use float32 or float16`);
@@ -82,6 +92,17 @@ export function leftPad(prompts, padId) {
   return { batch, width, ids, mask, pos };
 }
 
+/** right-padded [B, S] int64 ids and mask (a shared buffer's layout: every row starts at position 0). */
+export function rightPad(prompts, padId) {
+  const batch = prompts.length, width = Math.max(...prompts.map((p) => p.length));
+  const ids = new BigInt64Array(batch * width).fill(BigInt(padId)), mask = new BigInt64Array(batch * width);
+  prompts.forEach((p, row) => p.forEach((id, i) => {
+    ids[row * width + i] = BigInt(id);
+    mask[row * width + i] = 1n;
+  }));
+  return { batch, width, ids, mask };
+}
+
 /** One graph's I/O from the manifest, checked against the session's own names and order. */
 function graphIO(manifest, graph, session) {
   const { inputs, outputs } = manifest.graphs[graph];
@@ -99,8 +120,8 @@ function graphIO(manifest, graph, session) {
 async function run(io, batch, ids, mask, pos, cache, vocab) {
   const width = ids.length / batch, total = mask.length / batch;
   const feeds = { input_ids: new ort.Tensor('int64', ids, [batch, width]),
-    attention_mask: new ort.Tensor('int64', mask, [batch, total]),
-    position_ids: new ort.Tensor('int64', pos, [batch, width]) };
+    attention_mask: new ort.Tensor('int64', mask, [batch, total]) };
+  if (pos !== null) feeds.position_ids = new ort.Tensor('int64', pos, [batch, width]); // none for a shared buffer
   for (const { name } of io.past) feeds[name] = cache.values[name];
   const out = await io.session.run(feeds);
   const logits = out.logits, rows = []; // [B, 1, V], or [B, S, V] for full_logits artifacts: the last position
@@ -116,6 +137,14 @@ function nextPositions(cache) {
   const total = cache.mask.length / cache.batch, pos = new BigInt64Array(cache.batch);
   for (let b = 0; b < cache.batch; b++) for (let t = 0; t < total; t++) pos[b] += cache.mask[b * total + t];
   return pos;
+}
+
+/** A right-padded [B, T] mask with one more real position per row: T' = the longest row + 1. */
+function growRight(cache) {
+  const lengths = nextPositions(cache);
+  const width = Number(lengths.reduce((a, b) => (a > b ? a : b), 0n)) + 1, out = new BigInt64Array(cache.batch * width);
+  for (let b = 0; b < cache.batch; b++) out.fill(1n, b * width, b * width + Number(lengths[b]) + 1);
+  return out;
 }
 
 /** Append `extra` [B, S] mask columns to a [B, T] mask. */
@@ -134,23 +163,32 @@ export async function openArtifact(dir, options = {}) {
   const so = sessionOptions(manifest, options);
   const open = async (graph) => graphIO(manifest, graph,
     await ort.InferenceSession.create(join(dir, manifest.files[graph].path), so));
-  const prefill = await open('prefill'), decode = await open('decode');
+  const shared = manifest.profile.kv_cache === 'shared_buffer';
+  const prefill = shared ? null : await open('prefill'), decode = await open('decode');
   const vocab = manifest.model.dims.vocab_size, padId = manifest.tokens.pad_token_id;
+  const { num_key_value_heads: kv, head_dim: hd } = manifest.model.dims;
+  const empty = (batch) => ({ batch, mask: new BigInt64Array(0), values: Object.fromEntries(decode.past.map(
+    (v) => [v.name, new ort.Tensor(v.dtype, v.dtype === 'float16' ? new Uint16Array(0) : new Float32Array(0), [batch, kv, 0, hd])])) });
   return {
     manifest, prefill, decode, vocab, padId,
-    /** Prefill left-padded prompts (lists of token ids) -> {logits: [Float32Array(vocab)] per row, cache}. */
+    /** Prefill padded prompts (lists of token ids) -> {logits: [Float32Array(vocab)] per row, cache}. */
     async start(prompts) {
+      if (shared) { // a prompt is decode after an empty buffer; a first prompt may be right padded
+        const { batch, ids, mask } = rightPad(prompts, padId);
+        return run(decode, batch, ids, mask, null, empty(batch), vocab);
+      }
       const { batch, ids, mask, pos } = leftPad(prompts, padId);
       return run(prefill, batch, ids, mask, pos, null, vocab);
     },
     /** Feed one token id per row after `cache` -> {logits, cache}. */
     async advance(tokens, cache) {
+      const ids = BigInt64Array.from(tokens, BigInt);
+      if (shared) return run(decode, cache.batch, ids, growRight(cache), null, cache, vocab);
       const ones = new BigInt64Array(cache.batch).fill(1n);
-      return run(decode, cache.batch, BigInt64Array.from(tokens, BigInt), growMask(cache.mask, cache.batch, ones),
-        nextPositions(cache), cache, vocab);
+      return run(decode, cache.batch, ids, growMask(cache.mask, cache.batch, ones), nextPositions(cache), cache, vocab);
     },
     async release() {
-      await prefill.session.release();
+      await prefill?.session.release();
       await decode.session.release();
     },
   };

@@ -89,6 +89,9 @@ async function main() {
   const manifest = await (await fetchOk(new URL('manifest.json', base))).json();
   if (manifest.format !== 'ernie4_5-onnx' || manifest.format_version !== 2) throw new Error('not a format 2 ernie4_5-onnx manifest');
   if (!(manifest.dtype in CACHE_TYPES)) throw new Error(`${manifest.dtype} artifacts have no JavaScript tensor type`);
+  if (manifest.profile.kv_cache !== 'concat') { // the shared buffer needs onnxruntime's GroupQueryAttention (no wasm kernel tested)
+    throw new Error(`KV cache kind ${manifest.profile.kv_cache} is not supported by this page; export with --ops standard`);
+  }
   if (!manifest.files.golden) throw new Error('the artifact has no golden vectors; re-export with verification on');
   const golden = await (await fetchOk(new URL(manifest.files.golden.path, base))).json();
   ort.env.wasm.wasmPaths = new URL('./node_modules/onnxruntime-web/dist/', import.meta.url).href; // served here, no CDN

@@ -1,0 +1,152 @@
+"""The shared-buffer KV cache of the `--ops ort` profiles (onnxruntime's GroupQueryAttention).
+
+The graph writes each step's keys and values in place into a preallocated buffer, rows right padded.
+What could go wrong, and what guards it here: the model's reference of the kernel (positions of a padded
+first prompt, unequal rows, several tokens after a cache); the runtime's feeding (chunks, rows fed one by
+one and merged, the buffer growing mid-generation, a conversation continuing its cache); the rotary
+layout (a non-interleaved kernel must fail verification). Verification itself (parity.json, run by the
+fixture's exports) compares the graphs with eager PyTorch at prefill, 16 decode steps and the caches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from ernie_export import trace as T
+from ernie_export.build import export_artifact
+from ernie_export.verify import VerificationError
+from runtime import generate as G
+from runtime.chat import Chat
+from runtime.contract import load_manifest
+from tests.helpers import our_model
+
+PROMPTS = ["Hello world", "The capital of France is a", "def hello(name):"]
+
+
+@pytest.fixture(scope="module")
+def art(tiny_quantized):
+    return tiny_quantized[("int4", "ort")]
+
+
+@pytest.fixture()
+def gen(art):
+    return G.load(art)
+
+
+def test_reference_op_equals_the_concat_model(tiny_ckpt):
+    """forward_shared_buffer (the model's reference of the kernel) equals the plain model: a right-padded
+    first prompt, one token for rows of unequal length, then three tokens after a cache (batch 1)."""
+    m = our_model(tiny_ckpt)
+    cfg = m.config
+    rng = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 400, (n,), generator=rng).tolist() for n in (5, 9)]
+    buffers = [tuple(torch.zeros(2, cfg.num_key_value_heads, 24, cfg.head_dim) for _ in range(2))
+               for _ in range(cfg.num_hidden_layers)]
+    ids, mask = torch.zeros(2, 9, dtype=torch.long), torch.zeros(2, 9, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)], mask[r, :len(p)] = torch.tensor(p), 1
+
+    def alone(tokens, last_only=True):
+        t = torch.tensor([tokens])
+        return m(t, torch.ones_like(t), torch.arange(len(tokens))[None], last_only=last_only)
+
+    with torch.no_grad():
+        logits, buffers = m.forward_shared_buffer(ids, mask, buffers, last_only=True)
+        for r, p in enumerate(prompts):
+            ref, past = alone(p)
+            assert (logits[r] - ref[0]).abs().max() <= 1e-4
+            assert (buffers[0][0][r, :, :len(p)] - past[0][0][0]).abs().max() <= 1e-5
+        step = torch.tensor([[3], [4]])
+        mask = (torch.arange(10)[None] <= torch.tensor([5, 9])[:, None]).long()
+        logits, buffers = m.forward_shared_buffer(step, mask, buffers, last_only=True)
+        for r, p in enumerate(prompts):
+            assert (logits[r] - alone(p + [3 + r])[0][0]).abs().max() <= 1e-4
+        row = [(k[1:], v[1:]) for k, v in buffers]
+        logits, _ = m.forward_shared_buffer(torch.tensor([[7, 8, 9]]), torch.ones(1, 13, dtype=torch.long), row)
+        assert (logits[0] - alone(prompts[1] + [4, 7, 8, 9], last_only=False)[0][0, -3:]).abs().max() <= 1e-4
+
+
+def test_manifest_and_graph(art):
+    """One GroupQueryAttention per layer; no prefill graph, no position_ids, right padding in the contract."""
+    manifest = load_manifest(art)
+    assert manifest["profile"]["kv_cache"] == "shared_buffer" and manifest["feeding"]["padding_side"] == "right"
+    assert "prefill" not in manifest["graphs"] and not (art / "prefill.onnx").exists()
+    decode = manifest["graphs"]["decode"]
+    assert [v["name"] for v in decode["inputs"][:2]] == ["input_ids", "attention_mask"]
+    assert "position_ids" not in {v["name"] for v in decode["inputs"]}
+    past = decode["inputs"][2]
+    assert past["shape"][2] == "max_sequence_length" == decode["outputs"][1]["shape"][2]
+    for graph in ("decode", "score"):
+        nodes = onnx.load(str(art / f"{graph}.onnx"), load_external_data=False).graph.node
+        gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+        assert len(gqa) == manifest["model"]["dims"]["num_hidden_layers"]
+        assert {a.name: a.i for a in gqa[0].attribute if a.name in ("do_rotary", "rotary_interleaved")} == \
+            {"do_rotary": 1, "rotary_interleaved": 1}
+        assert not [n for n in nodes if n.op_type in ("Softmax", "Concat") and "past" in " ".join(n.input)]
+
+
+def test_chunked_prompts_equal_whole(gen, monkeypatch):
+    """Long prompts fed in chunks of 16 (batch 1 each, then merged) give the logits and tokens of one run."""
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(5, 400, 150).tolist(), rng.integers(5, 400, 97).tolist()]
+    opts = gen.options(greedy=True, max_new_tokens=12, ignore_eos=True)
+    whole_logits = gen.model.start(prompts, gen.pad_id)[0].copy()
+    whole = [r.token_ids for r in G.generate(gen, prompts, opts)]
+    monkeypatch.setattr(type(gen.model), "SCORE_BUDGET", 1)  # the minimum chunk: 16 tokens
+    chunked_logits, cache = gen.model.start(prompts, gen.pad_id)
+    assert cache.length == 150 and cache.mask.sum(-1).tolist() == [150, 97] and cache.shared
+    assert np.abs(chunked_logits - whole_logits).max() <= 1e-4
+    assert [r.token_ids for r in G.generate(gen, prompts, opts)] == whole
+    assert len({t for row in whole for t in row}) > 4, "the comparison is discriminative"
+
+
+def test_buffer_growing_mid_generation_changes_nothing(gen, monkeypatch):
+    """A buffer that grows (copied into a larger one) every few tokens gives the tokens of one that never does."""
+    prompts = [G.encode_prompt(gen, p) for p in PROMPTS]
+    opts = gen.options(greedy=True, max_new_tokens=40, ignore_eos=True)
+    roomy = [r.token_ids for r in G.generate(gen, prompts, opts)]
+    monkeypatch.setattr(type(gen.model), "RESERVE_STEP", 4)
+    capacities = []
+    advance = type(gen.model).advance
+
+    def watched(self, tokens, cache):
+        logits, cache = advance(self, tokens, cache)
+        capacities.append(cache.capacity)
+        return logits, cache
+
+    monkeypatch.setattr(type(gen.model), "advance", watched)
+    assert [r.token_ids for r in G.generate(gen, prompts, opts)] == roomy
+    assert len(set(capacities)) >= 2, "the buffer grew during generation"
+    assert len(set(roomy[0])) >= 4
+
+
+def test_chat_reuses_the_buffer_and_equals_a_full_rerun(gen):
+    """The next turn is fed after the conversation's buffer (several tokens after a cache: batch 1)."""
+    chat = Chat(gen, system="You are terse.")
+    opts = replace(gen.options(greedy=True, max_new_tokens=8), ignore_eos=True)
+    chat.turn("Hello there", opts)
+    before = list(chat.token_ids)
+    assert chat.cache.length == len(before) and chat.cache.shared
+    second = chat.turn("And again?", opts)
+    new_turn = chat.token_ids[len(before):len(chat.token_ids) - len(second.token_ids)]
+    [rerun] = G.generate(gen, [before + new_turn], opts)
+    assert rerun.token_ids == second.token_ids
+
+
+def test_non_interleaved_rotary_fails_verification(tiny_ckpt, tmp_path, monkeypatch):
+    """Negative control: the kernel asked for half-split rotary (not ERNIE's interleaved pairs) must fail."""
+    real = T._group_query_attention_op
+
+    def half_split():
+        op = real()
+        return lambda *args, **attrs: op(*args, **{**attrs, "rotary_interleaved": 0})
+
+    monkeypatch.setattr(T, "_group_query_attention_op", half_split)
+    with pytest.raises(VerificationError, match="prefill_max_abs_diff"):
+        export_artifact(str(tiny_ckpt), tmp_path / "bad", quantize="int8", ops="ort", log=lambda m: None)
+    assert not (tmp_path / "bad").exists()
