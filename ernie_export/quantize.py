@@ -159,6 +159,28 @@ def unpack(packed: np.ndarray, bits: int, unsigned: bool) -> np.ndarray:
 
 # --- graph rewriting ------------------------------------------------------------------------------------------
 
+def _pack_qkv(graph: ir.Graph, gqa: ir.Node) -> None:
+    """Feed the fused q|k|v projection to GroupQueryAttention whole (its packed-QKV form: query [B, S, (H + 2KV) * D],
+    no key or value) instead of splitting it and reshaping each part: 72 fewer nodes a step at full size
+    (measured: Split and Reshape were 4.8% of an int4 decode step's kernel time)."""
+    reshapes = [v.producer() for v in gqa.inputs[:3]]
+    if any(r is None or r.op_type != "Reshape" for r in reshapes):
+        return
+    split = reshapes[0].inputs[0].producer()
+    if split is None or split.op_type != "Split" or [r.inputs[0] for r in reshapes] != list(split.outputs) \
+            or any(len(r.outputs[0].uses()) != 1 or len(o.uses()) != 1 for r, o in zip(reshapes, split.outputs)):
+        return
+    packed = ir.node("Reshape", [split.inputs[0], reshapes[0].inputs[1]], name=f"{gqa.name}.packed_qkv")
+    graph.insert_before(gqa, packed)
+    gqa.replace_input_with(0, packed.outputs[0])
+    gqa.replace_input_with(1, None)
+    gqa.replace_input_with(2, None)
+    sizes = split.inputs[1]
+    graph.remove([*reshapes, split], safe=True)
+    if sizes is not None and sizes.name in graph.initializers and not sizes.uses():
+        graph.initializers.pop(sizes.name)
+
+
 def _const(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None,
            shape: list[int] | None = None) -> ir.Value:
     """An initializer (registered once per graph) holding `array`'s bytes, optionally as another dtype/shape."""
@@ -231,6 +253,8 @@ class Quantizer:
                 self._embedding(graph, node)
         for nodes in by_input.values():
             self._linear(graph, nodes)
+        for node in [n for n in graph if n.op_type == "GroupQueryAttention"]:
+            _pack_qkv(graph, node)
         for name in self.cache:  # the float weights are no longer used
             if name in graph.initializers and not graph.initializers[name].uses():
                 graph.initializers.pop(name)

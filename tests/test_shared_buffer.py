@@ -87,6 +87,8 @@ def test_manifest_and_graph(art):
         assert len(gqa) == manifest["model"]["dims"]["num_hidden_layers"]
         assert {a.name: a.i for a in gqa[0].attribute if a.name in ("do_rotary", "rotary_interleaved")} == \
             {"do_rotary": 1, "rotary_interleaved": 1}
+        assert all(list(n.input[1:3]) == ["", ""] for n in gqa), "q|k|v packed: one fused projection, no Split"
+        assert len([n for n in nodes if n.op_type == "Split"]) == len(gqa), "one Split a layer: gate|up only"
         assert not [n for n in nodes if n.op_type in ("Softmax", "Concat") and "past" in " ".join(n.input)]
 
 
