@@ -57,10 +57,11 @@ serve-ray: install  ## N replicas behind Ray Serve's proxy on 127.0.0.1:8000 (ma
 bench-serve: install  ## aggregate tokens/s and TTFT at 1, 4, 8 concurrent clients on the demo artifact
 	$(PY) -m tools.bench_serve --model $(DEMO)
 
-PROFILES ?= int8-ort int4-ort int4-standard
+# <quantize>-<ops>; none-ort: float32 with onnxruntime's fused attention (GroupQueryAttention, shared KV buffer)
+PROFILES ?= none-ort int8-ort int4-ort int4-standard
 ARTIFACTS = $(DEMO) $(foreach p,$(PROFILES),$(DEMO)-$(p))
 PEERS    ?= $(HOME)/.cache/ernie-peers
-profiles: install  ## export the synthetic checkpoint in float32 and each quantized profile (skips existing ones)
+profiles: install  ## export the synthetic checkpoint in float32 and each profile of PROFILES (skips existing ones)
 	test -f $(SYNTH)/config.json || $(PY) -m ernie_export.synthetic --size full --out $(SYNTH)
 	test -f $(DEMO)/manifest.json || $(PY) -m ernie_export --model $(SYNTH) --out $(DEMO)
 	for p in $(PROFILES); do test -f $(DEMO)-$$p/manifest.json || $(PY) -m ernie_export --model $(SYNTH) \

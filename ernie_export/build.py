@@ -125,9 +125,6 @@ def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opse
     if profile.bits and dtype == "bfloat16":
         raise ExportOptionError("dtype bfloat16 cannot be quantized (the scales would be bfloat16, which the CPU "
                                 "kernels lack): use --dtype float32 or float16 with --quantize")
-    if ops == "ort" and not profile.bits:
-        raise ExportOptionError("ops ort without --quantize is not built yet (the fused-attention profile): "
-                                "use --ops standard, or --quantize int8|int4 with --ops ort")
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ExportOptionError(f"opset {opset} is not supported: use {MIN_OPSET}..{onnx.defs.onnx_opset_version()} "
                                 f"(default {DEFAULT_OPSET})")

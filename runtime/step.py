@@ -18,7 +18,7 @@ tensor is bound as both past and present, so a step writes its keys and values i
 copying the cache. Rows are RIGHT padded: row b holds its n_b tokens at 0..n_b-1, and the mask is 1
 at its first n_b positions (n_b counting the new tokens), T = max n_b wide; positions follow from it.
 More than one new token per row after a non-empty cache is batch 1 only (the kernel's rule), so such
-rows are fed one by one and merged. The buffer grows (doubling, a copy) when a sequence outgrows it.
+rows are fed one by one and merged. The buffer grows (by half at least, a copy) when a sequence outgrows it.
 """
 
 from __future__ import annotations
@@ -254,14 +254,15 @@ class Model:
                                         np.arange(cache.length, total, dtype=np.int64)[None], cache)
         return logits, cache
 
-    RESERVE_STEP = 256  # a shared buffer's capacity is a multiple of this, and at least doubles when it grows
+    RESERVE_STEP = 256  # a shared buffer's capacity is a multiple of this, and grows by at least half when it grows
 
     def reserve(self, cache: KVCache, total: int) -> KVCache:
-        """`cache` with room for `total` positions (a shared buffer only; a concat cache grows by itself)."""
+        """`cache` with room for `total` positions (a shared buffer only; a concat cache grows by itself).
+        Growing copies the buffer, so it grows geometrically (amortised: a fraction of a copy per token)."""
         if not cache.shared or total <= cache.capacity:
             return cache
         step = self.RESERVE_STEP
-        capacity = max(-(-total // step) * step, 2 * cache.capacity)
+        capacity = -(-max(total, cache.capacity * 3 // 2) // step) * step
         return KVCache({name: _to_device(_pad_to(v.numpy(), capacity, axis=2), self.decode.device)
                         for name, v in cache.values.items()}, cache.mask, True)
 

@@ -215,7 +215,6 @@ def test_scales_off_by_one_block_fail(tiny_ckpt, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--ops", "ort"], "ops ort without --quantize"),
     (["--quantize", "int4", "--opset", "18"], "need --opset >= 21"),
     (["--quantize", "int4", "--dtype", "bfloat16"], "cannot be quantized"),
 ])

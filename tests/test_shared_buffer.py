@@ -10,6 +10,7 @@ fixture's exports) compares the graphs with eager PyTorch at prefill, 16 decode 
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -152,3 +153,23 @@ def test_non_interleaved_rotary_fails_verification(tiny_ckpt, tmp_path, monkeypa
     with pytest.raises(VerificationError, match="prefill_max_abs_diff"):
         export_artifact(str(tiny_ckpt), tmp_path / "bad", quantize="int8", ops="ort", log=lambda m: None)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_float_graphs_with_fused_attention_verify(tiny_ckpt, tmp_path, dtype):
+    """--ops ort without quantization: float weights, GroupQueryAttention over the shared buffer (float16 + ort
+    is the CUDA profile; the CPU provider runs it too, so it verifies here). The export's own verification
+    holds float32 to 1e-4 and float16 to top-1 agreement; batched rows equal each alone."""
+    out = tmp_path / dtype
+    export_artifact(str(tiny_ckpt), out, dtype=dtype, ops="ort", log=lambda m: None)
+    manifest = load_manifest(out)
+    assert manifest["profile"]["kv_cache"] == "shared_buffer" and manifest["profile"]["quantization"] == "none"
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["status"] == "passed"
+    if dtype == "float32":
+        assert parity["greedy_identical"] and max(parity["prefill_max_abs_diff"], parity["decode_max_abs_diff"]) <= 1e-4
+    gen = G.load(out)
+    opts = gen.options(greedy=True, max_new_tokens=12, ignore_eos=True)
+    prompts = [G.encode_prompt(gen, p) for p in PROMPTS]
+    assert [r.token_ids for r in G.generate(gen, prompts, opts)] == [G.generate(gen, [p], opts)[0].token_ids
+                                                                     for p in prompts]

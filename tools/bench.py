@@ -121,7 +121,8 @@ def systems(models: list[str], checkpoint: str | None, peers: str | None) -> lis
         m = json.loads((Path(model) / "manifest.json").read_text())
         q = m["profile"]["quantization"]
         fmt = m["dtype"] if q == "none" else q
-        ours.append({"name": f"ours {fmt}" + ("" if q == "none" else f" {m['profile']['ops']}"), "kind": "ort",
+        ops = m["profile"]["ops"]
+        ours.append({"name": f"ours {fmt}" + ("" if q == "none" and ops == "standard" else f" {ops}"), "kind": "ort",
                      "target": model, "format": fmt, "size_mb": _size_mb(Path(model))})
     if peers:
         listing = json.loads(Path(peers).expanduser().read_text())
