@@ -40,8 +40,8 @@ demo: install  ## offline main job: synthetic full-size checkpoint -> verified O
 	$(PY) -m runtime.generate --model $(DEMO) --prompt "$(PROMPT)" --max-new-tokens 32 --greedy --stream
 	@echo "(random weights: the text is noise; the timings are real)"
 
-export: install  ## make export MODEL=<dir|hub id> OUT=artifacts/<name> [DTYPE=float16] [QUANT=int8|int4 OPS=standard|ort]
-	$(PY) -m ernie_export --model $(MODEL) --out $(OUT) --dtype $(DTYPE) --quantize $(QUANT) --ops $(OPS)
+export: install  ## make export MODEL=<dir|hub id> OUT=artifacts/<name> [DTYPE=float16] [QUANT=int8|int4 OPS=standard|ort] [KV=concat]
+	$(PY) -m ernie_export --model $(MODEL) --out $(OUT) --dtype $(DTYPE) --quantize $(QUANT) --ops $(OPS) $(if $(KV),--kv-cache $(KV))
 
 generate: install
 	$(PY) -m runtime.generate --model $(OUT) --prompt "$(PROMPT)"

@@ -10,6 +10,8 @@ import argparse
 import errno
 import sys
 
+from runtime.contract import KV_CACHE_KINDS
+
 from .build import DEFAULT_MODEL, DEFAULT_OPSET, ExportOptionError, export_artifact
 from .quantize import (BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_TABLE_BITS, MIN_STANDARD_OPSET, OPS, QUANTIZATIONS,
                        TABLE_BITS)
@@ -38,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
                          "its q4_0 table at 6; 4 gives the smallest file)")
     ap.add_argument("--ops", choices=OPS, default="standard",
                     help="standard: ai.onnx ops only, runs on any ONNX runtime; ort: onnxruntime's contrib "
-                         "kernels (MatMulNBits, GatherBlockQuantized), faster on ONNX Runtime")
+                         "kernels (MatMulNBits, GatherBlockQuantized, GroupQueryAttention), faster on ONNX Runtime")
+    ap.add_argument("--kv-cache", choices=KV_CACHE_KINDS, default=None,
+                    help="shared_buffer (the default with --ops ort): fused attention writing a preallocated cache in "
+                         "place, fastest for contexts up to ~1k tokens; concat (the default, and the only kind, with "
+                         "--ops standard): faster decoding past ~2k tokens of context")
     ap.add_argument("--full-logits", action="store_true", help="logits for every position (evaluation), not just the last")
     ap.add_argument("--no-verify", action="store_true", help="skip parity verification (the runtime will warn)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
@@ -47,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export_artifact(args.model, args.out, dtype=args.dtype, opset=args.opset, full_logits=args.full_logits,
                         run_verify=not args.no_verify, overwrite=args.overwrite, quantize=args.quantize,
-                        block_size=args.block_size, ops=args.ops, table_bits=args.table_bits)
+                        block_size=args.block_size, ops=args.ops, table_bits=args.table_bits, kv_cache=args.kv_cache)
     except OutputExistsError as e:
         print(f"error: {e}: pass --overwrite to replace it, or choose another --out", file=sys.stderr)
         return 1

@@ -191,7 +191,8 @@ def reference_model(cfg: ErnieConfig, eager32: ErnieForCausalLM, manifest: dict,
     p = manifest["profile"]
     if p["quantization"] == "none":
         return eager32
-    quantizer = quantizer or Quantizer(Profile(p["quantization"], p["block_size"], p["ops"], p.get("table_bits")),
+    quantizer = quantizer or Quantizer(Profile(p["quantization"], p["block_size"], p["ops"], p.get("table_bits"),
+                                               p["kv_cache"]),
                                        np.dtype(manifest["dtype"]))
     return build_model(cfg, {k: torch.from_numpy(v) for k, v in quantizer.reference_weights(eager32.state_dict()).items()})
 

@@ -216,6 +216,7 @@ def test_scales_off_by_one_block_fail(tiny_ckpt, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv,message", [
     (["--quantize", "int4", "--opset", "18"], "need --opset >= 21"),
+    (["--kv-cache", "shared_buffer"], "kv-cache shared_buffer needs --ops ort"),
     (["--quantize", "int4", "--dtype", "bfloat16"], "cannot be quantized"),
 ])
 def test_option_errors(tiny_ckpt, tmp_path, capsys, argv, message):

@@ -173,3 +173,15 @@ def test_float_graphs_with_fused_attention_verify(tiny_ckpt, tmp_path, dtype):
     prompts = [G.encode_prompt(gen, p) for p in PROMPTS]
     assert [r.token_ids for r in G.generate(gen, prompts, opts)] == [G.generate(gen, [p], opts)[0].token_ids
                                                                      for p in prompts]
+
+
+def test_ort_kernels_over_a_concat_cache(tiny_ckpt, tmp_path):
+    """--ops ort --kv-cache concat: the quantized kernels with the growing cache and grouped standard-op attention
+    (faster than GroupQueryAttention past ~2k tokens of context): both generation graphs, left padding."""
+    out = tmp_path / "concat"
+    export_artifact(str(tiny_ckpt), out, quantize="int4", ops="ort", kv_cache="concat", log=lambda m: None)
+    manifest = load_manifest(out)
+    assert manifest["profile"]["kv_cache"] == "concat" and manifest["feeding"]["padding_side"] == "left"
+    assert json.loads((out / "parity.json").read_text())["status"] == "passed"
+    ops = {n.op_type for n in onnx.load(str(out / "decode.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and "GroupQueryAttention" not in ops and (out / "prefill.onnx").exists()

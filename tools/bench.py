@@ -121,7 +121,7 @@ def systems(models: list[str], checkpoint: str | None, peers: str | None) -> lis
         m = json.loads((Path(model) / "manifest.json").read_text())
         q = m["profile"]["quantization"]
         fmt = m["dtype"] if q == "none" else q
-        ops = m["profile"]["ops"]
+        ops = m["profile"]["ops"] + (" concat" if m["profile"]["ops"] == "ort" and m["profile"]["kv_cache"] == "concat" else "")
         ours.append({"name": f"ours {fmt}" + ("" if q == "none" and ops == "standard" else f" {ops}"), "kind": "ort",
                      "target": model, "format": fmt, "size_mb": _size_mb(Path(model))})
     if peers:
