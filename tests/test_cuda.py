@@ -76,3 +76,26 @@ def test_quantized_profiles_run_on_cuda(tiny_quantized, profile):
     cpu, cuda = greedy(G.load(path, "cpu"), PROMPTS), greedy(G.load(path, "cuda"), PROMPTS)
     same = np.mean([a == b for r_cpu, r_cuda in zip(cpu, cuda) for a, b in zip(r_cpu, r_cuda)])
     assert same >= 0.5, f"{profile}: {same:.0%} of greedy tokens agree with CPU"
+
+
+def test_float16_fused_attention_profile_on_cuda(tiny_ckpt, tmp_path):
+    """The CUDA profile (--dtype float16 --ops ort: GroupQueryAttention over the shared buffer) re-verifies on
+    CUDA, batched rows equal each alone there, and rows join the engine's running batch (buffers merged)."""
+    from ernie_export.build import export_artifact
+    from ernie_export.verify import reverify
+
+    out = tmp_path / "fp16-ort"
+    export_artifact(str(tiny_ckpt), out, dtype="float16", ops="ort", **QUIET)
+    report = reverify(out, str(tiny_ckpt), "cuda")
+    assert report["status"] == "passed" and report["provider"] == "cuda"
+    gen = G.load(out, "cuda")
+    assert gen.model.shared
+    assert greedy(gen, PROMPTS) == [greedy(gen, [p])[0] for p in PROMPTS]
+    engine, done = Engine(gen, max_batch=4), {}
+    opts = gen.options(max_new_tokens=12, greedy=True, ignore_eos=True)
+    for i, p in enumerate(PROMPTS):
+        engine.submit(gen.text.encode(p), opts, lambda kind, payload, i=i: done.__setitem__(i, payload) if kind == "done" else None)
+        engine.run_once()
+    while len(done) < len(PROMPTS):
+        engine.run_once()
+    assert [done[i].token_ids for i in range(len(PROMPTS))] == greedy(gen, PROMPTS, 12)
