@@ -82,7 +82,8 @@ def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
                           cos_cache: torch.Tensor, sin_cache: torch.Tensor, num_heads: int,
                           kv_num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What onnxruntime's com.microsoft GroupQueryAttention (do_rotary, rotary_interleaved) computes, as the
-    exporter maps it (trace.py); this eager body is its reference, checked against the kernel in the tests.
+    exporter maps it (trace.py). This eager body is the reference: the tests hold it to the plain model, and
+    every export's verification holds the kernel's graphs to the plain model.
 
     query [B, S, H*D], key / value [B, S, KV*D]; past_key / past_value [B, KV, C, D]: a buffer of capacity C
     whose row b holds its tokens at 0..n_b-1 (right padded), n_b = seqlens_k[b] + 1 after this step.
