@@ -140,14 +140,20 @@ def systems(models: list[str], checkpoint: str | None, peers: str | None) -> lis
     return out
 
 
-def measure(system: dict, length: int, batch: int, new: int, threads: int | None, repeat: int) -> dict:
-    """The median of `repeat` runs, each in its own process (peak RSS is that run's alone)."""
-    runs = [_run(system["kind"], system["target"], length, batch, new, threads, system.get("python", sys.executable))
-            for _ in range(repeat)]
-    good = [r for r in runs if "error" not in r]
-    if not good:
-        return runs[0]
-    return {k: float(np.median([r[k] for r in good])) for k in METRICS}
+def measure_all(found: list[dict], length: int, batch: int, new: int, threads: int | None, repeat: int) -> list[dict]:
+    """Per system, the median of `repeat` runs, each in its own process (peak RSS is that run's alone). The
+    systems take turns (round robin), so a machine drifting over minutes (±10% here, llama.cpp's decode
+    102-128 tok/s within a day) shifts every system's runs alike instead of biasing the ratios."""
+    runs: list[list[dict]] = [[] for _ in found]
+    for _ in range(repeat):
+        for i, system in enumerate(found):
+            runs[i].append(_run(system["kind"], system["target"], length, batch, new, threads,
+                                system.get("python", sys.executable)))
+    out = []
+    for system_runs in runs:
+        good = [r for r in system_runs if "error" not in r]
+        out.append({k: float(np.median([r[k] for r in good])) for k in METRICS} if good else system_runs[0])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,15 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     found = systems(args.model, args.checkpoint, args.peers)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cpus, load "
-          f"{os.getloadavg()[0]:.2f}; {args.new_tokens} new tokens; median of {args.repeat}; x = ours / llama.cpp "
+          f"{os.getloadavg()[0]:.2f}; {args.new_tokens} new tokens; median of {args.repeat} (systems in turn); x = ours / llama.cpp "
           "in the same format, same run", flush=True)
     print(f"{'system':<22} {'prompt':>6} {'batch':>5} | {'TTFT s':>7} {'prefill t/s':>11} {'decode t/s':>10} "
           f"{'RSS MB':>7} {'file MB':>7} | {'prefill x':>9} {'decode x':>8}", flush=True)
     rows = []
     for length in args.prompt_lens:
         for batch in args.batches:
-            for system in found:
-                r = measure(system, length, batch, args.new_tokens, args.threads, args.repeat)
+            for system, r in zip(found, measure_all(found, length, batch, args.new_tokens, args.threads, args.repeat)):
                 rows.append({"system": system["name"], "prompt": length, "batch": batch, "size_mb": system["size_mb"], **r})
                 head = f"{system['name']:<22} {length:>6} {batch:>5} | "
                 if "error" in r:
