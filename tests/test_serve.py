@@ -123,7 +123,9 @@ def test_load_greedy_results_equal_solo_runs(server, gen):
     assert all(code == 200 for _, code, _ in results)
     assert all(body["choices"][0]["text"] == expected[p] for p, _, body in results)
     assert engine.counters["requests_completed"] - before == 32
-    assert engine.counters["peak_batch"] >= 4, "requests really shared the batch (joined a running one)"
+    # requests really shared the batch; how many at once depends on arrival timing on 2 busy cores (a clean-clone
+    # CI run saw a peak of 3 once); rows joining a running batch are pinned deterministically in test_quantize
+    assert engine.counters["peak_batch"] >= 2, "requests really shared the batch (joined a running one)"
     assert engine.metrics()["batch_size"] == 0
 
 
