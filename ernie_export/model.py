@@ -231,21 +231,10 @@ class ErnieForCausalLM(nn.Module):
         past: KVCache | None = None,  # per layer ([B, KV, P, D], [B, KV, P, D]); None means P = 0
         last_only: bool = False,  # logits for the last position only (what generation needs)
     ) -> tuple[torch.Tensor, KVCache]:
-        b, s = input_ids.shape
-        # The residual stream is kept 2-D, [B*S, hidden], so every projection is a plain 2-D linear
-        # (ONNX Gemm with transB: the checkpoint's [out, in] weights are used as stored, never transposed).
-        x = self.model.embed_tokens(input_ids).flatten(0, 1)  # [B*S, hidden]
         cos, sin = rope_cos_sin(position_ids, self.inv_freq)  # [B, 1, S, D/2]
-        allowed = attention_allowed(attention_mask, s)  # [B, 1, 1, S, T]
-        present: KVCache = []
-        for i, layer in enumerate(self.model.layers):
-            x, kv = layer(x, None if past is None else past[i], b, s, cos, sin, allowed)
-            present.append(kv)
-        x = self.model.norm(x)
-        if last_only:
-            x = x.view(b, s, -1)[:, -1]  # [B, hidden]: left padding keeps every row's last token real
-        logits = F.linear(x, self.lm_weight())  # [B*S or B, vocab]
-        return logits.view(b, -1, logits.shape[-1]), present  # [B, S or 1, vocab]
+        allowed = attention_allowed(attention_mask, input_ids.shape[1])  # [B, 1, 1, S, T]
+        # last_only: left padding keeps every row's last token real
+        return self._decode(input_ids, past, (cos, sin, allowed), False, last_only)
 
     def forward_shared_buffer(
         self,
@@ -256,23 +245,33 @@ class ErnieForCausalLM(nn.Module):
     ) -> tuple[torch.Tensor, KVCache]:
         """The model over a shared buffer: the new tokens of row b take positions n_b - S.. (a first prompt,
         T == S, starts at 0, right padded); positions are implied, so there is no position_ids."""
-        b, s = input_ids.shape
         seqlens_k = (attention_mask.sum(-1) - 1).to(torch.int32)  # [B]: each row's last real index
         total = torch.full((), attention_mask.shape[1], dtype=torch.int32)
         freqs = torch.arange(attention_mask.shape[1], dtype=torch.float32)[:, None] * self.inv_freq  # [T, D/2]
         dtype = self.model.embed_tokens.weight.dtype
         cos_cache, sin_cache = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        # row b's last real new token: seqlens_k[b] in a padded first prompt, else S - 1
+        last = torch.clamp(seqlens_k.long(), max=input_ids.shape[1] - 1)
+        return self._decode(input_ids, buffers, (seqlens_k, total, cos_cache, sin_cache), True, last_only, last)
+
+    def _decode(self, input_ids: torch.Tensor, caches: KVCache | None, context: tuple, shared: bool,
+                last_only: bool, last: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Embedding, the layers (each attention given `context` and its layer's cache), final norm, LM head:
+        logits [B, S, vocab], or [B, 1, vocab] for each row's last position (`last` [B], else S - 1)."""
+        b, s = input_ids.shape
+        # The residual stream is kept 2-D, [B*S, hidden], so every projection is a plain 2-D linear
+        # (ONNX Gemm with transB: the checkpoint's [out, in] weights are used as stored, never transposed).
         x = self.model.embed_tokens(input_ids).flatten(0, 1)  # [B*S, hidden]
         present: KVCache = []
         for i, layer in enumerate(self.model.layers):
-            x, kv = layer(x, buffers[i], b, s, seqlens_k, total, cos_cache, sin_cache, shared=True)
+            x, kv = layer(x, None if caches is None else caches[i], b, s, *context, shared=shared)
             present.append(kv)
         x = self.model.norm(x)
-        if last_only:  # row b's last real new token: seqlens_k[b] in a padded first prompt, else S - 1
-            last = torch.clamp(seqlens_k.long(), max=s - 1)[:, None, None].expand(b, 1, x.shape[-1])
-            x = x.view(b, s, -1).gather(1, last)[:, 0]  # [B, hidden]
-        logits = F.linear(x, self.lm_weight())
-        return logits.view(b, -1, logits.shape[-1]), present
+        if last_only:
+            x = x.view(b, s, -1)
+            x = x[:, -1] if last is None else x.gather(1, last[:, None, None].expand(b, 1, x.shape[-1]))[:, 0]  # [B, hidden]
+        logits = F.linear(x, self.lm_weight())  # [B*S or B, vocab]
+        return logits.view(b, -1, logits.shape[-1]), present  # [B, S or 1, vocab]
 
 
 def build_model(cfg: ErnieConfig, weights: dict[str, torch.Tensor]) -> ErnieForCausalLM:

@@ -29,28 +29,32 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notices
 
 
+def _pairs(past: list) -> list[tuple]:
+    return [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+
+
+def _outputs(logits, present) -> tuple:
+    return (logits.float(), *[t for kv in present for t in kv])
+
+
 class _Prefill(nn.Module):
     def __init__(self, model: ErnieForCausalLM, full_logits: bool):
         super().__init__()
         self.net, self.full_logits = model, full_logits
 
     def forward(self, input_ids, attention_mask, position_ids):
-        logits, present = self.net(input_ids, attention_mask, position_ids, None, last_only=not self.full_logits)
-        return (logits.float(), *[t for kv in present for t in kv])
+        return _outputs(*self.net(input_ids, attention_mask, position_ids, None, last_only=not self.full_logits))
 
 
 class _Decode(_Prefill):
     def forward(self, input_ids, attention_mask, position_ids, past):
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, present = self.net(input_ids, attention_mask, position_ids, pairs, last_only=not self.full_logits)
-        return (logits.float(), *[t for kv in present for t in kv])
+        return _outputs(*self.net(input_ids, attention_mask, position_ids, _pairs(past), last_only=not self.full_logits))
 
 
 class _DecodeShared(_Prefill):
     def forward(self, input_ids, attention_mask, past):
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, present = self.net.forward_shared_buffer(input_ids, attention_mask, pairs, last_only=not self.full_logits)
-        return (logits.float(), *[t for kv in present for t in kv])
+        return _outputs(*self.net.forward_shared_buffer(input_ids, attention_mask, _pairs(past),
+                                                       last_only=not self.full_logits))
 
 
 def _group_query_attention_op() -> onnxscript.values.Op:

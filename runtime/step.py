@@ -214,14 +214,23 @@ class Model:
         return (1 if self.shared else 2) * cache + 3 * 4 * batch * d["num_attention_heads"] * chunk * total
 
     def start(self, prompts: list[list[int]], pad_id: int, cache: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
-        """Feed left-padded prompts after `cache` (None: from scratch), in chunks when they are long."""
-        if self.shared:
-            return self._start_shared(prompts, pad_id, cache)
+        """Feed left-padded prompts after `cache` (None: from scratch), in chunks when they are long.
+
+        A shared buffer takes a batch from scratch in one right-padded run when it fits one chunk; otherwise
+        its rows go one by one (the kernel takes several new tokens after a cache for batch 1 only), merged.
+        A single row needs no padding either way, so it shares the chunked loop below."""
+        longest = max(map(len, prompts)) + (cache.length if cache is not None else 0)
+        chunk = self.chunk_length(len(prompts), longest)
+        if self.shared and len(prompts) > 1:
+            if cache is None and longest <= chunk:
+                return self.decode(*right_pad(prompts, pad_id), self.reserve(self.empty_cache(len(prompts)), longest))
+            return self._start_rows(prompts, pad_id, cache)
         ids, mask, pos = left_pad(prompts, pad_id)
         base = cache.next_positions() if cache is not None else 0  # positions continue the cached sequence
-        chunk = self.chunk_length(len(prompts), ids.shape[1] + (cache.length if cache is not None else 0))
         if cache is None and self.prefill is None:
             cache = self.empty_cache(len(prompts))
+        if cache is not None:
+            cache = self.reserve(cache, longest)
         for lo in range(0, ids.shape[1], chunk):
             part = slice(lo, lo + chunk)
             if cache is None:
@@ -231,28 +240,14 @@ class Model:
                                             pos[:, part] + base, cache)
         return logits, cache
 
-    def _start_shared(self, prompts: list[list[int]], pad_id: int, cache: KVCache | None) -> tuple[np.ndarray, KVCache]:
-        """`start` for a shared buffer: a batch from scratch in one right-padded run when it fits one chunk;
-        otherwise row by row (the kernel takes several new tokens after a cache for batch 1 only), merged."""
-        longest = max(map(len, prompts)) + (cache.length if cache is not None else 0)
-        if len(prompts) > 1 and (cache is not None or longest > self.chunk_length(len(prompts), longest)):
-            logits, merged = [], None
-            for i, p in enumerate(prompts):
-                last, row = self._start_shared([p], pad_id, None if cache is None else select_rows(cache, [i], self.decode.device))
-                logits.append(last.copy())  # a view of the step's logits buffer, which the next row overwrites
-                merged = row if merged is None else merge_caches(merged, row, self.decode.device)
-            return np.concatenate(logits), merged
-        cache = self.reserve(cache if cache is not None else self.empty_cache(len(prompts)), longest)
-        if len(prompts) > 1:
-            ids, mask, pos = right_pad(prompts, pad_id)
-            return self.decode(ids, mask, pos, cache)
-        ids = np.array(prompts, np.int64)
-        for lo in range(0, ids.shape[1], self.chunk_length(1, longest)):
-            part = ids[:, lo:lo + self.chunk_length(1, longest)]
-            total = cache.length + part.shape[1]
-            logits, cache = self.decode(part, np.ones((1, total), np.int64),
-                                        np.arange(cache.length, total, dtype=np.int64)[None], cache)
-        return logits, cache
+    def _start_rows(self, prompts: list[list[int]], pad_id: int, cache: KVCache | None) -> tuple[np.ndarray, KVCache]:
+        """`start` row by row, the rows' caches merged."""
+        logits, merged = [], None
+        for i, p in enumerate(prompts):
+            last, row = self.start([p], pad_id, None if cache is None else select_rows(cache, [i], self.decode.device))
+            logits.append(last.copy())  # a view of the step's logits buffer, which the next row overwrites
+            merged = row if merged is None else merge_caches(merged, row, self.decode.device)
+        return np.concatenate(logits), merged
 
     RESERVE_STEP = 256  # a shared buffer's capacity is a multiple of this, and grows by at least half when it grows
 
@@ -298,13 +293,13 @@ class Model:
 
     def advance(self, tokens: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Feed one token per row ([B] int64) after `cache`."""
+        lengths = cache.next_positions()  # [B, 1]
         if cache.shared:  # each row's token goes right after its own tokens
-            lengths = cache.mask.sum(-1)
             cache = self.reserve(cache, int(lengths.max()) + 1)
-            mask = (np.arange(int(lengths.max()) + 1)[None] <= lengths[:, None]).astype(np.int64)
+            mask = (np.arange(int(lengths.max()) + 1)[None] <= lengths).astype(np.int64)
         else:
             mask = np.concatenate([cache.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
-        return self.decode(tokens.reshape(-1, 1), mask, cache.next_positions(), cache)
+        return self.decode(tokens.reshape(-1, 1), mask, lengths, cache)
 
 
 Pick = Callable[[np.ndarray, KVCache], tuple[np.ndarray, bool]]
