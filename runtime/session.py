@@ -171,6 +171,7 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
         records[SCORE] = external_tensors(directory, manifest, SCORE)
     shared = map_weights(directory, records) if mapped else {}
     dims = manifest["model"]["dims"]
+    cache_device = host_cache_device(provider, kv_cache, manifest["dtype"])
 
     def step(graph: str, weights: dict | None) -> Step:
         io = GraphIO.from_manifest(manifest, graph)
@@ -178,7 +179,7 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
         session = open_session(path, provider, threads, weights, config)
         io.check_session(session, path)
         every = graph == SCORE
-        return Step(session, io, provider, dims["vocab_size"], dims["max_position_embeddings"],
+        return Step(session, io, cache_device, dims["vocab_size"], dims["max_position_embeddings"],
                     manifest["full_logits"] or every, every)
 
     steps = {graph: step(graph, shared.get(graph)) for graph in graphs}
@@ -188,6 +189,14 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
     return Model(steps.get("prefill"), steps["decode"], shape=shape,
                  cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared, shared=kv_cache == SHARED_BUFFER,
                  open_score=(lambda: step(SCORE, shared.get(SCORE))) if SCORE in graphs_of(manifest) else None)
+
+
+def host_cache_device(provider: str, kv_cache: str, dtype: str) -> str:
+    """Where the KV cache lives. On CUDA, the device, except for a float32 shared buffer (the int8/int4 `--ops ort`
+    profiles): onnxruntime's CUDA GroupQueryAttention takes float16/bfloat16 only, so that graph's attention runs
+    on the CPU provider, and the buffer it writes in place must be host memory. Kept on the device, the writes
+    were lost (onnxruntime-gpu 1.31.1 on an H100: greedy tokens agreed with the CPU run on 1 position in 16)."""
+    return "cpu" if provider == "cuda" and kv_cache == SHARED_BUFFER and dtype == "float32" else provider
 
 
 def available_memory() -> int | None:

@@ -128,7 +128,7 @@ class Step:
     """
     session: ort.InferenceSession
     io: GraphIO
-    device: str  # "cpu" or "cuda"
+    device: str  # where the cache lives: "cpu" or "cuda" (session.host_cache_device)
     vocab: int
     max_positions: int
     full_logits: bool = False  # the graph's logits are [B, S, V] (the score graph; --full-logits artifacts)

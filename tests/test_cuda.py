@@ -36,7 +36,9 @@ def test_half_precision_exports_verify_on_cuda(tiny_ckpt, tmp_path, dtype):
     out = tmp_path / dtype
     export_artifact(str(tiny_ckpt), out, dtype=dtype, **QUIET)
     report = reverify(out, str(tiny_ckpt), "cuda")
-    assert report["status"] == "passed" and report["provider"] == "cuda" and report["top1_agreement"] >= 0.99
+    # Gated at the positions eager decides by a margin (verify's half-precision gate): bfloat16's 8-bit
+    # mantissa flipped 6% of the tiny model's near-ties on an H100, all of them undecided positions.
+    assert report["status"] == "passed" and report["provider"] == "cuda" and report["top1_agreement_decisive"] >= 0.99
     assert json.loads((out / "parity.json").read_text())["provider"] == "cuda"
     gen = G.load(out, "cuda")
     assert gen.provider == "cuda" and len(set(greedy(gen, PROMPTS[:1], 32)[0])) >= 8  # varied output

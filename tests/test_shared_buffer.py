@@ -185,3 +185,14 @@ def test_ort_kernels_over_a_concat_cache(tiny_ckpt, tmp_path):
     assert json.loads((out / "parity.json").read_text())["status"] == "passed"
     ops = {n.op_type for n in onnx.load(str(out / "decode.onnx"), load_external_data=False).graph.node}
     assert "MatMulNBits" in ops and "GroupQueryAttention" not in ops and (out / "prefill.onnx").exists()
+
+
+def test_cache_placement_follows_where_group_query_attention_runs():
+    """On CUDA a float32 shared buffer lives on the host (onnxruntime's CUDA GroupQueryAttention is half precision
+    only, so the node runs on the CPU provider; bound on the device its in-place writes were lost on an H100:
+    1 greedy position in 16 agreed with the CPU). Everything else stays where the provider computes."""
+    from runtime.session import host_cache_device
+    assert host_cache_device("cuda", "shared_buffer", "float32") == "cpu"
+    assert host_cache_device("cuda", "shared_buffer", "float16") == "cuda"
+    assert host_cache_device("cuda", "concat", "float32") == "cuda"
+    assert host_cache_device("cpu", "shared_buffer", "float32") == "cpu"
