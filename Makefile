@@ -54,8 +54,8 @@ ADDRESS  ?=
 serve-ray: install  ## N replicas behind Ray Serve's proxy on 127.0.0.1:8000 (make serve-ray OUT=artifacts/<name> REPLICAS=2 [ADDRESS=auto])
 	$(PY) -m runtime.serve_ray --model $(OUT) --replicas $(REPLICAS) $(if $(ADDRESS),--address $(ADDRESS))
 
-bench-serve: install  ## aggregate tokens/s and TTFT at 1, 4, 8 concurrent clients on the demo artifact
-	$(PY) -m tools.bench_serve --model $(DEMO)
+bench-serve: install  ## aggregate tokens/s and TTFT at 1, 4, 8 concurrent clients on the demo artifact (+ llama.cpp's server once make bench-peers has set it up)
+	$(PY) -m tools.bench_serve --model $(DEMO) $(if $(wildcard $(PEERS)/peers.json),--peers $(PEERS)/peers.json --peer f32)
 
 # <quantize>-<ops>; none-ort: float32 with onnxruntime's fused attention (GroupQueryAttention, shared KV buffer)
 PROFILES ?= none-ort int8-ort int4-ort int4-standard

@@ -242,3 +242,23 @@ def test_prefill_groups_bound_padding_shortest_first():
     assert prefill_groups([10, 10, 10, 10]) == [[0, 1, 2, 3]]
     assert prefill_groups([5, 500]) == [[0], [1]]
     assert sorted(i for g in prefill_groups([7, 3, 9, 3, 40, 41]) for i in g) == list(range(6)), "every request once"
+
+
+def test_bench_serve_reports_both_arrival_patterns(tiny_artifact, tmp_path):
+    """tools.bench_serve end to end on the tiny artifact (a real `runtime.serve` subprocess): a row per arrival
+    pattern and concurrency, generated tokens counted from the stream, ratios against the 1-client rows."""
+    import socket
+
+    from tools import bench_serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "serve.json"
+    assert bench_serve.main(["--model", str(tiny_artifact), "--clients", "1", "2", "--requests-per-client", "2",
+                             "--max-tokens", "4", "--port", str(port), "--json", str(out)]) == 0
+    [ours] = json.loads(out.read_text())
+    rows = {(r["arrivals"], r["clients"]): r for r in ours["rows"]}
+    assert set(rows) == {(a, c) for a in ("together", "staggered") for c in (1, 2)}
+    assert all(r["requests"] == 2 * r["clients"] and 0 < r["tokens"] <= 4 * r["requests"] for r in rows.values())
+    assert rows[("staggered", 1)]["speedup"] == 1.0 and ours["solo_ttft"] > 0

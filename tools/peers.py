@@ -13,7 +13,7 @@ Out: setup: the peer files under DIR/<checkpoint name>/, listed with their sizes
      eval: one JSON line with runtime.eval --compare's keys (perplexity, mean_kl, top1_agreement, ...).
 
 setup installs llama-cpp-python from a wheel cached in DIR/wheels (building one there only when none is:
-about 15 minutes on 2 cores) and takes llama.cpp's GGUF converter from the same version's sdist (the
+about 15 minutes on 2 cores) with its `server` extra (tools.bench_serve's peer) and takes llama.cpp's GGUF converter from the same version's sdist (the
 wheel lacks it). The converter reads ERNIE's vocabulary from a SentencePiece tokenizer.model, which our
 checkpoints (tokenizer.json only) lack, so setup makes a peer checkpoint of links to the weights and
 configs plus a small tokenizer.model trained on the repository's README; the converter pads the
@@ -76,6 +76,13 @@ def install_llama_cpp(cache: Path) -> None:
             cache / "build.log")
         found = sorted(wheels.glob(f"llama_cpp_python-{LLAMA_CPP}-*.whl"))
     _sh([sys.executable, "-m", "pip", "install", found[-1]], cache / "install.log")
+
+
+def install_llama_server(cache: Path) -> None:
+    """llama.cpp's OpenAI-compatible server (tools.bench_serve's peer): the wheel's `server` extra, whose
+    packages are pure Python (pip takes them from the registry and keeps the installed wheel)."""
+    if importlib.util.find_spec("sse_starlette") is None or importlib.util.find_spec("starlette_context") is None:
+        _sh([sys.executable, "-m", "pip", "install", f"llama-cpp-python[server]=={LLAMA_CPP}"], cache / "server.log")
 
 
 def converter(cache: Path) -> Path:
@@ -189,6 +196,7 @@ def setup(checkpoint: Path, cache: Path) -> dict:
     work = cache / checkpoint.resolve().name
     work.mkdir(parents=True, exist_ok=True)
     install_llama_cpp(cache)
+    install_llama_server(cache)
     peer = peer_checkpoint(checkpoint, work / "checkpoint")
     listing = {"checkpoint": str(checkpoint.resolve()), "llama_cpp_python": LLAMA_CPP}
     for kind, path in make_ggufs(peer, work, cache).items():
