@@ -112,7 +112,8 @@ def peer_command(peers: str, fmt: str, port: int) -> tuple[str, list[str]]:
     wait for the running one (its default would cut a running stream short when another arrives)."""
     found = json.loads(Path(peers).read_text())
     if fmt not in found:
-        raise SystemExit(f"error: {peers} has no {fmt!r} GGUF (it has: {', '.join(k for k in found if isinstance(found[k], dict))})")
+        have = ", ".join(k for k, v in found.items() if isinstance(v, dict) and v.get("path", "").endswith(".gguf"))
+        raise SystemExit(f"error: {peers} has no {fmt!r} GGUF (it has: {have}); run `python -m tools.peers setup` first")
     return f"llama.cpp {fmt} server", [sys.executable, "-m", "llama_cpp.server", "--model", found[fmt]["path"],
                                        "--host", "127.0.0.1", "--port", str(port), "--n_threads", "2",
                                        "--n_ctx", "2048", "--interrupt_requests", "False", "--verbose", "False"]

@@ -13,12 +13,13 @@ Out: setup: the peer files under DIR/<checkpoint name>/, listed with their sizes
      eval: one JSON line with runtime.eval --compare's keys (perplexity, mean_kl, top1_agreement, ...).
 
 setup installs llama-cpp-python from a wheel cached in DIR/wheels (building one there only when none is:
-about 15 minutes on 2 cores) with its `server` extra (tools.bench_serve's peer) and takes llama.cpp's GGUF converter from the same version's sdist (the
-wheel lacks it). The converter reads ERNIE's vocabulary from a SentencePiece tokenizer.model, which our
-checkpoints (tokenizer.json only) lack, so setup makes a peer checkpoint of links to the weights and
-configs plus a small tokenizer.model trained on the repository's README; the converter pads the
-vocabulary to config vocab_size with [PADn] tokens, so every id keeps its embedding row. Workers feed
-token ids, never text, so the tokenizer's contents do not matter. onnxruntime-genai goes into this
+about 15 minutes on 2 cores) with its `server` extra (tools.bench_serve's peer), and takes llama.cpp's GGUF
+converter from the same version's sdist (the wheel lacks it). The converter reads ERNIE's vocabulary from
+a SentencePiece tokenizer.model, which our checkpoints (tokenizer.json only) lack, so setup makes a peer
+checkpoint of links to the weights and configs plus a small tokenizer.model trained on the repository's
+README; the converter pads the vocabulary to config vocab_size with [PADn] tokens, so every id keeps its
+embedding row. Workers feed token ids, never text, so the tokenizer's contents do not matter (only
+tools.bench_serve's server peer is sent text, and compared by its own ratios). onnxruntime-genai goes into this
 environment when that leaves its onnxruntime as it is, else into a venv in the cache; peers.json names
 the python that runs its worker (from the repository root). Every step skips what already exists.
 
