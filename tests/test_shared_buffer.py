@@ -220,10 +220,10 @@ def _logits_and_tokens(path, prompts):
 
 
 def test_grouped_attention_equals_the_fused_kernel(tiny_ckpt, tmp_path, monkeypatch):
-    """The grouped decode steps (each KV head's query heads attend together) give the fused kernel's logits and
-    tokens at a context past the verification's (rows of 300 and 120 tokens, the buffer grown and larger than
-    the rows). Negative control: with the mask off (the buffer's unwritten and padded slots visible),
-    verification fails."""
+    """Decode steps past GROUPED_FROM tokens (each KV head's query heads attending together) give the fused
+    kernel's logits and tokens (rows of GROUPED_FROM + 100 and 120 tokens: the short row masked to its own, the
+    buffer larger than the rows). Negative control: with the mask off (the buffer's unwritten and padded slots
+    visible), verification fails: its long-context check takes the grouped branch."""
     import ernie_export.attention as A
     import ernie_export.build as B
 
@@ -235,7 +235,7 @@ def test_grouped_attention_equals_the_fused_kernel(tiny_ckpt, tmp_path, monkeypa
         export_artifact(str(tiny_ckpt), fused, ops="ort", **quiet)
     assert "If" not in {n.op_type for n in onnx.load(str(fused / "decode.onnx"), load_external_data=False).graph.node}
     rng = np.random.default_rng(5)
-    prompts = [rng.integers(5, 400, 300).tolist(), rng.integers(5, 400, 120).tolist()]
+    prompts = [rng.integers(5, 400, A.GROUPED_FROM + 100).tolist(), rng.integers(5, 400, 120).tolist()]
     (a, ta), (b, tb) = _logits_and_tokens(grouped, prompts), _logits_and_tokens(fused, prompts)
     assert np.abs(a - b).max() <= 1e-4 and ta == tb and len({t for row in ta for t in row}) > 4
     monkeypatch.setattr(A, "MASKED", 0.0)
