@@ -2,25 +2,26 @@
 
 In:  a traced (and quantized) graph whose layers attend with onnxruntime's GroupQueryAttention over the
      shared, preallocated KV buffer (16 query heads, 2 KV heads for ERNIE 4.5 0.3B).
-Out: the same graph where each layer, for a step of one new token per row, attends with each KV head's query
-     heads together; prompts (several new tokens) keep the fused kernel. Same inputs, outputs and feeding: the
-     contract is unchanged.
+Out: the same graph where each layer, for a decode step (one new token per row) past GROUPED_FROM tokens of
+     context, attends with each KV head's query heads together; prompts and shorter contexts keep the fused
+     kernel. Same inputs, outputs and feeding: the contract is unchanged.
 
 Why: onnxruntime's CPU kernel attends one query head at a time, a matrix-vector product per head that re-reads
 its KV head's cache for each of the 8 heads sharing it. For prompts it is the better kernel (the grouped form
 would hold [8 x prompt, context] scores: measured 1024-token prefill 693 -> 541 tok/s and 4096-token peak RSS
-952 -> 1936 MB when every step was grouped), so each layer is an If on the number of new tokens:
-- one new token (a decode step): the GroupQueryAttention node is given only the last KV query heads' slice of q
-  (q|k|v packed or q alone) as a 2-head attention. It still applies the rotary embedding to the new key and
+952 -> 1936 MB when every step was grouped), and for short contexts the extra nodes cost more than they save,
+so each layer is an If:
+- a decode step past GROUPED_FROM: the GroupQueryAttention node is given only the last KV query heads' slice of
+  q (q|k|v packed or q alone) as a 2-head attention. It still applies the rotary embedding to the new key and
   writes it and the value into the buffer in place; its own output is unused. q gets the rotary embedding in
   the kernel's layout (com.microsoft RotaryEmbedding) at the row's position, is regrouped [B, KV, groups, D]
   (query head h uses KV head h // groups, as in the kernel) and attends over the whole buffer with one
   FusedMatMul (transB, the 1/sqrt(D) scale), an additive mask (key j is visible iff j <= seqlens_k[b], the
   row's new position), Softmax and MatMul;
 - otherwise: the original GroupQueryAttention.
-Verification exercises both branches: its prompts take the fused one, its decode steps the grouped one.
+Verification exercises both branches: its prompts and short decode steps take the fused one, its long-context
+check (verify.LONG_CONTEXT) the grouped one.
 """
-
 from __future__ import annotations
 
 import math

@@ -185,8 +185,8 @@ def test_float_graphs_with_fused_attention_verify(tiny_ckpt, tmp_path, dtype):
 
 
 def test_ort_kernels_over_a_concat_cache(tiny_ckpt, tmp_path):
-    """--ops ort --kv-cache concat: the quantized kernels with the growing cache and grouped standard-op attention
-    (faster than GroupQueryAttention past ~2k tokens of context): both generation graphs, left padding."""
+    """--ops ort --kv-cache concat: the quantized kernels with the growing cache and grouped standard-op attention:
+    both generation graphs, left padding."""
     out = tmp_path / "concat"
     export_artifact(str(tiny_ckpt), out, quantize="int4", ops="ort", kv_cache="concat", log=lambda m: None)
     manifest = load_manifest(out)
