@@ -17,9 +17,10 @@ import numpy as np
 import onnx
 import torch
 
-from runtime.contract import SCORE, generation_graphs
+from runtime.contract import SCORE, SHARED_BUFFER, generation_graphs
 
 from .artifact import WEIGHTS_FILE, describe, save_graphs, write_manifest
+from .attention import group_attention
 from .config import load_config
 from .model import build_model
 from .publish import publish, staged
@@ -80,6 +81,10 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
             quantizer = Quantizer(profile, np.dtype(dtype))
             for graph in graphs.values():
                 quantizer.rewrite(graph)
+    if profile.kv_cache == SHARED_BUFFER and dtype == "float32":
+        with stage("grouping attention over the shared buffer (each KV head read once per step)", log):
+            for graph in graphs.values():
+                group_attention(graph.graph, cfg.head_dim)
     with stage("saving graphs with one shared weights file", log):
         weights_index = save_graphs(graphs, tmp)
         del graphs

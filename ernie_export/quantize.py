@@ -93,8 +93,7 @@ class Profile:
 
     def __post_init__(self):
         """`--ops ort` attends with onnxruntime's GroupQueryAttention over a shared, preallocated buffer unless told
-        otherwise: fastest up to ~1k tokens of context, while its CPU kernel reads the cache once per query head,
-        which a concat cache's grouped attention does not (README: measured figures)."""
+        otherwise: no cache copy per step (long-context decode steps attend grouped: ernie_export.attention)."""
         if self.kv_cache is None:
             object.__setattr__(self, "kv_cache", SHARED_BUFFER if self.ops == "ort" else CONCAT)
 

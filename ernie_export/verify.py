@@ -36,12 +36,13 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from runtime.contract import (MANIFEST, PAST, SCORE, ArtifactError, cache_names, generation_graphs, graphs_of,
-                              kv_cache_of, load_manifest)
+from runtime.contract import (MANIFEST, PAST, SCORE, SHARED_BUFFER, ArtifactError, cache_names, generation_graphs,
+                              graphs_of, kv_cache_of, load_manifest)
 from runtime.session import PROVIDERS, ProviderError, open_model, resolve_provider
 from runtime.step import KVCache, Model, StepError, decode_loop, left_pad
 
 from .artifact import write_manifest
+from .attention import GROUPED_FROM
 from .publish import OutputError, interrupt_on_sigterm, publish, staged
 from .config import ConfigError, ErnieConfig, load_config
 from .quantize import ACCURACY_LEVEL, Profile, Quantizer
@@ -51,6 +52,8 @@ from .weights import SourceError, WeightsError, load_weights, resolve_checkpoint
 
 FP32_TOL = 1e-4
 CHECKED_STEPS = 16
+LONG_CONTEXT = GROUPED_FROM + 32  # prompt tokens of the shared buffer's long-context check
+LONG_STEPS = 4
 GREEDY_STEPS = 32
 MIN_TOP1 = 0.99
 # float16/bfloat16 are gated on top-1 agreement at the positions where float32 eager's best logit leads
@@ -251,6 +254,9 @@ def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider:
                       "is pending a CUDA host (run `python -m ernie_export.verify --model ARTIFACT --provider cuda` there)")
         return report, None
     cases = golden_prompts(directory, manifest)
+    # A shared buffer's decode steps past GROUPED_FROM take the grouped-attention branch (ernie_export.attention):
+    # one prompt long enough that its decode steps do, checked like the others (not part of golden.json).
+    long = [[quality_ids(directory, manifest, LONG_CONTEXT)]] if kv_cache_of(manifest) == SHARED_BUFFER else []
     scored = cases[0]["prompt_ids"][0] if SCORE in graphs_of(manifest) else None
     score_diff = None
     try:
@@ -260,6 +266,7 @@ def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider:
             with float_math(directory, manifest) as (exact_dir, exact_manifest):
                 exact = open_model(exact_dir, exact_manifest, provider, graphs=graphs)
                 runs = [compare(exact, reference, case["prompt_ids"], GREEDY_STEPS) for case in cases]
+                runs += [compare(exact, reference, prompts, LONG_STEPS) for prompts in long]
                 score_diff = score_parity(exact, reference, scored) if scored else None
                 del exact
             shipped = [compare(model, reference, case["prompt_ids"], GREEDY_STEPS) for case in cases]
@@ -267,6 +274,7 @@ def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider:
             report["quality"] = quality(model, eager32, quality_ids(directory, manifest, QUALITY_PROMPT + QUALITY_POSITIONS))
         else:
             runs = [compare(model, eager32, case["prompt_ids"], GREEDY_STEPS) for case in cases]
+            runs += [compare(model, eager32, prompts, LONG_STEPS) for prompts in long]
             score_diff = score_parity(model, eager32, scored) if scored else None
     except (ArtifactError, StepError) as e:  # e.g. an opset this onnxruntime cannot run
         raise VerificationError(f"the exported graphs do not run: {e}") from None

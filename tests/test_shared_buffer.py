@@ -73,8 +73,11 @@ def test_reference_op_equals_the_concat_model(tiny_ckpt):
 
 
 def test_manifest_and_graph(art):
-    """One GroupQueryAttention per layer; no prefill graph, no position_ids, right padding in the contract."""
+    """Per layer an If on the new tokens: prompts attend with the fused GroupQueryAttention, single-token steps
+    with a 2-head one writing the buffer and grouped attention (ernie_export.attention). No prefill graph, no
+    position_ids, right padding in the contract."""
     manifest = load_manifest(art)
+    dims = manifest["model"]["dims"]
     assert manifest["profile"]["kv_cache"] == "shared_buffer" and manifest["feeding"]["padding_side"] == "right"
     assert "prefill" not in manifest["graphs"] and not (art / "prefill.onnx").exists()
     decode = manifest["graphs"]["decode"]
@@ -84,12 +87,18 @@ def test_manifest_and_graph(art):
     assert past["shape"][2] == "max_sequence_length" == decode["outputs"][1]["shape"][2]
     for graph in ("decode", "score"):
         nodes = onnx.load(str(art / f"{graph}.onnx"), load_external_data=False).graph.node
-        gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
-        assert len(gqa) == manifest["model"]["dims"]["num_hidden_layers"]
-        assert {a.name: a.i for a in gqa[0].attribute if a.name in ("do_rotary", "rotary_interleaved")} == \
-            {"do_rotary": 1, "rotary_interleaved": 1}
-        assert all(list(n.input[1:3]) == ["", ""] for n in gqa), "q|k|v packed: one fused projection, no Split"
-        assert len([n for n in nodes if n.op_type == "Split"]) == len(gqa), "one Split a layer: gate|up only"
+        layers = [n for n in nodes if n.op_type == "If"]
+        assert len(layers) == dims["num_hidden_layers"]
+        branches = {a.name: a.g.node for a in layers[0].attribute}
+        [fused] = branches["else_branch"]
+        [writer] = [n for n in branches["then_branch"] if n.op_type == "GroupQueryAttention"]
+        assert {a.name: a.i for a in fused.attribute} == {"do_rotary": 1, "rotary_interleaved": 1,
+                                                          "num_heads": dims["num_attention_heads"],
+                                                          "kv_num_heads": dims["num_key_value_heads"]}
+        assert {a.name: a.i for a in writer.attribute}["num_heads"] == dims["num_key_value_heads"]
+        assert "FusedMatMul" in {n.op_type for n in branches["then_branch"]}
+        assert list(fused.input[1:3]) == ["", ""], "q|k|v packed: one fused projection, no Split"
+        assert len([n for n in nodes if n.op_type == "Split"]) == len(layers), "one Split a layer: gate|up only"
         assert not [n for n in nodes if n.op_type in ("Softmax", "Concat") and "past" in " ".join(n.input)]
 
 
@@ -176,8 +185,8 @@ def test_float_graphs_with_fused_attention_verify(tiny_ckpt, tmp_path, dtype):
 
 
 def test_ort_kernels_over_a_concat_cache(tiny_ckpt, tmp_path):
-    """--ops ort --kv-cache concat: the quantized kernels with the growing cache and grouped standard-op attention
-    (faster than GroupQueryAttention past ~2k tokens of context): both generation graphs, left padding."""
+    """--ops ort --kv-cache concat: the quantized kernels with the growing cache and grouped standard-op attention:
+    both generation graphs, left padding."""
     out = tmp_path / "concat"
     export_artifact(str(tiny_ckpt), out, quantize="int4", ops="ort", kv_cache="concat", log=lambda m: None)
     manifest = load_manifest(out)
@@ -196,3 +205,39 @@ def test_cache_placement_follows_where_group_query_attention_runs():
     assert host_cache_device("cuda", "shared_buffer", "float16") == "cuda"
     assert host_cache_device("cuda", "concat", "float32") == "cuda"
     assert host_cache_device("cpu", "shared_buffer", "float32") == "cpu"
+
+
+def _logits_and_tokens(path, prompts):
+    """The logits of 4 decode steps after `prompts` (fixed tokens fed), and 8 greedy tokens."""
+    gen = G.load(path)
+    _, cache = gen.model.start(prompts, gen.pad_id)
+    steps = []
+    for t in (7, 8, 9, 10):
+        logits, cache = gen.model.advance(np.full(len(prompts), t, np.int64), cache)
+        steps.append(logits.copy())
+    tokens = [r.token_ids for r in G.generate(gen, prompts, gen.options(greedy=True, max_new_tokens=8, ignore_eos=True))]
+    return np.stack(steps), tokens
+
+
+def test_grouped_attention_equals_the_fused_kernel(tiny_ckpt, tmp_path, monkeypatch):
+    """Decode steps past GROUPED_FROM tokens (each KV head's query heads attending together) give the fused
+    kernel's logits and tokens (rows of GROUPED_FROM + 100 and 120 tokens: the short row masked to its own, the
+    buffer larger than the rows). Negative control: with the mask off (the buffer's unwritten and padded slots
+    visible), verification fails: its long-context check takes the grouped branch."""
+    import ernie_export.attention as A
+    import ernie_export.build as B
+
+    quiet = dict(log=lambda m: None)
+    grouped, fused = tmp_path / "grouped", tmp_path / "fused"
+    export_artifact(str(tiny_ckpt), grouped, ops="ort", **quiet)
+    with monkeypatch.context() as m:
+        m.setattr(B, "group_attention", lambda graph, head_dim: 0)
+        export_artifact(str(tiny_ckpt), fused, ops="ort", **quiet)
+    assert "If" not in {n.op_type for n in onnx.load(str(fused / "decode.onnx"), load_external_data=False).graph.node}
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(5, 400, A.GROUPED_FROM + 100).tolist(), rng.integers(5, 400, 120).tolist()]
+    (a, ta), (b, tb) = _logits_and_tokens(grouped, prompts), _logits_and_tokens(fused, prompts)
+    assert np.abs(a - b).max() <= 1e-4 and ta == tb and len({t for row in ta for t in row}) > 4
+    monkeypatch.setattr(A, "MASKED", 0.0)
+    with pytest.raises(VerificationError):
+        export_artifact(str(tiny_ckpt), tmp_path / "unmasked", ops="ort", **quiet)
