@@ -59,7 +59,7 @@ def group_attention(graph: ir.Graph, head_dim: int) -> int:
                                               name=f"{gqa.name}.{name}")
         step = ir.node("If", [step_inputs[0]], {"then_branch": ir.AttrGraph("then_branch", branch("grouped", grouped)),
                                            "else_branch": ir.AttrGraph("else_branch", branch("fused", [fused]))},
-                       num_outputs=3, name=f"{gqa.name}.by_new_tokens")
+                       num_outputs=3, name=f"{gqa.name}.grouped_or_fused")
         ir.convenience.replace_nodes_and_values(graph, gqa, [gqa], [step], list(gqa.outputs), list(step.outputs))
     return len(layers)
 
@@ -88,9 +88,8 @@ class _Consts:
 
 def _step_inputs(gqa: ir.Node, c: _Consts) -> tuple[list[ir.Node], tuple[ir.Value, ir.Value, ir.Value]]:
     """Nodes computing, once per graph: whether this run takes the grouped branch (one new token per row, past
-    GROUPED_FROM tokens); the rows' positions [B, 1]
-    (seqlens_k, the kernel's index of each row's last token); the additive mask [B, 1, 1, capacity], where the
-    capacity is that of the kernel's present: max(past length, total_sequence_length)."""
+    GROUPED_FROM tokens); the rows' positions [B, 1] (seqlens_k, the kernel's index of each row's last token);
+    the additive mask [B, 1, 1, capacity], the capacity being the kernel's present's: max(past, total length)."""
     q_in, past_key, seqlens_k, total = gqa.inputs[0], gqa.inputs[3], gqa.inputs[5], gqa.inputs[6]
     nodes = []
 

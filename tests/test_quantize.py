@@ -98,6 +98,14 @@ def test_int8_beats_int4(quantized):
     assert kl["int8"]["top1_agreement_vs_float32"] > kl["int4"]["top1_agreement_vs_float32"]
 
 
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+
+
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: "-".join(p))
 def test_graph_ops(quantized, profile):
     """ort: MatMulNBits + GatherBlockQuantized; standard: ai.onnx only, no float weights left."""
@@ -105,7 +113,7 @@ def test_graph_ops(quantized, profile):
     manifest = load_manifest(art)
     for graph in generation_graphs(manifest["profile"]["kv_cache"]):
         model = onnx.load(str(art / f"{graph}.onnx"), load_external_data=False)
-        ops = {(n.domain or "ai.onnx", n.op_type) for n in model.graph.node}
+        ops = {(n.domain or "ai.onnx", n.op_type) for n in _all_nodes(model.graph)}  # If branches included
         floats = [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
                   and ".scales" not in i.name]
         assert not floats, f"float weights left: {floats[:3]}"
