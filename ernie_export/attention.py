@@ -22,6 +22,7 @@ so each layer is an If:
 Verification exercises both branches: its prompts and short decode steps take the fused one, its long-context
 check (verify.LONG_CONTEXT) the grouped one.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,9 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from .quantize import ORT_DOMAIN, constant
+
 GQA = "GroupQueryAttention"
-ORT_DOMAIN = "com.microsoft"
 MASKED = -1e9  # additive mask; every row sees key 0, so none is all masked
 # Contexts (total_sequence_length) beyond which decode steps take the grouped branch. Below it the fused
 # kernel is faster: full-size int4 runtime decode at 128 tokens 127.1 (fused) vs 116.5 tok/s (grouped);
@@ -43,14 +45,13 @@ def group_attention(graph: ir.Graph, head_dim: int) -> int:
     layers = [n for n in graph if n.op_type == GQA and n.domain == ORT_DOMAIN]
     if not layers:
         return 0
-    c = _Consts(graph)
-    shared, step_inputs = _step_inputs(layers[0], c)
+    shared, step_inputs = _step_inputs(graph, layers[0])
     graph.insert_before(layers[0], shared)
     for gqa in layers:
         heads, kv_heads = gqa.attributes["num_heads"].value, gqa.attributes["kv_num_heads"].value
         fused = ir.node(GQA, list(gqa.inputs), {k: v.value for k, v in gqa.attributes.items()}, domain=ORT_DOMAIN,
                         num_outputs=3)
-        grouped = _grouped(gqa, step_inputs[1:], heads, kv_heads, head_dim, c)
+        grouped = _grouped(graph, gqa, step_inputs[1:], heads, kv_heads, head_dim)
         for name, nodes in (("grouped", grouped), ("fused", [fused])):  # names unique across the scopes
             for i, value in enumerate(v for node in nodes for v in node.outputs):
                 value.name = f"{gqa.name}.{name}.{i}"
@@ -64,29 +65,13 @@ def group_attention(graph: ir.Graph, head_dim: int) -> int:
     return len(layers)
 
 
-class _Consts:
-    """Small initializers of the outer graph, one per distinct value."""
-
-    def __init__(self, graph: ir.Graph):
-        self.graph = graph
-
-    def ints(self, *values: int, scalar: bool = False) -> ir.Value:
-        array = np.array(values[0] if scalar else list(values), np.int64)
-        name = "grouped_attention." + ("s" if scalar else "v") + "_".join(str(v) for v in values).replace("-", "m")
-        return self._const(name, array)
-
-    def float(self, value: float) -> ir.Value:
-        return self._const(f"grouped_attention.f{value:g}", np.array(value, np.float32))
-
-    def _const(self, name: str, array: np.ndarray) -> ir.Value:
-        if name not in self.graph.initializers:
-            tensor = ir.tensor(array)
-            self.graph.register_initializer(ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype),
-                                                     const_value=tensor))
-        return self.graph.initializers[name]
+def _ints(graph: ir.Graph, *values: int, scalar: bool = False) -> ir.Value:
+    array = np.array(values[0] if scalar else list(values), np.int64)
+    name = "grouped_attention." + ("s" if scalar else "v") + "_".join(str(v) for v in values).replace("-", "m")
+    return constant(graph, name, array)
 
 
-def _step_inputs(gqa: ir.Node, c: _Consts) -> tuple[list[ir.Node], tuple[ir.Value, ir.Value, ir.Value]]:
+def _step_inputs(graph: ir.Graph, gqa: ir.Node) -> tuple[list[ir.Node], tuple[ir.Value, ir.Value, ir.Value]]:
     """Nodes computing, once per graph: whether this run takes the grouped branch (one new token per row, past
     GROUPED_FROM tokens); the rows' positions [B, 1] (seqlens_k, the kernel's index of each row's last token);
     the additive mask [B, 1, 1, capacity], the capacity being the kernel's present's: max(past, total length)."""
@@ -97,20 +82,20 @@ def _step_inputs(gqa: ir.Node, c: _Consts) -> tuple[list[ir.Node], tuple[ir.Valu
         nodes.append(ir.node(op_type, inputs, attrs))
         return nodes[-1].outputs[0]
 
-    zero, one = c.ints(0, scalar=True), c.ints(1, scalar=True)
+    zero, one = _ints(graph, 0, scalar=True), _ints(graph, 1, scalar=True)
     single = op("Equal", [op("Gather", [op("Shape", [q_in]), one], axis=0), one])
     total64 = op("Cast", [total], to=int(ir.DataType.INT64))
-    grouped = op("And", [single, op("Greater", [total64, c.ints(GROUPED_FROM, scalar=True)])])
-    positions = op("Unsqueeze", [op("Cast", [seqlens_k], to=int(ir.DataType.INT64)), c.ints(1)])  # [B, 1]
-    past = op("Gather", [op("Shape", [past_key]), c.ints(2, scalar=True)], axis=0)
+    grouped = op("And", [single, op("Greater", [total64, _ints(graph, GROUPED_FROM, scalar=True)])])
+    positions = op("Unsqueeze", [op("Cast", [seqlens_k], to=int(ir.DataType.INT64)), _ints(graph, 1)])  # [B, 1]
+    past = op("Gather", [op("Shape", [past_key]), _ints(graph, 2, scalar=True)], axis=0)
     capacity = op("Max", [past, total64])
     visible = op("LessOrEqual", [op("Range", [zero, capacity, one]), positions])  # [B, T]
-    mask = op("Unsqueeze", [op("Where", [visible, c.float(0.0), c.float(MASKED)]), c.ints(1, 2)])
+    mask = op("Unsqueeze", [op("Where", [visible, constant(graph, "grouped_attention.zero", np.array(0.0, np.float32)), constant(graph, "grouped_attention.masked", np.array(MASKED, np.float32))]), _ints(graph, 1, 2)])
     return nodes, (grouped, positions, mask)
 
 
-def _grouped(gqa: ir.Node, step: tuple[ir.Value, ir.Value], heads: int, kv_heads: int, head_dim: int,
-             c: _Consts) -> list[ir.Node]:
+def _grouped(graph: ir.Graph, gqa: ir.Node, step: tuple[ir.Value, ir.Value], heads: int, kv_heads: int,
+             head_dim: int) -> list[ir.Node]:
     """The single-token branch: the kernel writing the cache (2 heads), then grouped attention over it."""
     positions, mask = step
     q_in, cos, sin = gqa.inputs[0], gqa.inputs[7], gqa.inputs[8]
@@ -122,15 +107,15 @@ def _grouped(gqa: ir.Node, step: tuple[ir.Value, ir.Value], heads: int, kv_heads
         return nodes[-1].outputs[0]
 
     end = (heads + 2 * kv_heads) * head_dim if packed else heads * head_dim
-    write_q = op("Slice", [q_in, c.ints((heads - kv_heads) * head_dim), c.ints(end), c.ints(2)])
+    write_q = op("Slice", [q_in, _ints(graph, (heads - kv_heads) * head_dim), _ints(graph, end), _ints(graph, 2)])
     attrs = {**{k: v.value for k, v in gqa.attributes.items()}, "num_heads": kv_heads}
     op(GQA, [write_q, *gqa.inputs[1:]], domain=ORT_DOMAIN, num_outputs=3, **attrs)
     present_key, present_value = nodes[-1].outputs[1:]
-    q = op("Slice", [q_in, c.ints(0), c.ints(heads * head_dim), c.ints(2)])
+    q = op("Slice", [q_in, _ints(graph, 0), _ints(graph, heads * head_dim), _ints(graph, 2)])
     q = op("RotaryEmbedding", [q, positions, cos, sin], domain=ORT_DOMAIN, num_heads=heads,
            interleaved=attrs["rotary_interleaved"])  # the keys' layout, which the kernel applied
-    q = op("Reshape", [q, c.ints(0, kv_heads, groups, head_dim)])  # [B, KV, groups, D]: one new token a row
+    q = op("Reshape", [q, _ints(graph, 0, kv_heads, groups, head_dim)])  # [B, KV, groups, D]: one new token a row
     scores = op("FusedMatMul", [q, present_key], domain=ORT_DOMAIN, transB=1, alpha=1.0 / math.sqrt(head_dim))
     out = op("MatMul", [op("Softmax", [op("Add", [scores, mask])], axis=-1), present_value])
-    op("Reshape", [out, c.ints(0, 1, heads * head_dim)])  # [B, 1, H * D], heads in the kernel's order
+    op("Reshape", [out, _ints(graph, 0, 1, heads * head_dim)])  # [B, 1, H * D], heads in the kernel's order
     return nodes

@@ -201,7 +201,8 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | N
     return value
 
 
-def _small(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A small initializer of `graph` (registered once per name), e.g. a shape or a scalar."""
     return _const(graph, name, np.asarray(array))
 
 
@@ -307,7 +308,7 @@ class Quantizer:
                 new.append(ir.node("Add", [mm.outputs[0], bias]))
         outputs = new[-1].outputs
         if len(nodes) > 1:
-            sizes = _small(graph, f"{name}.split", np.array([p[0].shape[0] for p in parts], np.int64))
+            sizes = constant(graph, f"{name}.split", np.array([p[0].shape[0] for p in parts], np.int64))
             new.append(ir.node("Split", [outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes)))
             outputs = new[-1].outputs
         ir.convenience.replace_nodes_and_values(graph, nodes[0], nodes, new, [node.outputs[0] for node in nodes],
@@ -351,21 +352,21 @@ class Quantizer:
         else:
             packed_t = pack(np.ascontiguousarray(q.T), 4, unsigned=False)  # [K, V/2]: the bytes of int4 [K, V]
             raw = _const(graph, f"{name}.qT.bytes", packed_t)  # uint8 view of the LM head's int4 [K, V]
-            two = _small(graph, "quant.two", np.array(2, np.int64))
+            two = constant(graph, "quant.two", np.array(2, np.int64))
             byte = op("Gather", [raw, op("Div", [ids, two])], axis=1)  # [K, B, S]
-            shift = op("Cast", [op("Mul", [op("Mod", [ids, two]), _small(graph, "quant.four", np.array(4, np.int64))])],
+            shift = op("Cast", [op("Mul", [op("Mod", [ids, two]), constant(graph, "quant.four", np.array(4, np.int64))])],
                        to=int(ir.DataType.UINT8))  # [B, S]: 0 for even ids (low nibble), 4 for odd
             nib = op("BitwiseAnd", [op("BitShift", [byte, shift], direction="RIGHT"),
-                                    _small(graph, "quant.mask", np.array(15, np.uint8))])
-            signed = op("BitwiseXor", [nib, _small(graph, "quant.eight", np.array(8, np.uint8))])  # two's complement
+                                    constant(graph, "quant.mask", np.array(15, np.uint8))])
+            signed = op("BitwiseXor", [nib, constant(graph, "quant.eight", np.array(8, np.uint8))])  # two's complement
             values = op("Sub", [op("Cast", [signed], to=self._ir_dtype()),
-                                _small(graph, "quant.eight.f", np.array(8, self.dtype))])
+                                constant(graph, "quant.eight.f", np.array(8, self.dtype))])
         values = op("Transpose", [values], perm=[1, 2, 0])  # [K, B, S] -> [B, S, K]
         scale = op("Transpose", [op("Gather", [scales_t, ids], axis=1)], perm=[1, 2, 0])  # [B, S, K/bs]
-        blocked = op("Mul", [op("Reshape", [values, _small(graph, f"quant.blocks.{k}.{self.block}",
+        blocked = op("Mul", [op("Reshape", [values, constant(graph, f"quant.blocks.{k}.{self.block}",
                                                              np.array([0, 0, k // self.block, self.block], np.int64))]),
-                             op("Unsqueeze", [scale, _small(graph, "quant.last", np.array([-1], np.int64))])])
-        op("Reshape", [blocked, _small(graph, f"quant.rows.{k}", np.array([0, 0, k], np.int64))])  # [B, S, K]
+                             op("Unsqueeze", [scale, constant(graph, "quant.last", np.array([-1], np.int64))])])
+        op("Reshape", [blocked, constant(graph, f"quant.rows.{k}", np.array([0, 0, k], np.int64))])  # [B, S, K]
         return nodes
 
     def _ir_dtype(self) -> int:
