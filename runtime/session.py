@@ -180,7 +180,7 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
         io.check_session(session, path)
         every = graph == SCORE
         return Step(session, io, cache_device, dims["vocab_size"], dims["max_position_embeddings"],
-                    manifest["full_logits"] or every, every)
+                    manifest["full_logits"] or every, every, in_place=cache_device == provider)
 
     steps = {graph: step(graph, shared.get(graph)) for graph in graphs}
     if "prefill" in steps:
@@ -194,8 +194,13 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
 def host_cache_device(provider: str, kv_cache: str, dtype: str) -> str:
     """Where the KV cache lives. On CUDA, the device, except for a float32 shared buffer (the int8/int4 `--ops ort`
     profiles): onnxruntime's CUDA GroupQueryAttention takes float16/bfloat16 only, so that graph's attention runs
-    on the CPU provider, and the buffer it writes in place must be host memory. Kept on the device, the writes
-    were lost (onnxruntime-gpu 1.31.1 on an H100: greedy tokens agreed with the CPU run on 1 position in 16)."""
+    on the CPU provider, and the buffer it writes must be host memory. Kept on the device, the writes were lost
+    (onnxruntime-gpu 1.31.1 on an H100: greedy tokens agreed with the CPU run on 1 position in 16).
+
+    Where this differs from the provider, the step does not write in place either (`Step.in_place`): inside each
+    layer's If (ernie_export.attention), placed on CUDA, onnxruntime hands the CPU kernel a copy of the host buffer,
+    and the in-place writes were lost again (1 position in 16 on an H100). Fresh presents cost a copy per step on
+    this fallback path only."""
     return "cpu" if provider == "cuda" and kv_cache == SHARED_BUFFER and dtype == "float32" else provider
 
 

@@ -133,6 +133,10 @@ class Step:
     max_positions: int
     full_logits: bool = False  # the graph's logits are [B, S, V] (the score graph; --full-logits artifacts)
     every_position: bool = False  # return them all (the score graph), not only the last position's
+    # A shared buffer is written in place (bound as its own present) unless the cache lives off the provider's
+    # device (session.host_cache_device): then each step binds fresh presents of the buffer's shape, which the
+    # kernel fills with the past plus the new tokens, and they become the next buffer.
+    in_place: bool = True
     _logits: ort.OrtValue | None = None  # host buffer reused across steps of the same batch size
     # A shared buffer's binding (cache values, IOBinding, logits buffer), reused while the same buffer is fed:
     # only input_ids and attention_mask change between its steps (saves ~2 x layers bind calls a step).
@@ -143,28 +147,29 @@ class Step:
         check_feeds(ids, mask, pos, cache, self.max_positions)
         batch = ids.shape[0]
         shared = cache is not None and cache.shared
-        reuse = shared and self._bound is not None and self._bound[0] is cache.values
+        in_place = shared and self.in_place
+        reuse = in_place and self._bound is not None and self._bound[0] is cache.values
         io = self._bound[1] if reuse else self.session.io_binding()
         for name, array in ((INPUT_IDS, ids), (ATTENTION_MASK, mask), (POSITION_IDS, pos)):
             if name in self.io.inputs:  # a shared-buffer graph takes no position_ids
                 io.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
         if not reuse:
-            self._bind_cache_and_logits(io, batch, cache, shared)
+            self._bind_cache_and_logits(io, batch, cache, in_place)
         try:
             self.session.run_with_iobinding(io)
         except Exception as e:  # onnxruntime's own exception types; out of memory arrives here too
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise StepError(f"ONNX Runtime failed running the {self.io.graph} graph (batch {batch}, "
                             f"{ids.shape[1]} new tokens, mask {mask.shape[1]}): {first[:300]}") from None
-        if shared and not self.full_logits:  # presents are the buffers; logits are in the bound host buffer
+        if in_place and not self.full_logits:  # presents are the buffers; logits are in the bound host buffer
             presents, logits = cache.values, self._bound[2].numpy()
         else:
             values = dict(zip((LOGITS, *self.io.present), io.get_outputs()))  # in binding order
-            presents = cache.values if shared else {self.io.feeds[name]: values[name] for name in self.io.present}
+            presents = cache.values if in_place else {self.io.feeds[name]: values[name] for name in self.io.present}
             logits = values[LOGITS].numpy()
         return (logits if self.every_position else logits[:, -1]), KVCache(presents, mask, shared)
 
-    def _bind_cache_and_logits(self, io, batch: int, cache: KVCache | None, shared: bool) -> None:
+    def _bind_cache_and_logits(self, io, batch: int, cache: KVCache | None, in_place: bool) -> None:
         for name in self.io.past:
             io.bind_ortvalue_input(name, cache.values[name])
         if self.full_logits:
@@ -174,11 +179,11 @@ class Step:
                 self._logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, 1, self.vocab], np.float32, "cpu")
             io.bind_ortvalue_output(LOGITS, self._logits)
         for name in self.io.present:  # a shared buffer is its own present: written in place
-            if shared:
+            if in_place:
                 io.bind_ortvalue_output(name, cache.values[self.io.feeds[name]])
             else:
                 io.bind_output(name, self.device)
-        if shared and not self.full_logits:
+        if in_place and not self.full_logits:
             self._bound = (cache.values, io, self._logits)
 
 
@@ -207,11 +212,12 @@ class Model:
 
     def memory_needed(self, batch: int, total: int) -> int:
         """Bytes a sequence of `total` tokens needs beyond the weights: the cache twice (a step reads
-        the old and writes the grown one) plus the attention temporaries of one chunk."""
+        the old and writes the grown one; once for a shared buffer written in place) plus the attention
+        temporaries of one chunk."""
         d = self.shape
         cache = batch * total * d["num_hidden_layers"] * 2 * d["num_key_value_heads"] * d["head_dim"] * self.cache_itemsize
         chunk = min(self.chunk_length(batch, total), total)
-        return (1 if self.shared else 2) * cache + 3 * 4 * batch * d["num_attention_heads"] * chunk * total
+        return (1 if self.shared and self.decode.in_place else 2) * cache + 3 * 4 * batch * d["num_attention_heads"] * chunk * total
 
     def start(self, prompts: list[list[int]], pad_id: int, cache: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
         """Feed left-padded prompts after `cache` (None: from scratch), in chunks when they are long.

@@ -207,9 +207,10 @@ def test_cache_placement_follows_where_group_query_attention_runs():
     assert host_cache_device("cpu", "shared_buffer", "float32") == "cpu"
 
 
-def _logits_and_tokens(path, prompts):
+def _logits_and_tokens(path, prompts, in_place=True):
     """The logits of 4 decode steps after `prompts` (fixed tokens fed), and 8 greedy tokens."""
     gen = G.load(path)
+    gen.model.decode.in_place = in_place
     _, cache = gen.model.start(prompts, gen.pad_id)
     steps = []
     for t in (7, 8, 9, 10):
@@ -238,6 +239,10 @@ def test_grouped_attention_equals_the_fused_kernel(tiny_ckpt, tmp_path, monkeypa
     prompts = [rng.integers(5, 400, A.GROUPED_FROM + 100).tolist(), rng.integers(5, 400, 120).tolist()]
     (a, ta), (b, tb) = _logits_and_tokens(grouped, prompts), _logits_and_tokens(fused, prompts)
     assert np.abs(a - b).max() <= 1e-4 and ta == tb and len({t for row in ta for t in row}) > 4
+    # The CUDA fallback for float32 buffers (session.host_cache_device): fresh presents instead of in-place writes,
+    # through both branches (the buffer's unwritten slots now hold whatever the fresh present held).
+    c, tc = _logits_and_tokens(grouped, prompts, in_place=False)
+    assert np.abs(a - c).max() <= 1e-5 and ta == tc
     monkeypatch.setattr(A, "MASKED", 0.0)
     with pytest.raises(VerificationError):
         export_artifact(str(tiny_ckpt), tmp_path / "unmasked", ops="ort", **quiet)
