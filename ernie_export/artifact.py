@@ -122,8 +122,9 @@ SHARED_FEEDING = {
             "output too (per cache.pairs): the graph writes the new keys and values in place. A prompt is decode "
             "after an empty buffer; then one token per row per step. Several new tokens after a non-empty cache "
             "need batch 1 (onnxruntime's rule). Grow the buffer (copy into a larger one) before total exceeds "
-            "capacity; there is no prefill graph. On onnxruntime's CUDA provider a float32 buffer must be bound in "
-            "host memory: its CUDA GroupQueryAttention takes float16/bfloat16 only, so the node runs on the CPU provider",
+            "capacity; there is no prefill graph. On onnxruntime's CUDA provider a float32 buffer lives in host memory "
+            "and is not bound in place: its CUDA GroupQueryAttention takes float16/bfloat16 only, so the node runs on "
+            "the CPU provider, handed a copy; bind fresh host presents of the buffer's shape and feed them back",
 }
 
 
