@@ -27,6 +27,7 @@ from runtime.contract import (FORMAT, FORMAT_VERSION, MANIFEST, SHARED_BUFFER, c
 from runtime.session import version_tuple
 
 from .config import ErnieConfig
+from .lm_head import VIEW
 from .quantize import ACCURACY_LEVEL, STANDARD_SESSION_CONFIG, Profile
 
 WEIGHTS_FILE = "weights.bin"
@@ -40,29 +41,50 @@ def externalize(models: dict[str, ir.Model], directory: Path) -> dict[str, dict]
 
     Identical bytes are stored once, whatever dtype or shape views them: a tensor used by both graphs,
     and a quantized tied table read as MatMulNBits' [V, blocks, blob] and as gathered rows [V, K/2].
+    An initializer marked as a range of another tensor's bytes (`lm_head.VIEW`) points into where those
+    bytes are stored, when they are (else it is stored as itself).
     Returns, per graph, name -> {offset, length, dtype, shape}: the runtime maps the file once and
     hands these tensors to both sessions, so the weights are resident once.
     """
     stored: dict[bytes, int] = {}
-    index: dict[str, dict] = {}
+    index: dict[str, dict] = {name: {} for name in models}
+    views: list[tuple[str, ir.Value]] = []
+    keys: dict[int, bytes] = {}  # id(tensor) -> content key, for the bases of views
+
+    def key_of(data: bytes) -> bytes:
+        return hashlib.blake2b(data, digest_size=20).digest() + len(data).to_bytes(8, "little")
+
     with open(directory / WEIGHTS_FILE, "wb") as f:
+        def place(data: bytes) -> int:
+            key = key_of(data)
+            if key not in stored:
+                f.write(b"\0" * (-f.tell() % (ALIGN if len(data) >= ALIGN else SMALL_ALIGN)))
+                stored[key] = f.tell()
+                f.write(data)
+            return stored[key]
+
+        def point(graph: str, value: ir.Value, offset: int) -> None:
+            tensor = value.const_value
+            value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, tensor.nbytes, tensor.dtype,
+                                                  shape=tensor.shape, name=value.name, base_dir=directory)
+            index[graph][value.name] = {"offset": offset, "length": tensor.nbytes,
+                                        "dtype": tensor.dtype.numpy().name, "shape": list(tensor.shape.numpy())}
+
         for graph, model in models.items():
-            index[graph] = {}
             for value in model.graph.initializers.values():
                 tensor = value.const_value
                 if tensor is None or tensor.nbytes < INLINE_BYTES:
                     continue
-                data = tensor.tobytes()
-                key = hashlib.blake2b(data, digest_size=20).digest() + len(data).to_bytes(8, "little")
-                if key not in stored:
-                    f.write(b"\0" * (-f.tell() % (ALIGN if len(data) >= ALIGN else SMALL_ALIGN)))
-                    stored[key] = f.tell()
-                    f.write(data)
-                value.const_value = ir.ExternalTensor(WEIGHTS_FILE, stored[key], len(data), tensor.dtype,
-                                                      shape=tensor.shape, name=value.name, base_dir=directory)
-                index[graph][value.name] = {"offset": stored[key], "length": len(data),
-                                            "dtype": tensor.dtype.numpy().name, "shape": list(tensor.shape.numpy())}
-                del data
+                if VIEW in value.meta:
+                    views.append((graph, value))  # after every base is stored
+                    continue
+                point(graph, value, place(tensor.tobytes()))
+        for graph, value in views:
+            base, start = value.meta[VIEW]
+            if id(base) not in keys:
+                keys[id(base)] = key_of(base.tobytes())
+            at = stored.get(keys[id(base)])
+            point(graph, value, at + start if at is not None else place(value.const_value.tobytes()))
     return index
 
 
@@ -89,11 +111,20 @@ def onnxruntime_versions(profile: Profile) -> dict:
     return {"minimum": min(tested.values(), key=version_tuple), "tested": tested}
 
 
-def session_options(profile: Profile) -> dict:
-    """What verification used and the runtime applies (runtime.session): float weights are used in place
-    (prepacking would copy them per session for no decode speed); quantized ones must be prepacked
-    (MatMulNBits decodes ~60x slower unpacked: 1.9 vs 115 steps/s measured, full-size int4)."""
-    config = {"session.disable_prepacking": "0" if profile.bits else "1"}
+def prepacks(profile: Profile, dtype: str) -> bool:
+    """Whether ONNX Runtime prepacks the graphs' weights at load. Each session then keeps its own packed copy, so
+    the runtime opens the decode session only. Quantized weights must be: MatMulNBits decodes ~60x slower
+    unpacked (1.9 vs 115 steps/s measured, full-size int4). Float32 shared-buffer graphs (decode only anyway)
+    decode faster packed: 36.0 vs 30.6 tok/s (in-process A/B, full size, 16-step blocks interleaved; 29.8 vs
+    26.5 in separate processes), the split LM head (lm_head.py) keeping peak RSS at 1.08x the weights (1.03x
+    unpacked). A float32 concat artifact keeps its two sessions over one mapped copy of the weights (prepacking
+    off), and float16 / bfloat16 graphs are the GPU's."""
+    return bool(profile.bits) or (dtype == "float32" and profile.kv_cache == SHARED_BUFFER)
+
+
+def session_options(profile: Profile, dtype: str) -> dict:
+    """What verification used and the runtime applies (runtime.session)."""
+    config = {"session.disable_prepacking": "0" if prepacks(profile, dtype) else "1"}
     if profile.bits and profile.ops == "standard":  # the MatMulNBits kernels ONNX Runtime fuses them into
         config["session.qdq_matmulnbits_accuracy_level"] = str(ACCURACY_LEVEL)
         config.update(STANDARD_SESSION_CONFIG)
@@ -149,7 +180,7 @@ def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source
         "onnxruntime": onnxruntime_versions(profile),
         "profile": {"quantization": profile.quantization, "block_size": profile.block_size,
                     "table_bits": profile.table_bits, "ops": profile.ops, "kv_cache": profile.kv_cache},
-        "session_options": session_options(profile),
+        "session_options": session_options(profile, dtype),
         "graphs": io_contract(dims, dtype, full_logits, profile.kv_cache),
         "cache": {"pairs": cache_pairs(cfg.num_hidden_layers)},
         "feeding": SHARED_FEEDING if profile.kv_cache == SHARED_BUFFER else FEEDING,

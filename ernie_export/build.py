@@ -19,9 +19,10 @@ import torch
 
 from runtime.contract import SCORE, SHARED_BUFFER, generation_graphs
 
-from .artifact import WEIGHTS_FILE, describe, save_graphs, write_manifest
+from .artifact import WEIGHTS_FILE, describe, prepacks, save_graphs, write_manifest
 from .attention import group_attention
 from .config import load_config
+from .lm_head import split_lm_head
 from .model import build_model
 from .publish import publish, staged
 from .quantize import DEFAULT_BLOCK_SIZE, DEFAULT_TABLE_BITS, MIN_STANDARD_OPSET, Profile, QuantizeError, Quantizer
@@ -81,6 +82,10 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
             quantizer = Quantizer(profile, np.dtype(dtype))
             for graph in graphs.values():
                 quantizer.rewrite(graph)
+    if prepacks(profile, dtype):
+        with stage("splitting the LM head into row ranges of the table (peak memory while ONNX Runtime packs it)", log):
+            for graph in graphs.values():
+                split_lm_head(graph.graph)
     if profile.kv_cache == SHARED_BUFFER and dtype == "float32":
         with stage("grouping attention over the shared buffer (each KV head read once per step)", log):
             for graph in graphs.values():

@@ -4,9 +4,10 @@ In:  an artifact directory, its manifest, a provider choice (auto | cpu | cuda).
 Out: a `Model` (step.py): the prefill and decode sessions, sharing one memory-mapped weights file,
      each checked against the manifest's I/O section before use.
 
-Weight prepacking is off: each session would otherwise keep its own packed copy of every
-weight (2x the weight bytes for two sessions). Measured here, the Gemm(transB) graphs lose
-~10% prefill throughput and no decode throughput without it.
+Weight prepacking follows the manifest's session options. Where they turn it off (float32 concat,
+float16), both sessions share one mapping of the weights: each would otherwise keep its own packed
+copy. Where they turn it on (quantized, float32 `--ops ort`), only the decode session is opened and
+ONNX Runtime loads and packs the weights itself (`open_model`).
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
     """The graphs over the shared weights, each session's I/O checked against the manifest.
 
     `graphs` None: the artifact's generation graphs, except for artifacts whose weights are prepacked
-    (quantized): each session keeps its own packed copy, so only the decode session is opened and
+    (quantized and float32 ones): each session keeps its own packed copy, so only the decode session is opened and
     prompts are fed to it with an empty past (the contract: decode with past length 0 equals prefill).
     Verification opens every generation graph. A shared-buffer artifact has the decode graph only.
     The score graph, where the artifact has one, is opened at the first `Model.score` call.

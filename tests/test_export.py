@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ernie_export import build, verify
+from ernie_export import build, lm_head, verify
 from ernie_export.__main__ import main as export_main
 from ernie_export.build import export_artifact
 from ernie_export.weights import SourceError, resolve_checkpoint
@@ -71,6 +71,41 @@ def test_weights_stored_once(tiny_artifact, tiny_ckpt):
     param_bytes = sum(p.numel() * 4 for p in our_model(tiny_ckpt).parameters())
     assert sum(length for _, length in stored) <= param_bytes
     assert sorted(p.name for p in tiny_artifact.glob("*.bin")) == ["weights.bin"]
+
+
+def _external_records(path):
+    model = onnx.load(str(path), load_external_data=False)
+    return model, {i.name: (int(e["offset"]), int(e["length"])) for i in model.graph.initializer
+                   if i.data_location == onnx.TensorProto.EXTERNAL
+                   for e in [{x.key: x.value for x in i.external_data}]}
+
+
+def test_lm_head_row_ranges(tiny_ckpt, tiny_quantized, tmp_path, monkeypatch):
+    """Prepacked graphs' LM head (ernie_export.lm_head): PARTS Gemm (float32 `--ops ort`) or MatMulNBits (int4
+    `--ops ort`) nodes over views that tile the table's stored bytes, the table stored once (the embedding gathers
+    from it whole). Negative control: ranges reading their bytes one row late fail verification (the views'
+    offsets are what the graph computes with)."""
+    assert lm_head.row_ranges(103424) == [(0, 25856), (25856, 51712), (51712, 77568), (77568, 103424)]
+    assert lm_head.row_ranges(100) == [(0, 64), (64, 100)] and lm_head.row_ranges(10) == [(0, 10)]
+    export_artifact(str(tiny_ckpt), tmp_path / "fp32-ort", ops="ort", **QUIET)
+    for path, op, table in ((tmp_path / "fp32-ort", "Gemm", "model.embed_tokens.weight"),
+                            (tiny_quantized[("int4", "ort")], "MatMulNBits", "model.embed_tokens.weight.q.rows")):
+        model, ext = _external_records(path / "decode.onnx")
+        heads = [n for n in model.graph.node if n.name.startswith("lm_head.")]
+        assert [n.op_type for n in heads] == [op] * lm_head.PARTS + ["Concat"]
+        start, size = ext[table]
+        views = sorted(ext[n.input[1]] for n in heads[:-1])
+        assert views[0][0] == start and sum(views[-1]) == start + size and all(sum(a) == b[0] for a, b in zip(views, views[1:]))
+    real = lm_head._view
+
+    def late(graph, base, start, stop):
+        value = real(graph, base, start, stop)
+        tensor, offset = value.meta[lm_head.VIEW]
+        value.meta[lm_head.VIEW] = (tensor, offset + tensor.nbytes // tensor.shape[0])
+        return value
+    monkeypatch.setattr(lm_head, "_view", late)
+    with pytest.raises(verify.VerificationError):
+        export_artifact(str(tiny_ckpt), tmp_path / "late", ops="ort", **QUIET)
 
 
 def test_decode_graph_accepts_empty_past(tiny_artifact, tiny_ckpt):

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
+from ernie_export import lm_head
 from ernie_export import quantize as Q
 from ernie_export.__main__ import main as export_main
 from ernie_export.build import export_artifact
@@ -121,7 +122,7 @@ def test_graph_ops(quantized, profile):
             assert {("com.microsoft", "MatMulNBits"), ("com.microsoft", "GatherBlockQuantized"),
                     ("com.microsoft", "GroupQueryAttention")} <= ops
             kernels = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-            assert len(kernels) == 2 * 4 + 1, "per layer: q|k|v fused, o, gate|up fused, down; then the LM head"
+            assert len(kernels) == 2 * 4 + lm_head.PARTS, "per layer: q|k|v fused, o, gate|up fused, down; the LM head's row ranges"
             assert ("ai.onnx", "Gemm") not in ops
             assert manifest["onnx"]["op_domains"] == ["ai.onnx", "com.microsoft"]
         else:
@@ -135,12 +136,22 @@ def test_tied_table_stored_once(quantized, profile):
     art = quantized[profile]
     index = load_manifest(art)["weights_index"]["decode"]
     table = {n: r for n, r in index.items() if n.startswith("model.embed_tokens.weight.q")}
-    assert len(table) == 2, table.keys()  # the LM head's view and the gathered rows' view
-    assert len({(r["offset"], r["length"]) for r in table.values()}) == 1
+    ranges = {n: r for n, r in table.items() if ".rows" in n and n.rsplit(".rows", 1)[1]}  # ort: the LM head's rows
+    if profile[1] == "ort":
+        # the gathered rows' view, and the LM head's row ranges inside it (ernie_export.lm_head)
+        assert len(table) == 1 + lm_head.PARTS, table.keys()
+        whole = table["model.embed_tokens.weight.q.rows"]
+        assert sum(r["length"] for r in ranges.values()) == whole["length"]
+        assert all(whole["offset"] <= r["offset"] < whole["offset"] + whole["length"] for r in ranges.values())
+        table = {"model.embed_tokens.weight.q.rows": whole}
+    else:
+        assert len(table) == 2, table.keys()  # the LM head's view and the gathered rows' view
+        assert len({(r["offset"], r["length"]) for r in table.values()}) == 1
     vocab, hidden = 512, 64
     assert next(iter(table.values()))["length"] == vocab * hidden, "the table is 8-bit by default"
     # everything stored: one table, the layers, scales; nothing twice
-    stored = {(r["offset"], r["length"]) for g in load_manifest(art)["weights_index"].values() for r in g.values()}
+    stored = {(r["offset"], r["length"]) for g in load_manifest(art)["weights_index"].values() for n, r in g.items()
+              if n not in ranges}
     assert (art / "weights.bin").stat().st_size < sum(length for _, length in stored) + 65536 * (len(stored) + 1)
     assert (art / "weights.bin").stat().st_size < vocab * hidden * 4 + 65536 * (len(stored) + 1), "no float table"
 

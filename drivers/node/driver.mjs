@@ -1,8 +1,9 @@
 // driver.mjs: a small Node.js library over onnxruntime-node for one ERNIE 4.5 ONNX artifact.
 // In:  an artifact directory; only its manifest.json is read here (format 2). The graphs are opened
 //      BY PATH with the manifest's session options: ONNX Runtime memory-maps weights.bin as their
-//      external data, both sessions share its pages, and with prepacking off (the manifest's
-//      session.disable_prepacking) no packed copy is made: one copy of the weights in memory.
+//      external data. With prepacking off (the manifest's session.disable_prepacking) both sessions share
+//      its pages: one copy of the weights in memory; with it on (quantized and float32 artifacts) ONNX
+//      Runtime packs a copy per session, so only the decode graph is opened.
 // Out: openArtifact(dir) -> {manifest, start(prompts), advance(tokens, cache), ...}: the logits of
 //      the last position per row (Float32Array [vocab] each) and the KV cache to continue from.
 //      Token ids in and out only: there is no tokenizer in Node.
@@ -164,7 +165,10 @@ export async function openArtifact(dir, options = {}) {
   const open = async (graph) => graphIO(manifest, graph,
     await ort.InferenceSession.create(join(dir, manifest.files[graph].path), so));
   const shared = manifest.profile.kv_cache === 'shared_buffer';
-  const prefill = shared ? null : await open('prefill'), decode = await open('decode');
+  // Prepacked weights (quantized, float32): each session would keep a packed copy of its own, so the decode graph
+  // alone takes prompts after an empty past (the contract: that equals prefill), as the Python runtime does.
+  const packed = so.extra.session?.disable_prepacking === '0';
+  const prefill = shared || packed ? null : await open('prefill'), decode = await open('decode');
   const vocab = manifest.model.dims.vocab_size, padId = manifest.tokens.pad_token_id;
   const { num_key_value_heads: kv, head_dim: hd } = manifest.model.dims;
   const empty = (batch) => ({ batch, mask: new BigInt64Array(0), values: Object.fromEntries(decode.past.map(
@@ -178,7 +182,7 @@ export async function openArtifact(dir, options = {}) {
         return run(decode, batch, ids, mask, null, empty(batch), vocab);
       }
       const { batch, ids, mask, pos } = leftPad(prompts, padId);
-      return run(prefill, batch, ids, mask, pos, null, vocab);
+      return prefill ? run(prefill, batch, ids, mask, pos, null, vocab) : run(decode, batch, ids, mask, pos, empty(batch), vocab);
     },
     /** Feed one token id per row after `cache` -> {logits, cache}. */
     async advance(tokens, cache) {
