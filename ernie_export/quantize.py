@@ -46,11 +46,13 @@ ROWS_PER_CHUNK = 4096
 # llama.cpp q4_0 vs its f32 on the same checkpoint and positions: 0.00467.
 TABLE_BITS = (4, 8)
 DEFAULT_TABLE_BITS = 8
-# An 8-bit table is quantized in blocks of 128 inputs, whatever the layers' block size: ONNX Runtime's int8-activation
+# In the int4 profile the 8-bit table is quantized in blocks of 128 inputs, whatever the layers' block size: ONNX Runtime's int8-activation
 # kernel packs each block with a float32 scale and a float32 block sum (8 bytes), so blocks of 32 make the table a
 # quarter larger to read per step than blocks of 128 (1.25 vs 1.06 bytes per weight). Measured, full-size int4
 # `--ops ort` (table in blocks of 128 vs 32): resident after load 421 vs 458 MB, peak 470 vs 504 MB, decode +1.3% and
-# +2.7% (two in-process A/Bs), mean KL from float32 0.002211 vs 0.002214, file 252 vs 257 MB.
+# +2.7% (two in-process A/Bs), mean KL from float32 0.002211 vs 0.002214, file 252 vs 257 MB. Only where the layers
+# are 4-bit: in the int8 profile the table's error is a large share of the total (KL 4.11e-5 at 128 vs 3.81e-5 at
+# 32, where llama.cpp q8_0 has 3.79e-5), so its table keeps the layers' block.
 TABLE_BLOCK_8BIT = 128
 TABLE_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 # Scales are stored as float16 (half the bytes of float32, 0.5 bit per weight at block 32; relative
@@ -105,9 +107,9 @@ class Profile:
             object.__setattr__(self, "kv_cache", SHARED_BUFFER if self.ops == "ort" else CONCAT)
 
     def table_block_size(self, hidden: int) -> int | None:
-        """The embedding / LM-head table's block size: an 8-bit table's is the largest block size up to
-        TABLE_BLOCK_8BIT (or the layers', if larger) that divides the hidden size; a 4-bit table's the layers'."""
-        if self.table_block is not None or self.table_bits != 8:
+        """The embedding / LM-head table's block size: in the int4 profile an 8-bit table's is the largest block
+        size up to TABLE_BLOCK_8BIT (or the layers', if larger) that divides the hidden size; else the layers'."""
+        if self.table_block is not None or self.table_bits != 8 or self.bits != 4:
             return self.table_block or self.block_size
         return max(b for b in BLOCK_SIZES if b <= max(TABLE_BLOCK_8BIT, self.block_size) and hidden % b == 0)
 

@@ -88,8 +88,9 @@ def test_export_verifies(quantized, profile):
     assert parity["quality"]["mean_kl_vs_float32"] <= {"int8": 0.05, "int4": 1.0}[profile[0]]
     assert parity["shipped"]["accuracy_level"] == 4
     manifest = load_manifest(art)
-    # the 8-bit table's blocks: up to 128 inputs, the tiny model's hidden size 64 (quantize.TABLE_BLOCK_8BIT)
-    assert manifest["profile"] == {"quantization": profile[0], "block_size": 32, "table_bits": 8, "table_block_size": 64,
+    # int4's 8-bit table: blocks of up to 128 inputs, the tiny model's hidden size 64 (quantize.TABLE_BLOCK_8BIT)
+    assert manifest["profile"] == {"quantization": profile[0], "block_size": 32, "table_bits": 8,
+                                   "table_block_size": {"int4": 64, "int8": 32}[profile[0]],
                                    "ops": profile[1], "kv_cache": {"ort": "shared_buffer", "standard": "concat"}[profile[1]]}
     assert manifest["session_options"]["config"]["session.disable_prepacking"] == "0"
 
@@ -132,11 +133,13 @@ def test_graph_ops(quantized, profile):
 
 
 def test_table_block_size(quantized):
-    """An 8-bit table is blocked by up to 128 inputs whatever the layers' block size (ONNX Runtime packs 8 bytes of
-    scale and block sum per block: 1.25 bytes per weight at 32, 1.06 at 128); re-verifying an artifact uses the
-    block size it records (older artifacts recorded none: the layers')."""
+    """int4's 8-bit table is blocked by up to 128 inputs whatever the layers' block size (ONNX Runtime packs 8 bytes
+    of scale and block sum per block: 1.25 bytes per weight at 32, 1.06 at 128); int8's keeps the layers' (its
+    quality would fall below q8_0's); re-verifying an artifact uses the block size it records (older artifacts
+    recorded none: the layers')."""
     P = Q.Profile
     assert P("int4", 32, "ort", 8).table_block_size(1024) == 128 and P("int4", 32, "ort", 8).table_block_size(64) == 64
+    assert P("int8", 32, "ort", 8).table_block_size(1024) == 32
     assert P("int4", 256, "ort", 8).table_block_size(1024) == 256 and P("int4", 32, "ort", 4).table_block_size(1024) == 32
     assert P("int4", 32, "ort", 8, None, 32).table_block_size(1024) == 32
     model = onnx.load(str(quantized[("int4", "ort")] / "decode.onnx"), load_external_data=False)
