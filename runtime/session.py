@@ -151,7 +151,7 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
     """The graphs over the shared weights, each session's I/O checked against the manifest.
 
     `graphs` None: the artifact's generation graphs, except for artifacts whose weights are prepacked
-    (quantized and float32 ones): each session keeps its own packed copy, so only the decode session is opened and
+    (quantized, float32 `--ops ort`): each session keeps its own packed copy, so only the decode session is opened and
     prompts are fed to it with an empty past (the contract: decode with past length 0 equals prefill).
     Verification opens every generation graph. A shared-buffer artifact has the decode graph only.
     The score graph, where the artifact has one, is opened at the first `Model.score` call.

@@ -2,7 +2,7 @@
 // In:  an artifact directory; only its manifest.json is read here (format 2). The graphs are opened
 //      BY PATH with the manifest's session options: ONNX Runtime memory-maps weights.bin as their
 //      external data. With prepacking off (the manifest's session.disable_prepacking) both sessions share
-//      its pages: one copy of the weights in memory; with it on (quantized and float32 artifacts) ONNX
+//      its pages: one copy of the weights in memory; with it on (quantized, float32 --ops ort) ONNX
 //      Runtime packs a copy per session, so only the decode graph is opened.
 // Out: openArtifact(dir) -> {manifest, start(prompts), advance(tokens, cache), ...}: the logits of
 //      the last position per row (Float32Array [vocab] each) and the KV cache to continue from.
