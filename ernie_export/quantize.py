@@ -46,9 +46,9 @@ ROWS_PER_CHUNK = 4096
 # llama.cpp q4_0 vs its f32 on the same checkpoint and positions: 0.00467.
 TABLE_BITS = (4, 8)
 DEFAULT_TABLE_BITS = 8
-# In the int4 profile the 8-bit table is quantized in blocks of 128 inputs, whatever the layers' block size: ONNX Runtime's int8-activation
-# kernel packs each block with a float32 scale and a float32 block sum (8 bytes), so blocks of 32 make the table a
-# quarter larger to read per step than blocks of 128 (1.25 vs 1.06 bytes per weight). Measured, full-size int4
+# In the int4 profile the 8-bit table is quantized in blocks of 128 inputs, whatever the layers' block size: ONNX
+# Runtime's int8-activation kernel packs each block with a float32 scale and a float32 block sum (8 bytes), so
+# blocks of 32 make the table a quarter larger to read per step than blocks of 128 (1.25 vs 1.06 bytes per weight). Measured, full-size int4
 # `--ops ort` (table in blocks of 128 vs 32): resident after load 421 vs 458 MB, peak 470 vs 504 MB, decode +1.3% and
 # +2.7% (two in-process A/Bs), mean KL from float32 0.002211 vs 0.002214, file 252 vs 257 MB. Only where the layers
 # are 4-bit: in the int8 profile the table's error is a large share of the total (KL 4.11e-5 at 128 vs 3.81e-5 at
