@@ -70,6 +70,7 @@ def split_lm_head(graph: ir.Graph, parts: int = PARTS) -> int:
     ranges = row_ranges(weight.const_value.shape[0], parts)
     new: list[ir.Node] = []
     attrs = {k: v.value for k, v in node.attributes.items()}
+    unread, scale_cast = [weight], None  # what the new nodes no longer read, dropped once they replace the head
     if node.op_type == "Gemm":
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             return 0  # a biased head: its bias would need splitting too (ERNIE has none)
@@ -82,6 +83,8 @@ def split_lm_head(graph: ir.Graph, parts: int = PARTS) -> int:
         scale = node.inputs[2]
         cast = scale.producer()
         stored = cast.inputs[0] if cast is not None and cast.op_type == "Cast" else scale
+        unread.append(stored)
+        scale_cast = cast if stored is not scale else None
         for start, stop in ranges:
             s = _view(graph, stored, start, stop)
             if stored is not scale:
@@ -92,9 +95,9 @@ def split_lm_head(graph: ir.Graph, parts: int = PARTS) -> int:
     outputs = [n.outputs[0] for n in new if n.op_type in ("Gemm", "MatMulNBits")]
     new.append(ir.node("Concat", outputs, {"axis": -1}, name="lm_head.Concat"))
     ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs, new[-1].outputs)
-    if node.op_type == "MatMulNBits" and stored is not scale and not scale.uses():
-        graph.remove(cast, safe=True)  # the whole table's scale cast, now unread
-    for value in (weight, stored if node.op_type == "MatMulNBits" else None):
-        if value is not None and not value.uses() and value.name in graph.initializers:
+    if scale_cast is not None and not scale_cast.outputs[0].uses():
+        graph.remove(scale_cast, safe=True)  # the whole table's scale cast
+    for value in unread:
+        if not value.uses() and value.name in graph.initializers:
             graph.initializers.pop(value.name)  # its bytes stay stored while a view or the embedding reads them
     return len(outputs)

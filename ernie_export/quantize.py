@@ -48,10 +48,10 @@ TABLE_BITS = (4, 8)
 DEFAULT_TABLE_BITS = 8
 # In the int4 profile the 8-bit table is quantized in blocks of 128 inputs, whatever the layers' block size: ONNX
 # Runtime's int8-activation kernel packs each block with a float32 scale and a float32 block sum (8 bytes), so
-# blocks of 32 make the table a quarter larger to read per step than blocks of 128 (1.25 vs 1.06 bytes per weight). Measured, full-size int4
-# `--ops ort` (table in blocks of 128 vs 32): resident after load 421 vs 458 MB, peak 470 vs 504 MB, decode +1.3% and
-# +2.7% (two in-process A/Bs), mean KL from float32 0.002211 vs 0.002214, file 252 vs 257 MB. Only where the layers
-# are 4-bit: in the int8 profile the table's error is a large share of the total (KL 4.11e-5 at 128 vs 3.81e-5 at
+# blocks of 32 make the table a quarter larger to read per step than blocks of 128 (1.25 vs 1.06 bytes per weight).
+# Measured, full-size int4 `--ops ort` (table in blocks of 128 vs 32): resident after load 421 vs 458 MB, peak 470 vs
+# 504 MB, decode +1.3% and +2.7% (two in-process A/Bs), mean KL from float32 0.002211 vs 0.002214, file 252 vs 257 MB.
+# Only where the layers are 4-bit: in the int8 profile the table's error is a large share of the total (KL 4.11e-5 at 128 vs 3.81e-5 at
 # 32, where llama.cpp q8_0 has 3.79e-5), so its table keeps the layers' block.
 TABLE_BLOCK_8BIT = 128
 TABLE_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
@@ -241,11 +241,11 @@ class Quantizer:
     def blocks(self, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """(q [N, K] int8, scales [N, K / block] as stored, bits) for the weight `name`, quantized once."""
         if name not in self.cache:
-            bits = self.bits(name)
-            q, scales = quantize_blocks(w, bits, self.block_of(name, w.shape[1]))
+            bits, block = self.bits(name), self.block_of(name, w.shape[1])
+            q, scales = quantize_blocks(w, bits, block)
             scales = scales.astype(SCALE_DTYPE)
             self.cache[name] = (q, scales, bits)
-            self.reference[name] = dequantize_blocks(q, scales.astype(np.float32), self.block_of(name, w.shape[1]))
+            self.reference[name] = dequantize_blocks(q, scales.astype(np.float32), block)
         return self.cache[name]
 
     def reference_weights(self, state: dict) -> dict[str, np.ndarray]:

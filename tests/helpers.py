@@ -78,3 +78,21 @@ def demo_args(artifact) -> list[str]:
     prompt = re.search(r"^PROMPT \?= (.*)$", make, re.M)[1]
     flags = re.search(r"-m runtime\.generate --model \$\(DEMO\) (.*)$", make, re.M)[1]
     return ["--model", str(artifact), *shlex.split(flags.replace("$(PROMPT)", prompt))]
+
+
+def decode_logits_and_tokens(path, prompts, provider="cpu", new_tokens=8, in_place=True):
+    """An artifact's logits over 4 decode steps after `prompts` (fixed tokens 7..10 fed) and `new_tokens` greedy
+    tokens per prompt, on `provider`; `in_place` False: the shared buffer's not-in-place path (Step.in_place)."""
+    import numpy as np
+
+    from runtime import generate as G
+
+    gen = G.load(path, provider)
+    gen.model.decode.in_place = in_place
+    _, cache = gen.model.start(prompts, gen.pad_id)
+    steps = []
+    for t in (7, 8, 9, 10):
+        logits, cache = gen.model.advance(np.full(len(prompts), t, np.int64), cache)
+        steps.append(logits.copy())
+    opts = gen.options(greedy=True, max_new_tokens=new_tokens, ignore_eos=True)
+    return np.stack(steps), [r.token_ids for r in G.generate(gen, prompts, opts)]

@@ -15,6 +15,7 @@ from runtime import generate as G
 from runtime.contract import ArtifactError
 from runtime.engine import Engine
 from runtime.request import Row
+from tests.helpers import decode_logits_and_tokens
 
 pytestmark = pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
                                 reason="needs onnxruntime-gpu and a CUDA device")
@@ -127,17 +128,6 @@ def test_grouped_attention_branch_on_cuda(tiny_ckpt, tiny_quantized, tmp_path, q
         return
     rng = np.random.default_rng(5)
     prompts = [rng.integers(5, 400, GROUPED_FROM + 100).tolist(), rng.integers(5, 400, 120).tolist()]
-
-    def run(provider):
-        gen = G.load(path, provider)
-        _, cache = gen.model.start(prompts, gen.pad_id)
-        steps = []
-        for t in (7, 8, 9, 10):
-            logits, cache = gen.model.advance(np.full(len(prompts), t, np.int64), cache)
-            steps.append(logits.copy())
-        opts = gen.options(greedy=True, max_new_tokens=16, ignore_eos=True)
-        return np.stack(steps), [r.token_ids for r in G.generate(gen, prompts, opts)]
-
-    (a, ta), (b, tb) = run("cpu"), run("cuda")
+    (a, ta), (b, tb) = (decode_logits_and_tokens(path, prompts, provider, 16) for provider in ("cpu", "cuda"))
     assert len({t for row in ta for t in row}) > 4  # a discriminative fixture
     assert np.abs(a - b).max() <= 1e-3 and ta == tb

@@ -24,7 +24,7 @@ from ernie_export.verify import VerificationError
 from runtime import generate as G
 from runtime.chat import Chat
 from runtime.contract import load_manifest
-from tests.helpers import our_model
+from tests.helpers import decode_logits_and_tokens, our_model
 
 PROMPTS = ["Hello world", "The capital of France is a", "def hello(name):"]
 
@@ -207,19 +207,6 @@ def test_cache_placement_follows_where_group_query_attention_runs():
     assert host_cache_device("cpu", "shared_buffer", "float32") == "cpu"
 
 
-def _logits_and_tokens(path, prompts, in_place=True):
-    """The logits of 4 decode steps after `prompts` (fixed tokens fed), and 8 greedy tokens."""
-    gen = G.load(path)
-    gen.model.decode.in_place = in_place
-    _, cache = gen.model.start(prompts, gen.pad_id)
-    steps = []
-    for t in (7, 8, 9, 10):
-        logits, cache = gen.model.advance(np.full(len(prompts), t, np.int64), cache)
-        steps.append(logits.copy())
-    tokens = [r.token_ids for r in G.generate(gen, prompts, gen.options(greedy=True, max_new_tokens=8, ignore_eos=True))]
-    return np.stack(steps), tokens
-
-
 def test_grouped_attention_equals_the_fused_kernel(tiny_ckpt, tmp_path, monkeypatch):
     """Decode steps past GROUPED_FROM tokens (each KV head's query heads attending together) give the fused
     kernel's logits and tokens (rows of GROUPED_FROM + 100 and 120 tokens: the short row masked to its own, the
@@ -237,11 +224,11 @@ def test_grouped_attention_equals_the_fused_kernel(tiny_ckpt, tmp_path, monkeypa
     assert "If" not in {n.op_type for n in onnx.load(str(fused / "decode.onnx"), load_external_data=False).graph.node}
     rng = np.random.default_rng(5)
     prompts = [rng.integers(5, 400, A.GROUPED_FROM + 100).tolist(), rng.integers(5, 400, 120).tolist()]
-    (a, ta), (b, tb) = _logits_and_tokens(grouped, prompts), _logits_and_tokens(fused, prompts)
+    (a, ta), (b, tb) = decode_logits_and_tokens(grouped, prompts), decode_logits_and_tokens(fused, prompts)
     assert np.abs(a - b).max() <= 1e-4 and ta == tb and len({t for row in ta for t in row}) > 4
     # The CUDA fallback for float32 buffers (session.host_cache_device): fresh presents instead of in-place writes,
     # through both branches (the buffer's unwritten slots now hold whatever the fresh present held).
-    c, tc = _logits_and_tokens(grouped, prompts, in_place=False)
+    c, tc = decode_logits_and_tokens(grouped, prompts, in_place=False)
     assert np.abs(a - c).max() <= 1e-5 and ta == tc
     monkeypatch.setattr(A, "MASKED", 0.0)
     with pytest.raises(VerificationError):
