@@ -10,7 +10,7 @@ SYNTH  ?= checkpoints/synthetic-full
 DEMO   ?= artifacts/synthetic-full
 PROMPT ?= Hello from ERNIE
 
-.PHONY: install test test-slow test-all demo export synthetic generate serve serve-ray profiles bench bench-peers eval bench-serve clean
+.PHONY: install test test-slow test-all demo export synthetic generate serve serve-ray profiles bench bench-peers bench-pairs eval bench-serve clean
 
 install: $(VENV)/.installed
 
@@ -80,6 +80,9 @@ eval: profiles  ## rolling perplexity of the int8 and int4 exports vs float32 on
 bench-peers: profiles  ## + llama.cpp (f32/q8_0/q4_0) and onnxruntime-genai int4, same checkpoint, one run (not CI: the first setup compiles llama.cpp, ~15 min)
 	$(PY) -m tools.peers setup --checkpoint $(SYNTH) --cache $(PEERS)
 	$(PY) -m tools.bench --model $(ARTIFACTS) --peers $(PEERS)/peers.json --repeat 3 --json bench-peers.json
+
+bench-pairs: profiles  ## decode ratios to llama.cpp in the same format, alternating in one process (after make bench-peers)
+	$(PY) -m tools.pairs --model $(ARTIFACTS) --peers $(PEERS)/peers.json --json bench-pairs.json
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

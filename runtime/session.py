@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import hugepages
 from .contract import (KV_CACHE_KINDS, SCORE, SHARED_BUFFER, ArtifactError, GraphIO, check_cache_pairing, external_tensors,
                        generation_graphs, graphs_of, kv_cache_of)
 from .sampling import OptionError
@@ -183,7 +184,12 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
         return Step(session, io, cache_device, dims["vocab_size"], dims["max_position_embeddings"],
                     manifest["full_logits"] or every, every, in_place=cache_device == provider)
 
+    # Huge pages for the packed weights: measured faster for float32 only (runtime.hugepages).
+    huge = hugepages.wanted(provider == "cpu" and prepacked(manifest) and manifest["profile"]["quantization"] == "none")
+    before = hugepages.anonymous_regions() if huge else set()
     steps = {graph: step(graph, shared.get(graph)) for graph in graphs}
+    if huge:
+        hugepages.collapse(hugepages.anonymous_regions() - before)
     if "prefill" in steps:
         check_cache_pairing(steps["prefill"].io, steps["decode"].io)
     shape = {k: dims[k] for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads", "head_dim")}
