@@ -21,7 +21,7 @@ import os
 import sys
 
 MADV_COLLAPSE = 25  # linux/mman.h, Linux >= 6.1
-HUGE = 2 << 20
+PMD_SIZE = "/sys/kernel/mm/transparent_hugepage/hpage_pmd_size"  # 2 MiB on x86-64
 MIN_REGION = 8 << 20  # the packed weights are large mappings; leave the rest of the heap alone
 
 
@@ -44,15 +44,20 @@ def anonymous_regions(maps: str = "/proc/self/maps") -> set[tuple[int, int]]:
 
 
 def collapse(regions: set[tuple[int, int]]) -> int:
-    """madvise(MADV_COLLAPSE) over the 2 MiB-aligned part of each region; returns the bytes now in huge pages
+    """madvise(MADV_COLLAPSE) over the huge-page-aligned part of each region; returns the bytes now in huge pages
     (0 where the kernel refuses: not Linux, Linux < 6.1, THP not built in, no free huge pages)."""
     if not sys.platform.startswith("linux") or not regions:
         return 0
+    try:
+        with open(PMD_SIZE) as f:
+            huge = int(f.read())
+    except (OSError, ValueError):
+        return 0  # no transparent huge pages in this kernel
     madvise = ctypes.CDLL(None, use_errno=True).madvise
     madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     done = 0
     for start, end in sorted(regions):
-        lo, hi = (start + HUGE - 1) & ~(HUGE - 1), end & ~(HUGE - 1)
+        lo, hi = (start + huge - 1) & ~(huge - 1), end & ~(huge - 1)
         if hi > lo and madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
             done += hi - lo
     return done

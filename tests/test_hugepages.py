@@ -46,7 +46,7 @@ def test_collapse_takes_new_anonymous_regions_only():
     assert any(a <= new_at < b for a, b in found) and not any(a <= old_at < b for a, b in found)
     done = hugepages.collapse(found)
     kernel = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
-    if kernel < (6, 1) or not os.path.exists("/sys/kernel/mm/transparent_hugepage"):
+    if kernel < (6, 1) or not os.path.exists(hugepages.PMD_SIZE):
         pytest.skip(f"Linux {os.uname().release} without MADV_COLLAPSE or THP")
     assert done >= 2 << 20
     assert _huge_kb(new_at) >= 2048 and _huge_kb(old_at) == 0

@@ -7,10 +7,11 @@ Out: per artifact and prompt length, both systems' median decode tokens/s and th
 
 Why beside `tools.bench`: this machine's memory bandwidth moves by tens of percent within minutes (llama.cpp
 f32 decoded 30.1 and 40.3 tok/s in two round-robin runs ten minutes apart), so even the medians of separate
-processes can flip a ratio from 0.76x to 1.03x. Alternating blocks of --block decode steps in one process puts
-both systems under the same conditions, and the spread of the per-round ratios shows what is left (float32:
-1.00-1.07 with huge pages, 0.90-0.99 without, in two back-to-back runs). Speed only: peak memory and prefill
-stay with `tools.bench`, which runs each system in its own process.
+processes read float32's ratio at 128 as 0.76x and 1.01x in two runs of the same code. Alternating blocks of
+--block decode steps in one process puts both systems under the same conditions, and the spread of the
+per-round ratios shows what is left (float32: 1.00-1.07 with huge pages, 0.90-0.99 without, in two
+back-to-back runs). Speed only: peak memory and prefill stay with `tools.bench`, which runs each system in
+its own process.
 """
 
 from __future__ import annotations
