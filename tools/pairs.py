@@ -1,17 +1,17 @@
 """Interleaved pairs: our decode against llama.cpp's in the same format, in one process, blocks alternating.
 
 In:  --model ARTIFACT [ARTIFACT ...] --peers ~/.cache/ernie-peers/peers.json [--prompt-lens 128 1024]
-     [--rounds 12] [--block 16] [--threads N] [--json FILE].
-Out: per artifact and prompt length, both systems' median decode tokens/s and the median, min and max of the
-     per-round ratio ours / llama.cpp (float32 : f32, int8 : q8_0, int4 : q4_0), batch 1, greedy.
+     [--rounds 12] [--block 16] [--prefills 5] [--threads N] [--json FILE].
+Out: per artifact and prompt length, both systems' median decode and prefill tokens/s and the median, min and
+     max of the per-round ratio ours / llama.cpp (float32 : f32, int8 : q8_0, int4 : q4_0), batch 1, greedy.
 
 Why beside `tools.bench`: this machine's memory bandwidth moves by tens of percent within minutes (llama.cpp
 f32 decoded 30.1 and 40.3 tok/s in two round-robin runs ten minutes apart), so even the medians of separate
 processes read float32's ratio at 128 as 0.76x and 1.01x in two runs of the same code. Alternating blocks of
 --block decode steps in one process puts both systems under the same conditions, and the spread of the
 per-round ratios shows what is left (float32: 1.00-1.07 with huge pages, 0.90-0.99 without, in two
-back-to-back runs). Speed only: peak memory and prefill stay with `tools.bench`, which runs each system in
-its own process.
+back-to-back runs). Speed only: peak memory and time to first token stay with `tools.bench`, which runs each
+system in its own process.
 """
 
 from __future__ import annotations
@@ -25,7 +25,23 @@ import numpy as np
 from .bench import SAME_FORMAT, _prompts, systems
 
 
-def pair(artifact: str, gguf: str, length: int, rounds: int, block: int, threads: int | None) -> dict:
+def _alternate(ours, theirs, rounds: int, tokens: int) -> dict:
+    """Call ours() and theirs() in turn `rounds` times; tokens/s medians and the per-round ratio's median, min, max."""
+    times = ([], [])
+    for _ in range(rounds):
+        for fn, out in zip((ours, theirs), times):
+            start = time.perf_counter()
+            fn()
+            out.append(tokens / (time.perf_counter() - start))
+    ratios = np.array(times[0]) / np.array(times[1])
+    return {"ours": round(float(np.median(times[0])), 2), "llama": round(float(np.median(times[1])), 2),
+            "ratio": round(float(np.median(ratios)), 3), "min": round(float(ratios.min()), 3),
+            "max": round(float(ratios.max()), 3)}
+
+
+def pair(artifact: str, gguf: str, length: int, rounds: int, block: int, prefills: int, threads: int | None) -> dict:
+    """Prefill `prefills` times each in turn (each from an empty cache), then decode `rounds` blocks of `block`
+    steps each in turn, from the last prefill."""
     import llama_cpp
 
     from runtime.generate import load
@@ -35,28 +51,30 @@ def pair(artifact: str, gguf: str, length: int, rounds: int, block: int, threads
     model = load(artifact, "cpu", threads, verify_hashes=False).model
     llm = _llama(gguf, length + rounds * block + 64, max(length, 512), threads)
     [prompt] = _prompts(length, 1)
-    logits, cache = model.start([prompt], 0)
+    state = {}
+
+    def our_prefill():
+        state["logits"], state["cache"] = model.start([prompt], 0)
+
+    def their_prefill():
+        llm.reset()
+        llm.eval(prompt)
+
+    prefill = _alternate(our_prefill, their_prefill, prefills, length)
     if model.shared:
-        cache = model.reserve(cache, length + rounds * block + 1)
-    llm.eval(prompt)
+        state["cache"] = model.reserve(state["cache"], length + rounds * block + 1)
 
-    def greedy() -> int:
-        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).argmax())
+    def our_block():
+        for _ in range(block):
+            state["logits"], state["cache"] = model.advance(state["logits"].argmax(-1), state["cache"])
 
-    ours, theirs = [], []
-    for _ in range(rounds):
-        start = time.perf_counter()
+    def their_block():
         for _ in range(block):
-            logits, cache = model.advance(logits.argmax(-1), cache)
-        ours.append(block / (time.perf_counter() - start))
-        start = time.perf_counter()
-        for _ in range(block):
-            llm.eval([greedy()])
-        theirs.append(block / (time.perf_counter() - start))
-    ratios = np.array(ours) / np.array(theirs)
-    return {"ours_tok_s": round(float(np.median(ours)), 2), "llama_tok_s": round(float(np.median(theirs)), 2),
-            "ratio": round(float(np.median(ratios)), 3), "ratio_min": round(float(ratios.min()), 3),
-            "ratio_max": round(float(ratios.max()), 3), "rounds": rounds}
+            llm.eval([int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                                shape=(llm.n_vocab(),)).argmax())])
+
+    decode = _alternate(our_block, their_block, rounds, block)
+    return {"decode": decode, "prefill": prefill, "rounds": rounds, "prefills": prefills}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,12 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 1024])
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--block", type=int, default=16, help="decode steps per system per round")
+    ap.add_argument("--prefills", type=int, default=5, help="prompts prefilled per system, in turn, before decoding")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
     found = systems(args.model, None, args.peers)
     peers = {s["name"]: s for s in found if s["kind"] == "llama"}
-    print(f"{'system':<22} {'peer':<15} {'prompt':>6} | {'ours t/s':>8} {'peer t/s':>8} | {'ratio':>6} {'min':>6} {'max':>6}")
+    cols = f"{'ours t/s':>8} {'peer t/s':>8} {'ratio':>6} {'min':>6} {'max':>6}"
+    print(f"{'':<46} | {'decode':^38} | {'prefill':^38}")
+    print(f"{'system':<22} {'peer':<15} {'prompt':>6} | {cols} | {cols}")
     rows = []
     for length in args.prompt_lens:
         for system in (s for s in found if s["kind"] == "ort"):
@@ -79,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             if peer is None:
                 print(f"{system['name']:<22} no llama.cpp file in its format in {args.peers}")
                 continue
-            r = pair(system["target"], peer["target"], length, args.rounds, args.block, args.threads)
+            r = pair(system["target"], peer["target"], length, args.rounds, args.block, args.prefills, args.threads)
             rows.append({"system": system["name"], "peer": peer["name"], "prompt": length, **r})
-            print(f"{system['name']:<22} {peer['name']:<15} {length:>6} | {r['ours_tok_s']:>8.1f} {r['llama_tok_s']:>8.1f} | "
-                  f"{r['ratio']:>5.3f}x {r['ratio_min']:>5.2f}x {r['ratio_max']:>5.2f}x", flush=True)
+            cells = " | ".join(f"{x['ours']:>8.1f} {x['llama']:>8.1f} {x['ratio']:>5.3f}x {x['min']:>5.2f}x {x['max']:>5.2f}x"
+                               for x in (r["decode"], r["prefill"]))
+            print(f"{system['name']:<22} {peer['name']:<15} {length:>6} | {cells}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
