@@ -81,7 +81,7 @@ bench-peers: profiles  ## + llama.cpp (f32/q8_0/q4_0) and onnxruntime-genai int4
 	$(PY) -m tools.peers setup --checkpoint $(SYNTH) --cache $(PEERS)
 	$(PY) -m tools.bench --model $(ARTIFACTS) --peers $(PEERS)/peers.json --repeat 3 --json bench-peers.json
 
-bench-pairs: profiles  ## decode ratios to llama.cpp in the same format, alternating in one process (after make bench-peers)
+bench-pairs: profiles  ## decode and prefill ratios to llama.cpp in the same format, taking turns in one process (after make bench-peers)
 	$(PY) -m tools.pairs --model $(ARTIFACTS) --peers $(PEERS)/peers.json --json bench-pairs.json
 
 clean:
