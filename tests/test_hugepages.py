@@ -48,8 +48,11 @@ def test_collapse_takes_new_anonymous_regions_only():
     kernel = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
     if kernel < (6, 1) or not os.path.exists(hugepages.PMD_SIZE):
         pytest.skip(f"Linux {os.uname().release} without MADV_COLLAPSE or THP")
-    assert done >= 2 << 20
-    assert _huge_kb(new_at) >= 2048 and _huge_kb(old_at) == 0
+    huge = int(open(hugepages.PMD_SIZE).read())
+    if huge > 4 << 20:
+        pytest.skip(f"huge pages of {huge >> 20} MiB: the 16 MiB test mapping holds too few")
+    assert done >= huge
+    assert _huge_kb(new_at) >= huge >> 10 and _huge_kb(old_at) == 0
 
 
 @pytest.fixture(scope="module")
