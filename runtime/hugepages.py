@@ -6,7 +6,8 @@ packed copies are anonymous memory in 4 KiB pages, unless asked otherwise. Measu
 EPYC (Linux 6.18, transparent huge pages "madvise"), full-size float32 `--ops ort`, in-process A/Bs of two loaded
 copies, 16-step blocks interleaved: decode 31.6 vs 28.8 and 29.6 vs 28.6 tok/s with the packed weights collapsed
 into huge pages (separate processes: 31.3 / 30.2 / 33.6 vs 28.9 / 29.4 / 30.1). int4 `--ops ort`: 103.8 vs
-104.0, no gain, so it is not done there by default. The cost is at load: collapsing 1.4 GB took 3.1-3.4 s.
+104.0, int8: 85.5 vs 85.5, no gain, so it is not done there by default. The cost is at load: collapsing
+1.4 GB took 3.1-3.4 s.
 
 How: the anonymous mappings that appeared while the sessions were created (the packed weights) are
 madvise(MADV_COLLAPSE)d, which Linux >= 6.1 does synchronously, independent of the THP sysfs mode. Where the
