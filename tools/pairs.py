@@ -42,11 +42,9 @@ def _alternate(ours, theirs, rounds: int, tokens: int) -> dict:
 def pair(artifact: str, gguf: str, length: int, rounds: int, block: int, prefills: int, threads: int | None) -> dict:
     """Prefill `prefills` times each in turn (each from an empty cache), then decode `rounds` blocks of `block`
     steps each in turn, from the last prefill."""
-    import llama_cpp
-
     from runtime.generate import load
 
-    from .peers import _llama
+    from .peers import _greedy, _llama
 
     model = load(artifact, "cpu", threads, verify_hashes=False).model
     llm = _llama(gguf, length + rounds * block + 64, max(length, 512), threads)
@@ -70,8 +68,7 @@ def pair(artifact: str, gguf: str, length: int, rounds: int, block: int, prefill
 
     def their_block():
         for _ in range(block):
-            llm.eval([int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
-                                                shape=(llm.n_vocab(),)).argmax())])
+            llm.eval([_greedy(llm)])
 
     decode = _alternate(our_block, their_block, rounds, block)
     return {"decode": decode, "prefill": prefill, "rounds": rounds, "prefills": prefills}

@@ -221,28 +221,30 @@ def _llama(model: str, n_ctx: int, n_batch: int, threads: int | None, logits_all
                  logits_all=logits_all, verbose=False)
 
 
+def _greedy(llm) -> int:
+    """The argmax of llama.cpp's last logits (read in place: no copy of the vocabulary row per token)."""
+    import llama_cpp
+
+    return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).argmax())
+
+
 def worker_llama(model: str, length: int, batch: int, new: int, threads: int | None) -> dict:
     if batch > 1:
         return {"error": "batch > 1 not measured"}
-    import llama_cpp
-
     t0 = time.perf_counter()
     llm = _llama(model, length + new, max(length, 512), threads)
     load_s = time.perf_counter() - t0
-
-    def greedy() -> int:
-        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).argmax())
 
     def run(prompt: list[int], n: int) -> tuple[float, float, float, float]:
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt)
         prefilled = time.perf_counter()
-        token = greedy()
+        token = _greedy(llm)
         first = time.perf_counter()
         for _ in range(n - 1):
             llm.eval([token])
-            token = greedy()
+            token = _greedy(llm)
         return start, prefilled, first, time.perf_counter()
 
     [prompt] = _prompts(length, 1)
