@@ -195,6 +195,7 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
     shape = {k: dims[k] for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads", "head_dim")}
     return Model(steps.get("prefill"), steps["decode"], shape=shape,
                  cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared, shared=kv_cache == SHARED_BUFFER,
+                 run_tokens=None if provider == "cuda" else Model.run_tokens,
                  open_score=(lambda: step(SCORE, shared.get(SCORE))) if SCORE in graphs_of(manifest) else None)
 
 

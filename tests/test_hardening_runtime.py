@@ -155,6 +155,8 @@ def test_chunked_prefill_equals_whole(gen, monkeypatch):
     chunk boundaries): logits <= 1e-4 apart and the same greedy tokens as one whole prefill."""
     rng = np.random.default_rng(3)
     prompts = [rng.integers(5, 400, 150).tolist(), rng.integers(5, 400, 97).tolist()]
+    monkeypatch.setattr(gen.model, "run_tokens", None)  # one run for the whole prompts
+    assert gen.model.chunk_length(2, 150) >= 150
     whole_logits = gen.model.start(prompts, gen.pad_id)[0].copy()  # a view of a buffer the next step reuses
     whole = G.generate(gen, prompts, GREEDY)
     monkeypatch.setattr(type(gen.model), "SCORE_BUDGET", 1)  # the minimum chunk: 16 tokens
@@ -164,6 +166,28 @@ def test_chunked_prefill_equals_whole(gen, monkeypatch):
     assert np.abs(chunked_logits - whole_logits).max() <= 1e-4
     assert [r.token_ids for r in G.generate(gen, prompts, GREEDY)] == [r.token_ids for r in whole]
     assert len({t for r in whole for t in r.token_ids}) > 4, "the comparison is discriminative"
+
+
+def test_cpu_runs_are_bounded_in_tokens(gen, monkeypatch):
+    """On the CPU a run takes at most run_tokens new tokens, all rows together (the peak memory of a long
+    prompt's prefill: runtime.step.Model); a prompt longer than that is fed in several runs, with the logits
+    of one run (<= 1e-4). Negative control: without the bound the same prompt is one run."""
+    assert gen.model.run_tokens == 256
+    assert [gen.model.chunk_length(b, 1024) for b in (1, 4, 64)] == [256, 64, 16]
+    prompt = np.random.default_rng(4).integers(5, 400, 100).tolist()
+    runs = []
+    step = gen.model.prefill
+    monkeypatch.setattr(gen.model, "prefill", lambda *a: runs.append("prefill") or step(*a))
+    decode = gen.model.decode
+    monkeypatch.setattr(gen.model, "decode", lambda *a: runs.append("decode") or decode(*a))
+    monkeypatch.setattr(gen.model, "run_tokens", None)
+    whole = gen.model.start([prompt], gen.pad_id)[0].copy()
+    assert runs == ["prefill"]
+    runs.clear()
+    monkeypatch.setattr(gen.model, "run_tokens", 32)
+    logits, cache = gen.model.start([prompt], gen.pad_id)
+    assert runs == ["prefill"] + ["decode"] * 3 and cache.length == 100
+    assert np.abs(logits - whole).max() <= 1e-4
 
 
 def test_ten_thousand_token_prompt_runs_in_bounded_memory(tiny_artifact):

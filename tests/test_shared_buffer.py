@@ -107,6 +107,7 @@ def test_chunked_prompts_equal_whole(gen, monkeypatch):
     rng = np.random.default_rng(3)
     prompts = [rng.integers(5, 400, 150).tolist(), rng.integers(5, 400, 97).tolist()]
     opts = gen.options(greedy=True, max_new_tokens=12, ignore_eos=True)
+    monkeypatch.setattr(gen.model, "run_tokens", None)  # one right-padded run for both
     whole_logits = gen.model.start(prompts, gen.pad_id)[0].copy()
     whole = [r.token_ids for r in G.generate(gen, prompts, opts)]
     monkeypatch.setattr(type(gen.model), "SCORE_BUDGET", 1)  # the minimum chunk: 16 tokens
