@@ -9,9 +9,17 @@ Why beside `tools.bench`: this machine's memory bandwidth moves by tens of perce
 f32 decoded 30.1 and 40.3 tok/s in two round-robin runs ten minutes apart), so even the medians of separate
 processes read float32's ratio at 128 as 0.76x and 1.01x in two runs of the same code. Alternating blocks of
 --block decode steps in one process puts both systems under the same conditions, and the spread of the
-per-round ratios shows what is left (float32: 1.00-1.07 with huge pages, 0.90-0.99 without, in two
-back-to-back runs). Speed only: peak memory and time to first token stay with `tools.bench`, which runs each
+per-round ratios shows what is left. Speed only: peak memory and time to first token stay with `tools.bench`, which runs each
 system in its own process.
+
+Each timed block starts after --settle seconds of idling (not timed). Without that pause the pairs favoured
+us: after a Run, ONNX Runtime's intra-op threads go on spinning (measured: for more than 10 and less than
+100 ms), taking the cores from llama.cpp's block that follows. Measured in one process, full-size int4 vs
+q4_0 at 128 tokens: llama.cpp decoded 118-119 tok/s alone (idle gaps instead of our blocks) and 95-97
+right after our blocks, while ours read 105-106 alone and 101-111 paired; with 10 ms pauses llama.cpp
+read 101-104, with 100 ms 120, the same as alone, and ours 106-109 (also as alone). With ONNX Runtime's
+spinning off (session.intra_op.allow_spinning 0) llama.cpp was unhurt, but ours fell to 92-100 tok/s:
+spinning is worth keeping in the runtime, where nothing else needs the cores between steps.
 """
 
 from __future__ import annotations
@@ -25,11 +33,13 @@ import numpy as np
 from .bench import SAME_FORMAT, _prompts, systems
 
 
-def _alternate(ours, theirs, rounds: int, tokens: int) -> dict:
-    """Call ours() and theirs() in turn `rounds` times; tokens/s medians and the per-round ratio's median, min, max."""
+def _alternate(ours, theirs, rounds: int, tokens: int, settle: float = 0.0) -> dict:
+    """Call ours() and theirs() in turn `rounds` times, each after `settle` idle seconds (not timed); tokens/s
+    medians and the per-round ratio's median, min, max."""
     times = ([], [])
     for _ in range(rounds):
         for fn, out in zip((ours, theirs), times):
+            time.sleep(settle)
             start = time.perf_counter()
             fn()
             out.append(tokens / (time.perf_counter() - start))
@@ -39,7 +49,8 @@ def _alternate(ours, theirs, rounds: int, tokens: int) -> dict:
             "max": round(float(ratios.max()), 3)}
 
 
-def pair(artifact: str, gguf: str, length: int, rounds: int, block: int, prefills: int, threads: int | None) -> dict:
+def pair(artifact: str, gguf: str, length: int, rounds: int, block: int, prefills: int, threads: int | None,
+         settle: float) -> dict:
     """Prefill `prefills` times each in turn (each from an empty cache), then decode `rounds` blocks of `block`
     steps each in turn, from the last prefill."""
     from runtime.generate import load
@@ -58,7 +69,7 @@ def pair(artifact: str, gguf: str, length: int, rounds: int, block: int, prefill
         llm.reset()
         llm.eval(prompt)
 
-    prefill = _alternate(our_prefill, their_prefill, prefills, length)
+    prefill = _alternate(our_prefill, their_prefill, prefills, length, settle)
     if model.shared:
         state["cache"] = model.reserve(state["cache"], length + rounds * block + 1)
 
@@ -70,7 +81,7 @@ def pair(artifact: str, gguf: str, length: int, rounds: int, block: int, prefill
         for _ in range(block):
             llm.eval([_greedy(llm)])
 
-    decode = _alternate(our_block, their_block, rounds, block)
+    decode = _alternate(our_block, their_block, rounds, block, settle)
     return {"decode": decode, "prefill": prefill, "rounds": rounds, "prefills": prefills}
 
 
@@ -82,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--block", type=int, default=16, help="decode steps per system per round")
     ap.add_argument("--prefills", type=int, default=5, help="prompts prefilled per system, in turn, before decoding")
+    ap.add_argument("--settle", type=float, default=0.2,
+                    help="idle seconds before each timed block (ONNX Runtime's threads spin on after a run)")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
@@ -97,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             if peer is None:
                 print(f"{system['name']:<22} no llama.cpp file in its format in {args.peers}")
                 continue
-            r = pair(system["target"], peer["target"], length, args.rounds, args.block, args.prefills, args.threads)
+            r = pair(system["target"], peer["target"], length, args.rounds, args.block, args.prefills, args.threads,
+                     args.settle)
             rows.append({"system": system["name"], "peer": peer["name"], "prompt": length, **r})
             cells = " | ".join(f"{x['ours']:>8.1f} {x['llama']:>8.1f} {x['ratio']:>5.3f}x {x['min']:>5.2f}x {x['max']:>5.2f}x"
                                for x in (r["decode"], r["prefill"]))
