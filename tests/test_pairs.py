@@ -19,11 +19,26 @@ def test_an_artifact_without_a_same_format_peer_is_skipped(tiny_artifact, tmp_pa
     assert json.loads(out.read_text()) == []
 
 
-def test_the_settle_pause_is_not_timed():
-    """Each block runs after an idle pause that its time must not include: a 20 ms block after 50 ms pauses still
-    reads ~tokens / 0.02 s (counting the pause would read it 3.5x slower), and both sides get the same pause."""
-    import time
+def test_the_settle_pause_is_not_timed(monkeypatch):
+    """Each block runs after an idle pause that its time must not include (on a virtual clock: no real timing). A
+    block of 0.02 s after pauses of 0.05 s must read 2 tokens / 0.02 s = 100 tok/s; counting the pause would read
+    it 28.6. Both sides get the pause."""
+    clock = {"now": 0.0, "pauses": []}
 
-    r = pairs._alternate(lambda: time.sleep(0.02), lambda: time.sleep(0.04), rounds=3, tokens=2, settle=0.05)
-    assert 70 <= r["ours"] <= 100 and 35 <= r["llama"] <= 50, r
-    assert 1.8 <= r["ratio"] <= 2.1, r
+    class FakeTime:
+        @staticmethod
+        def perf_counter():
+            return clock["now"]
+
+        @staticmethod
+        def sleep(s):
+            clock["pauses"].append(s)
+            clock["now"] += s
+
+    def work(seconds):
+        return lambda: clock.__setitem__("now", clock["now"] + seconds)
+
+    monkeypatch.setattr(pairs, "time", FakeTime)
+    r = pairs._alternate(work(0.02), work(0.04), rounds=3, tokens=2, settle=0.05)
+    assert (r["ours"], r["llama"], r["ratio"]) == (100.0, 50.0, 2.0), r
+    assert clock["pauses"] == [0.05] * 6

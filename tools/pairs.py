@@ -9,8 +9,8 @@ Why beside `tools.bench`: this machine's memory bandwidth moves by tens of perce
 f32 decoded 30.1 and 40.3 tok/s in two round-robin runs ten minutes apart), so even the medians of separate
 processes read float32's ratio at 128 as 0.76x and 1.01x in two runs of the same code. Alternating blocks of
 --block decode steps in one process puts both systems under the same conditions, and the spread of the
-per-round ratios shows what is left. Speed only: peak memory and time to first token stay with `tools.bench`, which runs each
-system in its own process.
+per-round ratios shows what is left. Speed only: peak memory and time to first token stay with `tools.bench`,
+which runs each system in its own process.
 
 Each timed block starts after --settle seconds of idling (not timed). Without that pause the pairs favoured
 us: after a Run, ONNX Runtime's intra-op threads go on spinning (measured: for more than 10 and less than
