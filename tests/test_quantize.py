@@ -38,13 +38,14 @@ def quantized(tiny_quantized):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_round_trip_error_bound(bits):
-    """Every value is within half a step (int8), or two (int4: the scale search may clip a block's extremes)."""
+    """Every value is within one step (int8: a value of the extreme's magnitude and opposite sign may clip), or two
+    (int4: the scale search may clip a block's extremes)."""
     w = np.random.default_rng(0).normal(0, 0.05, (48, 256)).astype(np.float32)
     q, scales = Q.quantize_blocks(w, bits, 32)
     assert q.min() >= -(1 << (bits - 1)) and q.max() <= (1 << (bits - 1)) - 1
     err = np.abs(Q.dequantize_blocks(q, scales, 32) - w).reshape(48, 8, 32)
     step = np.abs(scales)[..., None]
-    assert (err <= step * (2.0 if bits == 4 else 0.5) + 1e-7).all()
+    assert (err <= step * (2.0 if bits == 4 else 1.0) + 1e-7).all()
     assert err.mean() < step.mean() * 0.3, "a real quantizer, not a constant"
 
 
@@ -57,6 +58,17 @@ def test_int4_scale_search_beats_fixed_divisor():
     d = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1) / -8
     fixed = ((np.clip(np.rint(x / d), -8, 7) * d - x) ** 2).mean()
     assert ours < fixed * 0.92
+
+
+def test_int8_scale_search_beats_q8_0():
+    """int8 too: the search's weight MSE is below llama.cpp q8_0's amax / 127 (measured 0.80x), never above it."""
+    w = np.random.default_rng(1).normal(0, 0.05, (256, 1024)).astype(np.float32)
+    q, s = Q.quantize_blocks(w, 8, 32)
+    ours = ((Q.dequantize_blocks(q, s, 32) - w) ** 2).mean()
+    x = w.reshape(256, 32, 32)
+    d = np.abs(x).max(-1, keepdims=True) / 127
+    q8_0 = ((np.clip(np.rint(x / d), -127, 127) * d - x) ** 2).mean()
+    assert ours < q8_0 * 0.85
 
 
 @pytest.mark.parametrize("bits", [4, 8])
