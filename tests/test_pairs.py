@@ -22,7 +22,7 @@ def test_an_artifact_without_a_same_format_peer_is_skipped(tiny_artifact, tmp_pa
 def test_the_settle_pause_is_not_timed(monkeypatch):
     """Each block runs after an idle pause that its time must not include (on a virtual clock: no real timing). A
     block of 0.02 s after pauses of 0.05 s must read 2 tokens / 0.02 s = 100 tok/s; counting the pause would read
-    it 28.6. Both sides get the pause."""
+    it 28.6. Both sides get the pause; the per-round hook (restarts from the prompt) is not timed either."""
     clock = {"now": 0.0, "pauses": []}
 
     class FakeTime:
@@ -39,6 +39,8 @@ def test_the_settle_pause_is_not_timed(monkeypatch):
         return lambda: clock.__setitem__("now", clock["now"] + seconds)
 
     monkeypatch.setattr(pairs, "time", FakeTime)
-    r = pairs._alternate(work(0.02), work(0.04), rounds=3, tokens=2, settle=0.05)
+    rounds = []
+    slow_restart = lambda r: rounds.append(r) or clock.__setitem__("now", clock["now"] + 1.0)  # untimed too
+    r = pairs._alternate(work(0.02), work(0.04), rounds=3, tokens=2, settle=0.05, before=slow_restart)
     assert (r["ours"], r["llama"], r["ratio"]) == (100.0, 50.0, 2.0), r
-    assert clock["pauses"] == [0.05] * 6
+    assert clock["pauses"] == [0.05] * 6 and rounds == [0, 1, 2]

@@ -1,7 +1,7 @@
 """Interleaved pairs: our decode against llama.cpp's in the same format, in one process, blocks alternating.
 
 In:  --model ARTIFACT [ARTIFACT ...] --peers ~/.cache/ernie-peers/peers.json [--prompt-lens 128 1024]
-     [--rounds 12] [--block 16] [--prefills 5] [--threads N] [--json FILE].
+     [--rounds 60] [--block 16] [--prefills 5] [--settle 0.2] [--threads N] [--json FILE].
 Out: per artifact and prompt length, both systems' median decode and prefill tokens/s and the median, min and
      max of the per-round ratio ours / llama.cpp (float32 : f32, int8 : q8_0, int4 : q4_0), batch 1, greedy.
 
@@ -11,6 +11,11 @@ processes read float32's ratio at 128 as 0.76x and 1.01x in two runs of the same
 --block decode steps in one process puts both systems under the same conditions, and the spread of the
 per-round ratios shows what is left. Speed only: peak memory and time to first token stay with `tools.bench`,
 which runs each system in its own process.
+
+Why 60 rounds by default: watched for 200 rounds in one process (int4 vs q4_0 at 128), our decode ran at
+109-118 tok/s for 80 s, then 134-147, then back, while llama.cpp stayed at 117-124: medians of 20 rounds gave
+ratios from 0.91 to 1.19. A 12-round run (~10 s) sampled one such period. Every 12 rounds both systems start
+again from the prompt (not timed), so the context stays near the prompt length however long the run.
 
 Each timed block starts after --settle seconds of idling (not timed). Without that pause the pairs favoured
 us: after a Run, ONNX Runtime's intra-op threads go on spinning (measured: for more than 10 and less than
@@ -33,11 +38,18 @@ import numpy as np
 from .bench import SAME_FORMAT, _prompts, systems
 
 
-def _alternate(ours, theirs, rounds: int, tokens: int, settle: float = 0.0) -> dict:
-    """Call ours() and theirs() in turn `rounds` times, each after `settle` idle seconds (not timed); tokens/s
-    medians and the per-round ratio's median, min, max."""
+# Rounds between restarts from the prompt: the context stays within prompt + 12 x 16 tokens.
+RESTART = 12
+
+
+def _alternate(ours, theirs, rounds: int, tokens: int, settle: float = 0.0, before=None) -> dict:
+    """Call ours() and theirs() in turn `rounds` times, each after `settle` idle seconds (not timed), and
+    `before(round)` (not timed either) at the start of each round; tokens/s medians and the per-round ratio's
+    median, min, max."""
     times = ([], [])
-    for _ in range(rounds):
+    for r in range(rounds):
+        if before is not None:
+            before(r)
         for fn, out in zip((ours, theirs), times):
             time.sleep(settle)
             start = time.perf_counter()
@@ -52,13 +64,14 @@ def _alternate(ours, theirs, rounds: int, tokens: int, settle: float = 0.0) -> d
 def pair(artifact: str, gguf: str, length: int, rounds: int, block: int, prefills: int, threads: int | None,
          settle: float) -> dict:
     """Prefill `prefills` times each in turn (each from an empty cache), then decode `rounds` blocks of `block`
-    steps each in turn, from the last prefill."""
+    steps each in turn; every RESTART rounds both start again from the prompt (not timed), so the context stays
+    between `length` and `length` + RESTART x `block` however many rounds are asked for."""
     from runtime.generate import load
 
     from .peers import _greedy, _llama
 
     model = load(artifact, "cpu", threads, verify_hashes=False).model
-    llm = _llama(gguf, length + rounds * block + 64, max(length, 512), threads)
+    llm = _llama(gguf, length + RESTART * block + 64, max(length, 512), threads)
     [prompt] = _prompts(length, 1)
     state = {}
 
@@ -70,8 +83,13 @@ def pair(artifact: str, gguf: str, length: int, rounds: int, block: int, prefill
         llm.eval(prompt)
 
     prefill = _alternate(our_prefill, their_prefill, prefills, length, settle)
-    if model.shared:
-        state["cache"] = model.reserve(state["cache"], length + rounds * block + 1)
+
+    def restart(r: int) -> None:
+        if r % RESTART == 0:
+            if r:
+                our_prefill(), their_prefill()
+            if model.shared:
+                state["cache"] = model.reserve(state["cache"], length + RESTART * block + 1)
 
     def our_block():
         for _ in range(block):
@@ -81,7 +99,7 @@ def pair(artifact: str, gguf: str, length: int, rounds: int, block: int, prefill
         for _ in range(block):
             llm.eval([_greedy(llm)])
 
-    decode = _alternate(our_block, their_block, rounds, block, settle)
+    decode = _alternate(our_block, their_block, rounds, block, settle, restart)
     return {"decode": decode, "prefill": prefill, "rounds": rounds, "prefills": prefills}
 
 
@@ -90,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", nargs="+", required=True, help="artifact directories (float32, int8, int4)")
     ap.add_argument("--peers", required=True, help="peers.json from `python -m tools.peers setup`")
     ap.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 1024])
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=60,
+                    help="decode rounds per pair; our int4 speed moves by ~25%% over tens of seconds, so many")
     ap.add_argument("--block", type=int, default=16, help="decode steps per system per round")
     ap.add_argument("--prefills", type=int, default=5, help="prompts prefilled per system, in turn, before decoding")
     ap.add_argument("--settle", type=float, default=0.2,
