@@ -87,7 +87,8 @@ def pair(artifact: str, gguf: str, length: int, rounds: int, block: int, prefill
     def restart(r: int) -> None:
         if r % RESTART == 0:
             if r:
-                our_prefill(), their_prefill()
+                our_prefill()
+                their_prefill()
             if model.shared:
                 state["cache"] = model.reserve(state["cache"], length + RESTART * block + 1)
 
