@@ -40,8 +40,9 @@ demo: install  ## offline main job: synthetic full-size checkpoint -> verified O
 	$(PY) -m runtime.generate --model $(DEMO) --prompt "$(PROMPT)" --max-new-tokens 32 --greedy --stream
 	@echo "(random weights: the text is noise; the timings are real)"
 
-export: install  ## make export MODEL=<dir|hub id> OUT=artifacts/<name> [DTYPE=float16] [QUANT=int8|int4 OPS=standard|ort] [KV=concat]
-	$(PY) -m ernie_export --model $(MODEL) --out $(OUT) --dtype $(DTYPE) --quantize $(QUANT) --ops $(OPS) $(if $(KV),--kv-cache $(KV))
+export: install  ## make export MODEL=<dir|hub id> OUT=artifacts/<name> [DTYPE=float16] [QUANT=int8|int4 OPS=standard|ort] [BLOCK=128 KV_BITS=8] [KV=concat]
+	$(PY) -m ernie_export --model $(MODEL) --out $(OUT) --dtype $(DTYPE) --quantize $(QUANT) --ops $(OPS) $(if $(KV),--kv-cache $(KV)) \
+	  $(if $(BLOCK),--block-size $(BLOCK)) $(if $(KV_BITS),--kv-bits $(KV_BITS))
 
 generate: install
 	$(PY) -m runtime.generate --model $(OUT) --prompt "$(PROMPT)"
@@ -57,15 +58,18 @@ serve-ray: install  ## N replicas behind Ray Serve's proxy on 127.0.0.1:8000 (ma
 bench-serve: install  ## aggregate tokens/s and TTFT at 1, 4, 8 concurrent clients on the demo artifact (+ llama.cpp's server once make bench-peers has set it up)
 	$(PY) -m tools.bench_serve --model $(DEMO) $(if $(wildcard $(PEERS)/peers.json),--peers $(PEERS)/peers.json --peer f32)
 
-# <quantize>-<ops>; none-ort: float32 with onnxruntime's fused attention (GroupQueryAttention, shared KV buffer)
-PROFILES ?= none-ort int8-ort int4-ort int4-standard
+# <quantize>-<ops>[-b<block size>][-kv<k/v bits>]; none-ort: float32 with onnxruntime's fused attention
+# (GroupQueryAttention, shared KV buffer); int4-ort-b128-kv8: int4 in blocks of 128 with 8-bit k/v, the fast CPU profile
+PROFILES ?= none-ort int8-ort int4-ort int4-ort-b128-kv8 int4-standard
 ARTIFACTS = $(DEMO) $(foreach p,$(PROFILES),$(DEMO)-$(p))
 PEERS    ?= $(HOME)/.cache/ernie-peers
 profiles: install  ## export the synthetic checkpoint in float32 and each profile of PROFILES (skips existing ones)
 	test -f $(SYNTH)/config.json || $(PY) -m ernie_export.synthetic --size full --out $(SYNTH)
 	test -f $(DEMO)/manifest.json || $(PY) -m ernie_export --model $(SYNTH) --out $(DEMO)
-	for p in $(PROFILES); do test -f $(DEMO)-$$p/manifest.json || $(PY) -m ernie_export --model $(SYNTH) \
-	  --out $(DEMO)-$$p --quantize $${p%-*} --ops $${p#*-} || exit 1; done
+	for p in $(PROFILES); do test -f $(DEMO)-$$p/manifest.json && continue; set -- $$(echo $$p | tr - ' '); \
+	  q=$$1; o=$$2; shift 2; extra=""; for x in "$$@"; do case $$x in b*) extra="$$extra --block-size $${x#b}";; \
+	  kv*) extra="$$extra --kv-bits $${x#kv}";; esac; done; \
+	  $(PY) -m ernie_export --model $(SYNTH) --out $(DEMO)-$$p --quantize $$q --ops $$o $$extra || exit 1; done
 
 bench: profiles  ## our float32 and quantized profiles beside transformers' eager model, one table
 	$(PY) -m tools.bench --model $(ARTIFACTS) --checkpoint $(SYNTH)

@@ -13,8 +13,8 @@ import sys
 from runtime.contract import KV_CACHE_KINDS
 
 from .build import DEFAULT_MODEL, DEFAULT_OPSET, ExportOptionError, export_artifact
-from .quantize import (BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_TABLE_BITS, MIN_STANDARD_OPSET, OPS, QUANTIZATIONS,
-                       TABLE_BITS)
+from .quantize import (BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_TABLE_BITS, KV_BITS, MIN_STANDARD_OPSET, OPS,
+                       QUANTIZATIONS, TABLE_BITS)
 from .config import ConfigError
 from .publish import OutputError, OutputExistsError, Terminated, interrupt_on_sigterm
 from .trace import DTYPES
@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table-bits", type=int, choices=TABLE_BITS, default=DEFAULT_TABLE_BITS,
                     help="bits of the quantized embedding / LM-head table (default %(default)s, as llama.cpp keeps "
                          "its q4_0 table at 6; 4 gives the smallest file)")
+    ap.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
+                    help="bits of the key and value projections (default: --quantize's); 8 in the int4 profile "
+                         "halves its error from float32 for 4%% more weight bytes")
     ap.add_argument("--ops", choices=OPS, default="standard",
                     help="standard: ai.onnx ops only, runs on any ONNX runtime; ort: onnxruntime's contrib "
                          "kernels (MatMulNBits, GatherBlockQuantized, GroupQueryAttention), faster on ONNX Runtime")
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export_artifact(args.model, args.out, dtype=args.dtype, opset=args.opset, full_logits=args.full_logits,
                         run_verify=not args.no_verify, overwrite=args.overwrite, quantize=args.quantize,
-                        block_size=args.block_size, ops=args.ops, table_bits=args.table_bits, kv_cache=args.kv_cache)
+                        block_size=args.block_size, ops=args.ops, table_bits=args.table_bits, kv_cache=args.kv_cache,
+                        kv_bits=args.kv_bits)
     except OutputExistsError as e:
         print(f"error: {e}: pass --overwrite to replace it, or choose another --out", file=sys.stderr)
         return 1

@@ -181,6 +181,8 @@ def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source
         "profile": {"quantization": profile.quantization, "block_size": profile.block_size,
                     "table_bits": profile.table_bits,
                     "table_block_size": profile.table_block_size(cfg.hidden_size) if profile.bits else None,
+                    "kv_bits": (profile.kv_bits or profile.bits) if profile.bits else None,
+                    "kv_block_size": profile.kv_block_size(cfg.hidden_size) if profile.bits else None,
                     "ops": profile.ops, "kv_cache": profile.kv_cache},
         "session_options": session_options(profile, dtype),
         "graphs": io_contract(dims, dtype, full_logits, profile.kv_cache),

@@ -116,7 +116,7 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
 def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opset: int | None = None,
                     full_logits: bool = False, run_verify: bool = True, overwrite: bool = False,
                     quantize: str = "none", block_size: int = DEFAULT_BLOCK_SIZE, ops: str = "standard",
-                    table_bits: int = DEFAULT_TABLE_BITS, kv_cache: str | None = None,
+                    table_bits: int = DEFAULT_TABLE_BITS, kv_cache: str | None = None, kv_bits: int | None = None,
                     log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
     """Export, verify and publish; returns the manifest. Nothing is left behind on failure.
 
@@ -125,7 +125,8 @@ def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opse
     if dtype not in DTYPES:
         raise ExportOptionError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     quantized = quantize != "none"
-    profile = Profile(quantize, block_size if quantized else None, ops, table_bits if quantized else None, kv_cache)
+    profile = Profile(quantize, block_size if quantized else None, ops, table_bits if quantized else None, kv_cache,
+                      kv_bits=kv_bits if quantized else None)
     if opset is None:
         opset = MIN_STANDARD_OPSET if profile.bits and ops == "standard" else DEFAULT_OPSET
     try:

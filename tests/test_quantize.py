@@ -103,6 +103,7 @@ def test_export_verifies(quantized, profile):
     # int4's 8-bit table: blocks of up to 128 inputs, the tiny model's hidden size 64 (quantize.TABLE_BLOCK_8BIT)
     assert manifest["profile"] == {"quantization": profile[0], "block_size": 32, "table_bits": 8,
                                    "table_block_size": {"int4": 64, "int8": 32}[profile[0]],
+                                   "kv_bits": {"int4": 4, "int8": 8}[profile[0]], "kv_block_size": 32,
                                    "ops": profile[1], "kv_cache": {"ort": "shared_buffer", "standard": "concat"}[profile[1]]}
     assert manifest["session_options"]["config"]["session.disable_prepacking"] == "0"
 
@@ -158,6 +159,64 @@ def test_table_block_size(quantized):
     blocks = {n.op_type: {a.name: a.i for a in n.attribute}["block_size"] for n in model.graph.node
               if n.op_type in ("GatherBlockQuantized", "MatMulNBits") and "embed_tokens" in n.input[0 if n.op_type == "GatherBlockQuantized" else 1]}
     assert blocks == {"GatherBlockQuantized": 64, "MatMulNBits": 64}
+
+
+# --- 8-bit key / value projections in the int4 profile (--kv-bits 8) ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def kv8(tiny_ckpt, tmp_path_factory):
+    """Tiny int4 exports with 8-bit k/v projections: {ops: directory}."""
+    root = tmp_path_factory.mktemp("kv8")
+    for ops in ("ort", "standard"):
+        export_artifact(str(tiny_ckpt), root / ops, quantize="int4", ops=ops, kv_bits=8, **QUIET)
+    return {ops: root / ops for ops in ("ort", "standard")}
+
+
+def test_kv_bits_rule():
+    """8-bit k/v in the int4 profile are blocked like its 8-bit table (up to 128 inputs: ONNX Runtime packs 8 bytes
+    per block); otherwise they take the layers' bits and block."""
+    P = Q.Profile
+    assert P("int4", 32, "ort", 8, kv_bits=8).kv_block_size(1024) == 128 and P("int4", 32, "ort", 8, kv_bits=8).kv_block_size(64) == 64
+    assert P("int4", 256, "ort", 8, kv_bits=8).kv_block_size(1024) == 256
+    assert P("int4", 32, "ort", 8).kv_block_size(1024) == 32 and P("int8", 32, "ort", 8, kv_bits=8).kv_block_size(1024) == 32
+    quantizer = Q.Quantizer(P("int4", 32, "ort", 8, kv_bits=8), np.dtype(np.float32))
+    assert [quantizer.bits(f"model.layers.0.self_attn.{p}_proj.weight") for p in "qkvo"] == [4, 8, 8, 4]
+    with pytest.raises(Q.QuantizeError, match="kv-bits 6 is not supported"):
+        P("int4", 32, "ort", 8, kv_bits=6).check(21)
+
+
+@pytest.mark.parametrize("ops", ["ort", "standard"])
+def test_kv8_export_verifies(kv8, quantized, ops):
+    """The graphs hold 8-bit k/v projections (their own kernel, q stays 4-bit) and verify against eager over the same
+    dequantized weights (<= 1e-3: a reference that took the k/v projections as 4-bit would differ by far more); the
+    quality is better than uniform int4's on the same positions."""
+    art = kv8[ops]
+    parity = json.loads((art / "parity.json").read_text())
+    assert parity["status"] == "passed" and max(parity["prefill_max_abs_diff"], parity["decode_max_abs_diff"]) <= 1e-3
+    profile = load_manifest(art)["profile"]
+    assert (profile["kv_bits"], profile["kv_block_size"], profile["block_size"]) == (8, 64, 32)
+    uniform = json.loads((quantized[("int4", ops)] / "parity.json").read_text())["quality"]["mean_kl_vs_float32"]
+    assert parity["quality"]["mean_kl_vs_float32"] < uniform
+    model = onnx.load(str(art / "decode.onnx"), load_external_data=False)
+    if ops == "ort":
+        bits = {n.name.split(".", 3)[3].split(".weight")[0]: {a.name: a.i for a in n.attribute}["bits"]
+                for n in model.graph.node if n.op_type == "MatMulNBits" and ".layers.0." in n.name}
+        assert bits == {"self_attn.q_proj": 4, "self_attn.k_proj": 8, "self_attn.o_proj": 4,
+                        "mlp.gate_proj": 4, "mlp.down_proj": 4}, bits
+    else:
+        kinds = {(i.name.split(".")[4], i.data_type) for i in model.graph.initializer if ".layers.0." in i.name and i.name.endswith(".qT")}
+        assert kinds == {("q_proj", onnx.TensorProto.INT4), ("k_proj", onnx.TensorProto.INT8), ("o_proj", onnx.TensorProto.INT4),
+                         ("gate_proj", onnx.TensorProto.INT4), ("down_proj", onnx.TensorProto.INT4)}, kinds
+
+
+def test_kv8_reference_negative_control(kv8, tiny_ckpt, tmp_path):
+    """Re-verifying the kv8 artifact with its manifest claiming 4-bit k/v (so the eager reference quantizes them to 4
+    bits) fails the float-math parity."""
+    from ernie_export.verify import reverify
+
+    wrong = hostile_copy(kv8["ort"], tmp_path / "wrong", lambda d, m: m["profile"].update(kv_bits=4))
+    with pytest.raises(VerificationError, match=r"max_abs_diff .* > 0.001"):
+        reverify(wrong, str(tiny_ckpt), provider="cpu")
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: "-".join(p))
@@ -283,7 +342,12 @@ def test_standard_graph_fuses_into_matmulnbits(quantized, tmp_path):
         _check_fused(art, tmp_path)
 
 
-def _check_fused(art, tmp_path):
+def test_standard_kv8_graph_fuses_into_matmulnbits(kv8, tmp_path):
+    """8-bit DequantizeLinear + MatMul (the k|v projection) fuses as the 4-bit ones do."""
+    _check_fused(kv8["standard"], tmp_path, per_layer=5)
+
+
+def _check_fused(art, tmp_path, per_layer=4):
     import collections
 
     import onnxruntime as ort
@@ -294,7 +358,7 @@ def _check_fused(art, tmp_path):
     so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(art / "decode.onnx"), so, providers=["CPUExecutionProvider"])
     ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node)
-    assert ops["MatMulNBits"] == 2 * 4 + 1 and ops["DequantizeLinear"] == 0  # q|k|v and gate|up fused
+    assert ops["MatMulNBits"] == 2 * per_layer + 1 and ops["DequantizeLinear"] == 0  # q|k|v (or q, k|v) and gate|up fused
 
 
 def test_serving_engine_joins_rows_on_quantized_artifact(quantized):

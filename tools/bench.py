@@ -116,12 +116,19 @@ def _size_mb(path: Path) -> float:
 def systems(models: list[str], checkpoint: str | None, peers: str | None) -> list[dict]:
     """[{name, kind, target, format, size_mb[, python]}]: llama.cpp / genai first (ratios need them measured
     before ours), then our artifacts, then eager."""
+    from ernie_export.quantize import DEFAULT_BLOCK_SIZE, QUANTIZATIONS
+
     out, ours = [], []
     for model in models:
         m = json.loads((Path(model) / "manifest.json").read_text())
         q = m["profile"]["quantization"]
         fmt = m["dtype"] if q == "none" else q
         ops = m["profile"]["ops"] + (" concat" if m["profile"]["ops"] == "ort" and m["profile"]["kv_cache"] == "concat" else "")
+        p = m["profile"]
+        if q != "none" and p["block_size"] != DEFAULT_BLOCK_SIZE:
+            ops += f" b{p['block_size']}"
+        if q != "none" and p.get("kv_bits", QUANTIZATIONS[q]) != QUANTIZATIONS[q]:
+            ops += f" kv{p['kv_bits']}"
         ours.append({"name": f"ours {fmt}" + ("" if q == "none" and ops == "standard" else f" {ops}"), "kind": "ort",
                      "target": model, "format": fmt, "size_mb": _size_mb(Path(model))})
     if peers:
