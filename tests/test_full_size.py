@@ -31,14 +31,24 @@ def full_artifact(full_ckpt):
     return full_ckpt.parent / "art"
 
 
-def test_full_size_int4_export_verifies_and_generates(full_ckpt):
-    """The deployment profile: int4 MatMulNBits / GatherBlockQuantized, about 0.23 GB, verified, generating."""
+INT4_KL: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("variant,options", [("block32", {}), ("block128-kv8", {"block_size": 128, "kv_bits": 8})],
+                         ids=["block32", "block128-kv8"])
+def test_full_size_int4_export_verifies_and_generates(full_ckpt, variant, options):
+    """The deployment profiles: int4 MatMulNBits / GatherBlockQuantized, under 0.26 GB, verified, generating; the
+    fast one (blocks of 128, 8-bit k/v projections) is closer to float32 than blocks of 32 (measured 0.00211 vs
+    0.00222 mean KL; llama.cpp q4_0 0.00240 on the same checkpoint)."""
     from ernie_export.build import export_artifact
 
-    out = full_ckpt.parent / "int4"
-    export_artifact(str(full_ckpt), out, quantize="int4", ops="ort", log=lambda m: print(m, file=sys.stderr))
+    out = full_ckpt.parent / f"int4-{variant}"
+    export_artifact(str(full_ckpt), out, quantize="int4", ops="ort", log=lambda m: print(m, file=sys.stderr), **options)
     parity = json.loads((out / "parity.json").read_text())
     assert parity["status"] == "passed" and max(parity["prefill_max_abs_diff"], parity["decode_max_abs_diff"]) <= 1e-3
+    INT4_KL[variant] = parity["quality"]["mean_kl_vs_float32"]
+    if variant != "block32" and "block32" in INT4_KL:
+        assert INT4_KL[variant] < INT4_KL["block32"], INT4_KL
     total = sum(f.stat().st_size for f in out.iterdir())
     assert total <= 0.26e9, f"int4 artifact {total / 1e9:.3f} GB"
     r = subprocess.run([sys.executable, "-m", "runtime.generate", "--model", str(out), "--prompt", "Hello ERNIE",
