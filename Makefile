@@ -77,7 +77,7 @@ bench: profiles  ## our float32 and quantized profiles beside transformers' eage
 EVAL_TEXT ?= README.md
 PEER_DIR = $(PEERS)/$(notdir $(SYNTH))
 eval: profiles  ## rolling perplexity of the int8 and int4 exports vs float32 on EVAL_TEXT (python -m runtime.eval); llama.cpp's too once make bench-peers has built its files
-	for p in int8-ort int4-ort; do $(PY) -m runtime.eval --model $(DEMO)-$$p --compare $(DEMO) --text $(EVAL_TEXT) || exit 1; done
+	for p in int8-ort int4-ort int4-ort-b128-kv8; do $(PY) -m runtime.eval --model $(DEMO)-$$p --compare $(DEMO) --text $(EVAL_TEXT) || exit 1; done
 	if [ -f $(PEER_DIR)/f32.gguf ]; then for q in q8_0 q4_0; do $(PY) -m tools.peers eval --reference $(PEER_DIR)/f32.gguf \
 	  --model $(PEER_DIR)/$$q.gguf --ids-from $(DEMO) --text $(EVAL_TEXT) || exit 1; done; fi
 
