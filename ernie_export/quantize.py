@@ -65,8 +65,8 @@ KV_BITS = (4, 8)
 # attn_v above the rest): each of their errors reaches all the query heads of a KV head. Measured on the full-size
 # synthetic checkpoint (eager, float32 math over the dequantized weights, mean KL from float32 over 256 positions,
 # everything else int4 in blocks of 32, 8-bit table): k and v at 8 bits 0.00221 -> 0.00166; per weight the most
-# sensitive tensors (k alone 0.00200, v alone 0.00188, for 4% of the layers' weights; q 0.00199, o 0.00198, gate 0.00202,
-# down 0.00204 for 15-22% each).
+# sensitive tensors (8-bit k alone 0.00200, v alone 0.00188, 2% of the layers' weights each; q 0.00199, o 0.00198,
+# gate 0.00202, down 0.00204, 15-22% each). That headroom pays for blocks of 128 in the rest (README: the fast profile).
 # Scales are stored as float16 (half the bytes of float32, 0.5 bit per weight at block 32; relative
 # rounding 5e-4) and cast to the compute dtype in the graph, which ONNX Runtime folds at load time.
 SCALE_DTYPE = np.float16
