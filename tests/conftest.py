@@ -41,3 +41,14 @@ def tiny_quantized(tiny_ckpt, tmp_path_factory):
         export_artifact(str(tiny_ckpt), root / f"{q}-{ops}", quantize=q, ops=ops, log=lambda m: None)
         out[(q, ops)] = root / f"{q}-{ops}"
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_kv8(tiny_ckpt, tmp_path_factory):
+    """Tiny int4 exports with 8-bit key/value projections (--kv-bits 8): {ops: directory}."""
+    from ernie_export.build import export_artifact
+
+    root = tmp_path_factory.mktemp("kv8")
+    for ops in ("ort", "standard"):
+        export_artifact(str(tiny_ckpt), root / ops, quantize="int4", ops=ops, kv_bits=8, log=lambda m: None)
+    return {ops: root / ops for ops in ("ort", "standard")}

@@ -163,7 +163,15 @@ def test_web_page_fails_a_falsified_golden(browser, server, falsified):
 def test_node_driver_runs_quantized_profiles(node_driver, tiny_quantized, profile):
     """The quantized graphs port: onnxruntime-node runs them with the manifest's session options alone and
     meets the tolerance and agreement the export measured for the shipped kernels."""
-    artifact = tiny_quantized[profile]
+    _node_meets_its_golden(node_driver, tiny_quantized[profile])
+
+
+def test_node_driver_runs_kv8_profile(node_driver, tiny_kv8):
+    """The int4 profile with 8-bit key/value projections (q, k and v fed to GroupQueryAttention apart) ports too."""
+    _node_meets_its_golden(node_driver, tiny_kv8["ort"])
+
+
+def _node_meets_its_golden(node_driver, artifact):
     code, result = run_node(node_driver, artifact)
     golden = golden_of(artifact)
     assert code == 0 and result["passed"], result

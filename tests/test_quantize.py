@@ -164,12 +164,8 @@ def test_table_block_size(quantized):
 # --- 8-bit key / value projections in the int4 profile (--kv-bits 8) ---------------------------------------------
 
 @pytest.fixture(scope="module")
-def kv8(tiny_ckpt, tmp_path_factory):
-    """Tiny int4 exports with 8-bit k/v projections: {ops: directory}."""
-    root = tmp_path_factory.mktemp("kv8")
-    for ops in ("ort", "standard"):
-        export_artifact(str(tiny_ckpt), root / ops, quantize="int4", ops=ops, kv_bits=8, **QUIET)
-    return {ops: root / ops for ops in ("ort", "standard")}
+def kv8(tiny_kv8):
+    return tiny_kv8
 
 
 def test_kv_bits_rule():
