@@ -111,7 +111,8 @@ def _grouped(graph: ir.Graph, gqa: ir.Node, step: tuple[ir.Value, ir.Value], hea
     attrs = {**{k: v.value for k, v in gqa.attributes.items()}, "num_heads": kv_heads}
     op(GQA, [write_q, *gqa.inputs[1:]], domain=ORT_DOMAIN, num_outputs=3, **attrs)
     present_key, present_value = nodes[-1].outputs[1:]
-    q = op("Slice", [q_in, _ints(graph, 0), _ints(graph, heads * head_dim), _ints(graph, 2)])
+    # q's columns of q|k|v; an unpacked q (8-bit k/v in their own kernel) needs no copy
+    q = op("Slice", [q_in, _ints(graph, 0), _ints(graph, heads * head_dim), _ints(graph, 2)]) if packed else q_in
     q = op("RotaryEmbedding", [q, positions, cos, sin], domain=ORT_DOMAIN, num_heads=heads,
            interleaved=attrs["rotary_interleaved"])  # the keys' layout, which the kernel applied
     q = op("Reshape", [q, _ints(graph, 0, kv_heads, groups, head_dim)])  # [B, KV, groups, D]: one new token a row

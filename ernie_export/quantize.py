@@ -90,6 +90,7 @@ class Profile:
     kv_cache: str | None = None  # None: the op set's default (ort: shared_buffer, standard: concat)
     table_block: int | None = None  # None: the rule (table_block_size); an artifact's recorded value when re-verified
     kv_bits: int | None = None  # the k/v projections' bits (None: the layers')
+    kv_block: int | None = None  # None: the rule (kv_block_size); an artifact's recorded value when re-verified
 
     @property
     def bits(self) -> int | None:
@@ -130,6 +131,8 @@ class Profile:
 
     def kv_block_size(self, inputs: int) -> int | None:
         """The k/v projections' block size: `wide_block` when they are 8-bit in the int4 profile, else the layers'."""
+        if self.kv_block is not None:
+            return self.kv_block
         return self.wide_block(inputs) if self.bits == 4 and self.kv_bits == 8 else self.block_size
 
     def wide_block(self, inputs: int) -> int:

@@ -197,7 +197,7 @@ def reference_model(cfg: ErnieConfig, eager32: ErnieForCausalLM, manifest: dict,
     # artifacts from before table_block_size was recorded quantized the table in the layers' blocks
     quantizer = quantizer or Quantizer(Profile(p["quantization"], p["block_size"], p["ops"], p.get("table_bits"),
                                                p["kv_cache"], p.get("table_block_size", p["block_size"]),
-                                               p.get("kv_bits")),
+                                               p.get("kv_bits"), p.get("kv_block_size")),
                                        np.dtype(manifest["dtype"]))
     return build_model(cfg, {k: torch.from_numpy(v) for k, v in quantizer.reference_weights(eager32.state_dict()).items()})
 

@@ -163,11 +163,6 @@ def test_table_block_size(quantized):
 
 # --- 8-bit key / value projections in the int4 profile (--kv-bits 8) ---------------------------------------------
 
-@pytest.fixture(scope="module")
-def kv8(tiny_kv8):
-    return tiny_kv8
-
-
 def test_kv_bits_rule():
     """8-bit k/v in the int4 profile are blocked like its 8-bit table (up to 128 inputs: ONNX Runtime packs 8 bytes
     per block); otherwise they take the layers' bits and block."""
@@ -175,6 +170,7 @@ def test_kv_bits_rule():
     assert P("int4", 32, "ort", 8, kv_bits=8).kv_block_size(1024) == 128 and P("int4", 32, "ort", 8, kv_bits=8).kv_block_size(64) == 64
     assert P("int4", 256, "ort", 8, kv_bits=8).kv_block_size(1024) == 256
     assert P("int4", 32, "ort", 8).kv_block_size(1024) == 32 and P("int8", 32, "ort", 8, kv_bits=8).kv_block_size(1024) == 32
+    assert P("int4", 32, "ort", 8, kv_bits=8, kv_block=64).kv_block_size(1024) == 64, "re-verifying: the recorded block"
     quantizer = Q.Quantizer(P("int4", 32, "ort", 8, kv_bits=8), np.dtype(np.float32))
     assert [quantizer.bits(f"model.layers.0.self_attn.{p}_proj.weight") for p in "qkvo"] == [4, 8, 8, 4]
     with pytest.raises(Q.QuantizeError, match="kv-bits 6 is not supported"):
@@ -182,11 +178,11 @@ def test_kv_bits_rule():
 
 
 @pytest.mark.parametrize("ops", ["ort", "standard"])
-def test_kv8_export_verifies(kv8, quantized, ops):
+def test_kv8_export_verifies(tiny_kv8, quantized, ops):
     """The graphs hold 8-bit k/v projections (their own kernel, q stays 4-bit) and verify against eager over the same
     dequantized weights (<= 1e-3: a reference that took the k/v projections as 4-bit would differ by far more); the
     quality is better than uniform int4's on the same positions."""
-    art = kv8[ops]
+    art = tiny_kv8[ops]
     parity = json.loads((art / "parity.json").read_text())
     assert parity["status"] == "passed" and max(parity["prefill_max_abs_diff"], parity["decode_max_abs_diff"]) <= 1e-3
     profile = load_manifest(art)["profile"]
@@ -205,12 +201,12 @@ def test_kv8_export_verifies(kv8, quantized, ops):
                          ("gate_proj", onnx.TensorProto.INT4), ("down_proj", onnx.TensorProto.INT4)}, kinds
 
 
-def test_kv8_reference_negative_control(kv8, tiny_ckpt, tmp_path):
+def test_kv8_reference_negative_control(tiny_kv8, tiny_ckpt, tmp_path):
     """Re-verifying the kv8 artifact with its manifest claiming 4-bit k/v (so the eager reference quantizes them to 4
     bits) fails the float-math parity."""
     from ernie_export.verify import reverify
 
-    wrong = hostile_copy(kv8["ort"], tmp_path / "wrong", lambda d, m: m["profile"].update(kv_bits=4))
+    wrong = hostile_copy(tiny_kv8["ort"], tmp_path / "wrong", lambda d, m: m["profile"].update(kv_bits=4))
     with pytest.raises(VerificationError, match=r"max_abs_diff .* > 0.001"):
         reverify(wrong, str(tiny_ckpt), provider="cpu")
 
@@ -338,9 +334,9 @@ def test_standard_graph_fuses_into_matmulnbits(quantized, tmp_path):
         _check_fused(art, tmp_path)
 
 
-def test_standard_kv8_graph_fuses_into_matmulnbits(kv8, tmp_path):
+def test_standard_kv8_graph_fuses_into_matmulnbits(tiny_kv8, tmp_path):
     """8-bit DequantizeLinear + MatMul (the k|v projection) fuses as the 4-bit ones do."""
-    _check_fused(kv8["standard"], tmp_path, per_layer=5)
+    _check_fused(tiny_kv8["standard"], tmp_path, per_layer=5)
 
 
 def _check_fused(art, tmp_path, per_layer=4):
