@@ -105,14 +105,15 @@ def test_float16_fused_attention_profile_on_cuda(tiny_ckpt, tmp_path):
     assert [done[i].token_ids for i in range(len(PROMPTS))] == greedy(gen, PROMPTS, 12)
 
 
-@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
-def test_grouped_attention_branch_on_cuda(tiny_ckpt, tiny_quantized, tmp_path, quantize):
+@pytest.mark.parametrize("quantize", [None, "int8", "int4", "int4-kv8"])
+def test_grouped_attention_branch_on_cuda(tiny_ckpt, tiny_quantized, tiny_kv8, tmp_path, quantize):
     """Float32-activation shared buffers on CUDA, decode steps past GROUPED_FROM included: each layer's If (placed on
     CUDA) takes the grouped branch, its GroupQueryAttention runs on the CPU provider over the host buffer. Guards
     against the buffer's writes being lost between providers (with in-place writes inside the If, 1 greedy position
     in 16 agreed with the CPU on an H100; session.host_cache_device). The artifact re-verifies on CUDA (its graph
     against eager over the same dequantized weights, the long-context check included); float32 also gives CPU's
-    logits within 1e-3 and CPU's tokens on rows of GROUPED_FROM + 100 and 120 tokens."""
+    logits within 1e-3 and CPU's tokens on rows of GROUPED_FROM + 100 and 120 tokens. int4-kv8 (8-bit key/value
+    projections among 4-bit ones, --kv-bits 8) re-verifies there too."""
     from ernie_export.attention import GROUPED_FROM
     from ernie_export.build import export_artifact
     from ernie_export.verify import reverify
@@ -121,7 +122,8 @@ def test_grouped_attention_branch_on_cuda(tiny_ckpt, tiny_quantized, tmp_path, q
     if quantize is None:
         export_artifact(str(tiny_ckpt), path, ops="ort", **QUIET)
     else:
-        shutil.copytree(tiny_quantized[(quantize, "ort")], path)  # reverify rewrites parity.json
+        source = tiny_kv8["ort"] if quantize == "int4-kv8" else tiny_quantized[(quantize, "ort")]
+        shutil.copytree(source, path)  # reverify rewrites parity.json
     report = reverify(path, str(tiny_ckpt), "cuda")
     assert report["status"] == "passed" and report["provider"] == "cuda"
     if quantize is not None:
