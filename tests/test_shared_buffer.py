@@ -179,6 +179,9 @@ def test_float_graphs_with_fused_attention_verify(tiny_ckpt, tmp_path, dtype):
     if dtype == "float32":
         assert parity["greedy_identical"] and max(parity["prefill_max_abs_diff"], parity["decode_max_abs_diff"]) <= 1e-4
     gen = G.load(out)
+    # float32 --ops ort failed its last GPU test (README "On a GPU"): loading it for CUDA says so; float16 does not
+    cuda_note = [w for w in G._warnings(out, manifest, "cuda") if "CUDA provider failed" in w]
+    assert len(cuda_note) == (dtype == "float32") and not any("CUDA provider failed" in w for w in gen.warnings)
     opts = gen.options(greedy=True, max_new_tokens=12, ignore_eos=True)
     prompts = [G.encode_prompt(gen, p) for p in PROMPTS]
     assert [r.token_ids for r in G.generate(gen, prompts, opts)] == [G.generate(gen, [p], opts)[0].token_ids
