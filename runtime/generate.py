@@ -71,10 +71,6 @@ def _warnings(directory: Path, manifest: dict, provider: str) -> list[str]:
         notes.append("a float16 artifact on the CPU provider: ONNX Runtime computes in float32 and converts the "
                      "weights in each session; measured at full size, peak RSS 3.1 GB, 2.0x the float32 artifact's "
                      "1.5 GB. Use a float32 export on CPU hosts (float16 is for CUDA)")
-    if provider == "cuda" and manifest["dtype"] == "float32" and manifest["profile"]["ops"] == "ort" \
-            and manifest["profile"]["quantization"] == "none":  # README "On a GPU"
-        notes.append("float32 --ops ort on the CUDA provider failed this project's last GPU test (H100, onnxruntime-gpu "
-                     "1.31.1; cause not found): on CUDA use a float16 --ops ort or a float32 --ops standard export")
     if manifest["model"].get("synthetic"):
         notes.append("this artifact comes from a synthetic checkpoint with RANDOM weights: its text is noise")
     return notes
