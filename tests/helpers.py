@@ -84,8 +84,8 @@ def decode_logits_and_tokens(path, prompts, provider="cpu", new_tokens=8, in_pla
     """An artifact's logits over 4 decode steps after `prompts` (fixed tokens 7..10 fed) and `new_tokens` greedy
     tokens per prompt, on `provider`. `in_place` None: the runtime's own choice for the provider (on CUDA a float32
     buffer is not written in place: session.host_cache_device); False forces the shared buffer's not-in-place path
-    (Step.in_place). This helper once forced True, also on CUDA: the path the runtime avoids there, and the likely
-    cause of the float32 --ops ort GPU test failing on an H100 (README "On a GPU")."""
+    (Step.in_place). This helper once forced True, also on CUDA, the path the runtime avoids there: float32 --ops
+    ort's GPU test then failed on an H100 (logits 7.7 from the CPU's; the runtime's own path: 6.7e-6)."""
     import numpy as np
 
     from runtime import generate as G
