@@ -121,10 +121,10 @@ def systems(models: list[str], checkpoint: str | None, peers: str | None) -> lis
     out, ours = [], []
     for model in models:
         m = json.loads((Path(model) / "manifest.json").read_text())
-        q = m["profile"]["quantization"]
-        fmt = m["dtype"] if q == "none" else q
-        ops = m["profile"]["ops"] + (" concat" if m["profile"]["ops"] == "ort" and m["profile"]["kv_cache"] == "concat" else "")
         p = m["profile"]
+        q = p["quantization"]
+        fmt = m["dtype"] if q == "none" else q
+        ops = p["ops"] + (" concat" if p["ops"] == "ort" and p["kv_cache"] == "concat" else "")
         if q != "none" and p["block_size"] != DEFAULT_BLOCK_SIZE:
             ops += f" b{p['block_size']}"
         if q != "none" and p.get("kv_bits", QUANTIZATIONS[q]) != QUANTIZATIONS[q]:
