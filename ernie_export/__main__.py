@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="standard: ai.onnx ops only, runs on any ONNX runtime; ort: onnxruntime's contrib "
                          "kernels (MatMulNBits, GatherBlockQuantized, GroupQueryAttention), faster on ONNX Runtime")
     ap.add_argument("--kv-cache", choices=KV_CACHE_KINDS, default=None,
-                    help="shared_buffer (the default with --ops ort): onnxruntime's attention writing a preallocated "
-                         "cache in place, no cache copy per step; concat (the default, and the only kind, with "
-                         "--ops standard): a cache that grows by a copy each step")
+                    help="shared_buffer_vt (the default with --ops ort in float32, the CPU profiles): a preallocated "
+                         "cache written in place, values stored transposed, decode steps reading it once; "
+                         "shared_buffer (the default with --ops ort in float16/bfloat16, the GPU profile): onnxruntime's "
+                         "attention kernel writing it in place; concat (the default, and the only kind, with --ops "
+                         "standard): a cache that grows by a copy each step")
     ap.add_argument("--full-logits", action="store_true", help="logits for every position (evaluation), not just the last")
     ap.add_argument("--no-verify", action="store_true", help="skip parity verification (the runtime will warn)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")

@@ -22,7 +22,7 @@ import onnx_ir as ir
 import onnxscript
 import torch
 
-from runtime.contract import (FORMAT, FORMAT_VERSION, MANIFEST, SHARED_BUFFER, cache_pairs, check_schema, file_entry,
+from runtime.contract import (FORMAT, FORMAT_VERSION, MANIFEST, SHARED_BUFFER_VT, SHARED_KINDS, cache_pairs, check_schema, file_entry,
                               io_contract)
 from runtime.session import version_tuple
 
@@ -119,7 +119,7 @@ def prepacks(profile: Profile, dtype: str) -> bool:
     26.5 in separate processes), the split LM head (lm_head.py) keeping peak RSS at 1.08x the weights (1.03x
     unpacked). A float32 concat artifact keeps its two sessions over one mapped copy of the weights (prepacking
     off), and float16 / bfloat16 graphs are the GPU's."""
-    return bool(profile.bits) or (dtype == "float32" and profile.kv_cache == SHARED_BUFFER)
+    return bool(profile.bits) or (dtype == "float32" and profile.kv_cache in SHARED_KINDS)
 
 
 def session_options(profile: Profile, dtype: str) -> dict:
@@ -157,6 +157,13 @@ SHARED_FEEDING = {
             "and is not bound in place: its CUDA GroupQueryAttention takes float16/bfloat16 only, so the node runs on "
             "the CPU provider, handed a copy; bind fresh host presents of the buffer's shape and feed them back",
 }
+# profile.kv_cache "shared_buffer_vt" (float32 --ops ort, the CPU profiles): as "shared_buffer", values transposed
+SHARED_VT_FEEDING = {**SHARED_FEEDING, "loop": SHARED_FEEDING["loop"].replace(
+    "allocate past_key_values.* [batch, kv_heads, capacity, head_dim]",
+    "allocate past_key_values.*.key [batch, kv_heads, capacity, head_dim] and past_key_values.*.value [batch, "
+    "kv_heads, head_dim, capacity] (values transposed), zero-filled,") + ". A decode step (one token per row) "
+    "into a buffer of capacity >= total reads it once (the fast path); into a smaller one it still works, through "
+    "onnxruntime's kernel over a copy (slower), its presents of capacity total"}
 
 
 def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source: dict,
@@ -187,7 +194,8 @@ def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source
         "session_options": session_options(profile, dtype),
         "graphs": io_contract(dims, dtype, full_logits, profile.kv_cache),
         "cache": {"pairs": cache_pairs(cfg.num_hidden_layers)},
-        "feeding": SHARED_FEEDING if profile.kv_cache == SHARED_BUFFER else FEEDING,
+        "feeding": {SHARED_BUFFER_VT: SHARED_VT_FEEDING}.get(profile.kv_cache,
+                                                            SHARED_FEEDING if profile.kv_cache in SHARED_KINDS else FEEDING),
         "tokens": tokens,
         "files": {role: {"path": name} for role, name in roles.items()},
         "weights_index": weights_index,

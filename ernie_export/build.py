@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import torch
 
-from runtime.contract import SCORE, SHARED_BUFFER, generation_graphs
+from runtime.contract import SCORE, SHARED_BUFFER, SHARED_BUFFER_VT, generation_graphs
 
 from .artifact import WEIGHTS_FILE, describe, prepacks, save_graphs, write_manifest
 from .attention import group_attention
@@ -75,7 +75,9 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
     names = (*generation_graphs(profile.kv_cache), SCORE)
     for name in names:
         with stage(f"tracing {name} graph (torch.export -> ONNX opset {opset}, {dtype}, {profile.kv_cache} cache)", log):
-            graphs[name] = trace(net, name, opset, full_logits, profile.kv_cache)
+            # traced over the kernel's layout; group_attention then transposes shared_buffer_vt's values
+            traced = SHARED_BUFFER if profile.kv_cache == SHARED_BUFFER_VT else profile.kv_cache
+            graphs[name] = trace(net, name, opset, full_logits, traced)
     quantizer = None
     if profile.bits:
         with stage(f"quantizing weights ({profile.quantization}, blocks of {profile.block_size}, {profile.ops} ops)", log):
@@ -86,8 +88,8 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
         with stage("splitting the LM head into row ranges of the table (peak memory while ONNX Runtime packs it)", log):
             for graph in graphs.values():
                 split_lm_head(graph.graph)
-    if profile.kv_cache == SHARED_BUFFER and dtype == "float32":
-        with stage("grouping attention over the shared buffer (each KV head read once per step)", log):
+    if profile.kv_cache == SHARED_BUFFER_VT:
+        with stage("grouping decode attention over the shared buffer, values transposed (read once per step)", log):
             for graph in graphs.values():
                 group_attention(graph.graph, cfg.head_dim)
     with stage("saving graphs with one shared weights file", log):
@@ -125,6 +127,11 @@ def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opse
     if dtype not in DTYPES:
         raise ExportOptionError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     quantized = quantize != "none"
+    if kv_cache is None and ops == "ort":  # the CPU's (float32) grouped decode attention; the GPU's fused kernel
+        kv_cache = SHARED_BUFFER_VT if dtype == "float32" else SHARED_BUFFER
+    if kv_cache == SHARED_BUFFER_VT and dtype != "float32":
+        raise ExportOptionError(f"kv-cache {SHARED_BUFFER_VT} is for float32 graphs (the CPU profiles): use "
+                                f"--kv-cache {SHARED_BUFFER} with --dtype {dtype}")
     profile = Profile(quantize, block_size if quantized else None, ops, table_bits if quantized else None, kv_cache,
                       kv_bits=kv_bits if quantized else None)
     if opset is None:

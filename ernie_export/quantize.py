@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from runtime.contract import CONCAT, KV_CACHE_KINDS, SHARED_BUFFER
+from runtime.contract import CONCAT, KV_CACHE_KINDS, SHARED_BUFFER, SHARED_KINDS
 
 QUANTIZATIONS = {"none": None, "int8": 8, "int4": 4}
 OPS = ("standard", "ort")
@@ -87,7 +87,8 @@ class Profile:
     block_size: int | None = None
     ops: str = "standard"
     table_bits: int | None = None  # the embedding / LM-head table's bits (None: not quantized)
-    kv_cache: str | None = None  # None: the op set's default (ort: shared_buffer, standard: concat)
+    kv_cache: str | None = None  # None: the op set's default (ort: shared_buffer, standard: concat); export_artifact
+    # chooses shared_buffer_vt for float32 --ops ort
     table_block: int | None = None  # None: the rule (table_block_size); an artifact's recorded value when re-verified
     kv_bits: int | None = None  # the k/v projections' bits (None: the layers')
     kv_block: int | None = None  # None: the rule (kv_block_size); an artifact's recorded value when re-verified
@@ -103,8 +104,8 @@ class Profile:
             raise QuantizeError(f"ops {self.ops!r} is not supported: use one of {', '.join(OPS)}")
         if self.kv_cache not in KV_CACHE_KINDS:
             raise QuantizeError(f"kv-cache {self.kv_cache!r} is not supported: use one of {', '.join(KV_CACHE_KINDS)}")
-        if self.kv_cache == SHARED_BUFFER and self.ops != "ort":
-            raise QuantizeError("kv-cache shared_buffer needs --ops ort (onnxruntime's GroupQueryAttention writes it)")
+        if self.kv_cache in SHARED_KINDS and self.ops != "ort":
+            raise QuantizeError(f"kv-cache {self.kv_cache} needs --ops ort (onnxruntime's GroupQueryAttention writes it)")
         if self.bits and self.kv_bits not in (None, *KV_BITS):
             raise QuantizeError(f"kv-bits {self.kv_bits} is not supported: use one of {', '.join(map(str, KV_BITS))}")
         if self.bits and self.table_bits not in TABLE_BITS:

@@ -31,9 +31,12 @@ MANIFEST = "manifest.json"
 GRAPHS = ("prefill", "decode")  # the generation graphs
 SCORE = "score"  # optional third graph: decode's inputs, logits for every new token (log-likelihoods)
 # The KV-cache kinds: "concat", each present is the past plus the new tokens (left padded rows); "shared_buffer",
-# past and present are one preallocated buffer the graph writes in place (right padded rows; decode graph only).
-CONCAT, SHARED_BUFFER = "concat", "shared_buffer"
-KV_CACHE_KINDS = (CONCAT, SHARED_BUFFER)
+# past and present are one preallocated buffer the graph writes in place (right padded rows; decode graph only);
+# "shared_buffer_vt", the same with each layer's values stored transposed, [batch, kv_heads, head_dim, capacity]
+# (the CPU profiles: a decode step then reads keys and values once, as the left operand of its matrix products).
+CONCAT, SHARED_BUFFER, SHARED_BUFFER_VT = "concat", "shared_buffer", "shared_buffer_vt"
+KV_CACHE_KINDS = (CONCAT, SHARED_BUFFER, SHARED_BUFFER_VT)
+SHARED_KINDS = (SHARED_BUFFER, SHARED_BUFFER_VT)
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
 TOKEN_INPUTS = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
@@ -59,11 +62,16 @@ def graphs_of(manifest: dict) -> tuple[str, ...]:
 
 def generation_graphs(kv_cache: str) -> tuple[str, ...]:
     """A shared-buffer artifact has no prefill graph: a prompt is decode after an empty buffer."""
-    return ("decode",) if kv_cache == SHARED_BUFFER else GRAPHS
+    return ("decode",) if kv_cache in SHARED_KINDS else GRAPHS
 
 
 def kv_cache_of(manifest: dict) -> str:
     return manifest["profile"]["kv_cache"]
+
+
+def length_axis(kv_cache: str, name: str) -> int:
+    """The axis of a cache tensor's length (its capacity, for a shared buffer): 2, or 3 for shared_buffer_vt values."""
+    return 3 if kv_cache == SHARED_BUFFER_VT and name.endswith(".value") else 2
 
 
 def cache_names(n_layers: int, prefix: str) -> list[str]:
@@ -82,17 +90,22 @@ def io_contract(dims: dict, dtype: str, full_logits: bool, kv_cache: str = CONCA
     The score graph is the decode graph with logits for every new token, whatever `full_logits` says.
 
     `dims` holds num_hidden_layers, num_key_value_heads, head_dim and vocab_size. Cache tensors are
-    [batch_size, kv_heads, length, head_dim] in the export dtype; logits are always float32. A shared
-    buffer's length is its capacity (max_sequence_length), the same for past and present, and its graphs
-    take no position_ids (positions follow from the right-padded attention_mask).
+    [batch_size, kv_heads, length, head_dim] in the export dtype (shared_buffer_vt values [batch_size, kv_heads,
+    head_dim, length]); logits are always float32. A shared buffer's length is its capacity (max_sequence_length),
+    the same for past and present, and its graphs take no position_ids (positions follow from the right-padded
+    attention_mask).
     """
     n, kv_heads, head_dim = dims["num_hidden_layers"], dims["num_key_value_heads"], dims["head_dim"]
     value = lambda name, dt, shape: {"name": name, "dtype": dt, "shape": shape}  # noqa: E731
-    kv = lambda name, length: value(name, dtype, ["batch_size", kv_heads, length, head_dim])  # noqa: E731
+    def kv(name: str, length: str) -> dict:
+        shape = ["batch_size", kv_heads, length, head_dim]
+        if length_axis(kv_cache, name) == 3:
+            shape[2:] = [head_dim, length]
+        return value(name, dtype, shape)
     ids = ["batch_size", "sequence_length"]
     logits = value(LOGITS, "float32", ["batch_size", "sequence_length" if full_logits else 1, dims["vocab_size"]])
     contract = {}
-    shared = kv_cache == SHARED_BUFFER
+    shared = kv_cache in SHARED_KINDS
     for graph, mask_len in (("prefill", "sequence_length"), ("decode", "total_sequence_length")):
         if graph not in generation_graphs(kv_cache):
             continue

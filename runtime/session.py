@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import hugepages
-from .contract import (KV_CACHE_KINDS, SCORE, SHARED_BUFFER, ArtifactError, GraphIO, check_cache_pairing, external_tensors,
+from .contract import (KV_CACHE_KINDS, SCORE, SHARED_BUFFER_VT, SHARED_KINDS, ArtifactError, GraphIO, check_cache_pairing, external_tensors,
                        generation_graphs, graphs_of, kv_cache_of)
 from .sampling import OptionError
 from .step import Model, Step
@@ -194,7 +194,8 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
         check_cache_pairing(steps["prefill"].io, steps["decode"].io)
     shape = {k: dims[k] for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads", "head_dim")}
     return Model(steps.get("prefill"), steps["decode"], shape=shape,
-                 cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared, shared=kv_cache == SHARED_BUFFER,
+                 cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared, shared=kv_cache in SHARED_KINDS,
+                 transposed=kv_cache == SHARED_BUFFER_VT,
                  run_tokens=None if provider == "cuda" else Model.run_tokens,
                  open_score=(lambda: step(SCORE, shared.get(SCORE))) if SCORE in graphs_of(manifest) else None)
 
@@ -209,7 +210,7 @@ def host_cache_device(provider: str, kv_cache: str, dtype: str) -> str:
     layer's If (ernie_export.attention), placed on CUDA, onnxruntime hands the CPU kernel a copy of the host buffer,
     and the in-place writes were lost again (1 position in 16 on an H100). Fresh presents cost a copy per step on
     this fallback path only."""
-    return "cpu" if provider == "cuda" and kv_cache == SHARED_BUFFER and dtype == "float32" else provider
+    return "cpu" if provider == "cuda" and kv_cache in SHARED_KINDS and dtype == "float32" else provider
 
 
 def available_memory() -> int | None:

@@ -19,17 +19,19 @@ copying the cache. Rows are RIGHT padded: row b holds its n_b tokens at 0..n_b-1
 at its first n_b positions (n_b counting the new tokens), T = max n_b wide; positions follow from it.
 More than one new token per row after a non-empty cache is batch 1 only (the kernel's rule), so such
 rows are fed one by one and merged. The buffer grows (a copy, 256 positions at a time) when a sequence outgrows it.
+The "shared_buffer_vt" cache is the same with the value buffers transposed, [B, KV, D, capacity].
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 
-from .contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, GraphIO
+from .contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, SHARED_BUFFER, SHARED_BUFFER_VT, GraphIO,
+                       length_axis)
 
 
 class StepError(RuntimeError):
@@ -101,10 +103,16 @@ class KVCache:
     """What the model has seen: per cache input name, [B, KV, T, D] values; and its mask [B, T].
 
     `shared`: the values are [B, KV, capacity, D] buffers that the next step writes IN PLACE (this
-    cache object is then stale: keep only the newest), rows right padded, T = the longest row."""
+    cache object is then stale: keep only the newest), rows right padded, T = the longest row.
+    `transposed`: the value buffers are [B, KV, D, capacity] (KV-cache kind "shared_buffer_vt")."""
     values: dict[str, ort.OrtValue]  # keyed by the decode graph's past input names
     mask: np.ndarray  # int64 [B, T]: 1 where the cached position holds a real token
     shared: bool = False
+    transposed: bool = False
+
+    def axis(self, name: str) -> int:
+        """The axis of `name`'s length (capacity)."""
+        return length_axis(SHARED_BUFFER_VT if self.transposed else SHARED_BUFFER, name)
 
     @property
     def length(self) -> int:
@@ -112,7 +120,8 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return next(iter(self.values.values())).shape()[2]
+        name = next(iter(self.values))
+        return self.values[name].shape()[self.axis(name)]
 
     def next_positions(self) -> np.ndarray:
         """[B, 1]: the position of a token appended now (the number of real tokens cached)."""
@@ -167,7 +176,7 @@ class Step:
             values = dict(zip((LOGITS, *self.io.present), io.get_outputs()))  # in binding order
             presents = cache.values if in_place else {self.io.feeds[name]: values[name] for name in self.io.present}
             logits = values[LOGITS].numpy()
-        return (logits if self.every_position else logits[:, -1]), KVCache(presents, mask, shared)
+        return (logits if self.every_position else logits[:, -1]), KVCache(presents, mask, shared, shared and cache.transposed)
 
     def _bind_cache_and_logits(self, io, batch: int, cache: KVCache | None, in_place: bool) -> None:
         for name in self.io.past:
@@ -207,7 +216,8 @@ class Model:
     shape: dict  # from the manifest's dims: num_attention_heads, num_hidden_layers, num_key_value_heads, head_dim
     cache_itemsize: int = 4  # bytes per cache element (float32; 2 for float16/bfloat16)
     weights: dict = field(default_factory=dict, repr=False)  # mapped weights the sessions use: keep alive
-    shared: bool = False  # the decode graph's cache is a shared buffer (KV-cache kind "shared_buffer")
+    shared: bool = False  # the decode graph's cache is a shared buffer (KV-cache kinds "shared_buffer", "..._vt")
+    transposed: bool = False  # its value buffers are transposed ("shared_buffer_vt")
     open_score: Callable[[], "Step"] | None = field(default=None, repr=False)  # None: the artifact has no score graph
     _score: "Step | None" = field(default=None, repr=False)
     # New tokens per run, all rows together (None: bounded by SCORE_BUDGET only). open_model sets None on
@@ -281,8 +291,8 @@ class Model:
             return cache
         step = self.RESERVE_STEP
         capacity = -(-total // step) * step
-        return KVCache({name: _to_device(_pad_to(v.numpy(), capacity, axis=2), self.decode.device)
-                        for name, v in cache.values.items()}, cache.mask, True)
+        return KVCache({name: _to_device(_pad_to(v.numpy(), capacity, cache.axis(name)), self.decode.device)
+                        for name, v in cache.values.items()}, cache.mask, True, cache.transposed)
 
     def score(self, prompt: list[int], each: Callable[[np.ndarray, int], None]) -> tuple[np.ndarray, KVCache]:
         """Feed one prompt through the score graph (opened at first use: ordinary requests never pay for
@@ -309,10 +319,15 @@ class Model:
         """Past length 0, in the cache dtype the decode graph declares (bfloat16 too, which numpy lacks);
         a shared buffer of capacity 0 (`reserve` makes room)."""
         d = self.shape
-        shape = [batch, d["num_key_value_heads"], 0, d["head_dim"]]
-        return KVCache({name: ort.OrtValue.ortvalue_from_shape_and_type(
-                            shape, CACHE_TYPES[self.decode.io.inputs[name]["dtype"]], self.decode.device, 0)
-                        for name in self.decode.io.past}, np.zeros((batch, 0), np.int64), self.shared)
+        empty = KVCache({}, np.zeros((batch, 0), np.int64), self.shared, self.transposed)
+
+        def shape(name: str) -> list[int]:
+            dims = [batch, d["num_key_value_heads"], d["head_dim"], d["head_dim"]]
+            dims[empty.axis(name)] = 0
+            return dims
+        return replace(empty, values={name: ort.OrtValue.ortvalue_from_shape_and_type(
+            shape(name), CACHE_TYPES[self.decode.io.inputs[name]["dtype"]], self.decode.device, 0)
+            for name in self.decode.io.past})
 
     def advance(self, tokens: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Feed one token per row ([B] int64) after `cache`."""
@@ -366,9 +381,10 @@ def merge_caches(a: KVCache, b: KVCache, device: str) -> KVCache:
     (right padded) pad on the right, to the larger capacity."""
     length = max(a.length, b.length)
     size, left = (max(a.capacity, b.capacity), False) if a.shared else (length, True)
-    values = {name: _to_device(np.concatenate([_pad_to(c.values[name].numpy(), size, 2, left) for c in (a, b)]), device)
+    values = {name: _to_device(np.concatenate([_pad_to(c.values[name].numpy(), size, a.axis(name), left)
+                                               for c in (a, b)]), device)
               for name in a.values}
-    return KVCache(values, np.concatenate([_pad_to(c.mask, length, 1, left) for c in (a, b)]), a.shared)
+    return KVCache(values, np.concatenate([_pad_to(c.mask, length, 1, left) for c in (a, b)]), a.shared, a.transposed)
 
 
 def select_rows(cache: KVCache, rows: list[int], device: str) -> KVCache:
@@ -377,7 +393,7 @@ def select_rows(cache: KVCache, rows: list[int], device: str) -> KVCache:
     mask = cache.mask[rows]
     if cache.shared:
         values = {name: _to_device(v.numpy()[rows], device) for name, v in cache.values.items()}
-        return KVCache(values, mask[:, :int(mask.sum(-1).max())], True)
+        return KVCache(values, mask[:, :int(mask.sum(-1).max())], True, cache.transposed)
     start = int(np.argmax(mask.any(axis=0))) if mask.any() else 0
     values = {name: _to_device(v.numpy()[rows][:, :, start:], device) for name, v in cache.values.items()}
     return KVCache(values, mask[:, start:])

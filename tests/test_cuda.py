@@ -107,14 +107,14 @@ def test_float16_fused_attention_profile_on_cuda(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int4", "int4-kv8"])
 def test_grouped_attention_branch_on_cuda(tiny_ckpt, tiny_quantized, tiny_kv8, tmp_path, quantize):
-    """Float32-activation shared buffers on CUDA, decode steps past GROUPED_FROM included: each layer's If (placed on
-    CUDA) takes the grouped branch, its GroupQueryAttention runs on the CPU provider over the host buffer. Guards
+    """Float32-activation shared buffers (shared_buffer_vt) on CUDA: each layer's If (placed on CUDA) takes the
+    grouped branch for decode steps, the kernel's for prompts, whose GroupQueryAttention runs on the CPU provider
+    over the host buffer. Guards
     against the buffer's writes being lost between providers (with in-place writes inside the If, 1 greedy position
     in 16 agreed with the CPU on an H100; session.host_cache_device). The artifact re-verifies on CUDA (its graph
     against eager over the same dequantized weights, the long-context check included); float32 also gives CPU's
-    logits within 1e-3 and CPU's tokens on rows of GROUPED_FROM + 100 and 120 tokens. int4-kv8 (8-bit key/value
+    logits within 1e-3 and CPU's tokens on rows of 484 and 120 tokens. int4-kv8 (8-bit key/value
     projections among 4-bit ones, --kv-bits 8) re-verifies there too."""
-    from ernie_export.attention import GROUPED_FROM
     from ernie_export.build import export_artifact
     from ernie_export.verify import reverify
 
@@ -129,7 +129,7 @@ def test_grouped_attention_branch_on_cuda(tiny_ckpt, tiny_quantized, tiny_kv8, t
     if quantize is not None:
         return
     rng = np.random.default_rng(5)
-    prompts = [rng.integers(5, 400, GROUPED_FROM + 100).tolist(), rng.integers(5, 400, 120).tolist()]
+    prompts = [rng.integers(5, 400, 484).tolist(), rng.integers(5, 400, 120).tolist()]
     (a, ta), (b, tb) = (decode_logits_and_tokens(path, prompts, provider, 16) for provider in ("cpu", "cuda"))
     assert len({t for row in ta for t in row}) > 4  # a discriminative fixture
     assert np.abs(a - b).max() <= 1e-3 and ta == tb

@@ -27,6 +27,7 @@ from runtime.contract import load_manifest
 from tests.helpers import decode_logits_and_tokens, our_model
 
 PROMPTS = ["Hello world", "The capital of France is a", "def hello(name):"]
+LONG = 484  # prompt tokens: two runs of the runtime (256 each), the second after a cache
 
 
 @pytest.fixture(scope="module")
@@ -73,30 +74,33 @@ def test_reference_op_equals_the_concat_model(tiny_ckpt):
 
 
 def test_manifest_and_graph(art):
-    """Per layer an If on the new tokens: prompts attend with the fused GroupQueryAttention, single-token steps
-    with a 2-head one writing the buffer and grouped attention (ernie_export.attention). No prefill graph, no
-    position_ids, right padding in the contract."""
+    """Per layer an If on the new tokens: prompts attend with the fused GroupQueryAttention over the values
+    transposed back, single-token steps write the buffer with ScatterND and attend grouped, keys and transposed
+    values as the products' left operands (ernie_export.attention). No prefill graph, no position_ids, right
+    padding, values [batch, kv_heads, head_dim, capacity] in the contract (kind shared_buffer_vt)."""
     manifest = load_manifest(art)
     dims = manifest["model"]["dims"]
-    assert manifest["profile"]["kv_cache"] == "shared_buffer" and manifest["feeding"]["padding_side"] == "right"
+    assert manifest["profile"]["kv_cache"] == "shared_buffer_vt" and manifest["feeding"]["padding_side"] == "right"
     assert "prefill" not in manifest["graphs"] and not (art / "prefill.onnx").exists()
     decode = manifest["graphs"]["decode"]
     assert [v["name"] for v in decode["inputs"][:2]] == ["input_ids", "attention_mask"]
     assert "position_ids" not in {v["name"] for v in decode["inputs"]}
-    past = decode["inputs"][2]
-    assert past["shape"][2] == "max_sequence_length" == decode["outputs"][1]["shape"][2]
+    key, value = decode["inputs"][2:4]
+    assert key["name"].endswith(".key") and value["name"].endswith(".value")
+    assert key["shape"][2:] == ["max_sequence_length", dims["head_dim"]] == decode["outputs"][1]["shape"][2:]
+    assert value["shape"][2:] == [dims["head_dim"], "max_sequence_length"] == decode["outputs"][2]["shape"][2:]
     for graph in ("decode", "score"):
         nodes = onnx.load(str(art / f"{graph}.onnx"), load_external_data=False).graph.node
         layers = [n for n in nodes if n.op_type == "If"]
         assert len(layers) == dims["num_hidden_layers"]
         branches = {a.name: a.g.node for a in layers[0].attribute}
-        [fused] = branches["else_branch"]
-        [writer] = [n for n in branches["then_branch"] if n.op_type == "GroupQueryAttention"]
+        [fused] = [n for n in branches["else_branch"] if n.op_type == "GroupQueryAttention"]
         assert {a.name: a.i for a in fused.attribute} == {"do_rotary": 1, "rotary_interleaved": 1,
                                                           "num_heads": dims["num_attention_heads"],
                                                           "kv_num_heads": dims["num_key_value_heads"]}
-        assert {a.name: a.i for a in writer.attribute}["num_heads"] == dims["num_key_value_heads"]
-        assert "FusedMatMul" in {n.op_type for n in branches["then_branch"]}
+        grouped = [n.op_type for n in branches["then_branch"]]
+        assert grouped.count("ScatterND") == 2 and grouped.count("FusedMatMul") == 2
+        assert "GroupQueryAttention" not in grouped
         assert list(fused.input[1:3]) == ["", ""], "q|k|v packed: one fused projection, no Split"
         assert len([n for n in nodes if n.op_type == "Split"]) == len(layers), "one Split a layer: gate|up only"
         assert not [n for n in nodes if n.op_type in ("Softmax", "Concat") and "past" in " ".join(n.input)]
@@ -173,7 +177,8 @@ def test_float_graphs_with_fused_attention_verify(tiny_ckpt, tmp_path, dtype):
     out = tmp_path / dtype
     export_artifact(str(tiny_ckpt), out, dtype=dtype, ops="ort", log=lambda m: None)
     manifest = load_manifest(out)
-    assert manifest["profile"]["kv_cache"] == "shared_buffer" and manifest["profile"]["quantization"] == "none"
+    kind = "shared_buffer_vt" if dtype == "float32" else "shared_buffer"  # the CPU's grouped decode, the GPU's kernel
+    assert manifest["profile"]["kv_cache"] == kind and manifest["profile"]["quantization"] == "none"
     parity = json.loads((out / "parity.json").read_text())
     assert parity["status"] == "passed"
     if dtype == "float32":
@@ -203,30 +208,36 @@ def test_cache_placement_follows_where_group_query_attention_runs():
     1 greedy position in 16 agreed with the CPU). Everything else stays where the provider computes."""
     from runtime.session import host_cache_device
     assert host_cache_device("cuda", "shared_buffer", "float32") == "cpu"
+    assert host_cache_device("cuda", "shared_buffer_vt", "float32") == "cpu"
     assert host_cache_device("cuda", "shared_buffer", "float16") == "cuda"
     assert host_cache_device("cuda", "concat", "float32") == "cuda"
     assert host_cache_device("cpu", "shared_buffer", "float32") == "cpu"
 
 
 def test_grouped_attention_equals_the_fused_kernel(tiny_ckpt, tmp_path, monkeypatch):
-    """Decode steps past GROUPED_FROM tokens (each KV head's query heads attending together) give the fused
-    kernel's logits and tokens (rows of GROUPED_FROM + 100 and 120 tokens: the short row masked to its own, the
-    buffer larger than the rows). Negative control: with the mask off (the buffer's unwritten and padded slots
-    visible), verification fails: its long-context check takes the grouped branch."""
+    """shared_buffer_vt (decode steps attending grouped over keys and transposed values, prompts through the
+    kernel over the values transposed back) gives the fused kernel's (shared_buffer) logits and tokens: rows of
+    LONG and 120 tokens (the long one fed in two runs, the second after a cache; the short row masked to its
+    own; the buffer larger than the rows). Also when the runtime does not reserve (a buffer exactly the length
+    of the cache, as onnxruntime-node's driver feeds it): every step then takes the kernel's branch. Negative
+    control: with the mask off (the buffer's unwritten and padded slots visible), verification fails."""
     import ernie_export.attention as A
-    import ernie_export.build as B
+    from runtime import step as S
 
     quiet = dict(log=lambda m: None)
     grouped, fused = tmp_path / "grouped", tmp_path / "fused"
     export_artifact(str(tiny_ckpt), grouped, ops="ort", **quiet)
-    with monkeypatch.context() as m:
-        m.setattr(B, "group_attention", lambda graph, head_dim: 0)
-        export_artifact(str(tiny_ckpt), fused, ops="ort", **quiet)
+    export_artifact(str(tiny_ckpt), fused, ops="ort", kv_cache="shared_buffer", **quiet)
     assert "If" not in {n.op_type for n in onnx.load(str(fused / "decode.onnx"), load_external_data=False).graph.node}
     rng = np.random.default_rng(5)
-    prompts = [rng.integers(5, 400, A.GROUPED_FROM + 100).tolist(), rng.integers(5, 400, 120).tolist()]
+    prompts = [rng.integers(5, 400, LONG).tolist(), rng.integers(5, 400, 120).tolist()]
     (a, ta), (b, tb) = decode_logits_and_tokens(grouped, prompts), decode_logits_and_tokens(fused, prompts)
     assert np.abs(a - b).max() <= 1e-4 and ta == tb and len({t for row in ta for t in row}) > 4
+    with monkeypatch.context() as m:  # no room reserved, fresh presents: capacity == the cache's length each step
+        m.setattr(S.Model, "reserve", lambda self, cache, total: cache)
+        m.setattr(S, "check_feeds", lambda *args: None)  # the runtime's own check refuses such a feed
+        d, td = decode_logits_and_tokens(grouped, prompts[1:], in_place=False)
+    assert np.abs(a[:, 1:] - d).max() <= 1e-4 and ta[1:] == td
     # The CUDA fallback for float32 buffers (session.host_cache_device): fresh presents instead of in-place writes,
     # through both branches (the buffer's unwritten slots now hold whatever the fresh present held).
     c, tc = decode_logits_and_tokens(grouped, prompts, in_place=False)
@@ -246,7 +257,6 @@ def test_cuda_code_path_of_host_buffers_runs_on_the_cpu_provider(tiny_ckpt, tiny
     the CUDA path's own bookkeeping (binding, cache placement, prompt runs) going wrong where no GPU is there to
     catch it. Negative control, run by hand: feeding the old buffer back instead of the fresh presents fails both."""
     import onnxruntime as ort
-    from ernie_export.attention import GROUPED_FROM
     from ernie_export.verify import reverify
 
     if profile == "float32":
@@ -255,7 +265,7 @@ def test_cuda_code_path_of_host_buffers_runs_on_the_cpu_provider(tiny_ckpt, tiny
     else:
         path = tiny_kv8["ort"]
     rng = np.random.default_rng(5)
-    prompts = [rng.integers(5, 400, GROUPED_FROM + 100).tolist(), rng.integers(5, 400, 120).tolist()]
+    prompts = [rng.integers(5, 400, LONG).tolist(), rng.integers(5, 400, 120).tolist()]
     a, ta = decode_logits_and_tokens(path, prompts, "cpu", 16)
     available = ort.get_available_providers()
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *available])

@@ -7,11 +7,13 @@
 // Out: openArtifact(dir) -> {manifest, start(prompts), advance(tokens, cache), ...}: the logits of
 //      the last position per row (Float32Array [vocab] each) and the KV cache to continue from.
 //      Token ids in and out only: there is no tokenizer in Node.
-//      Both KV-cache kinds (manifest.profile.kv_cache): "concat" (prefill + decode, left padding) and
-//      "shared_buffer" (decode only, right padding, no position_ids). This driver feeds each present
-//      back as the next past, starting from an empty buffer: GroupQueryAttention then sizes the present
-//      to the sequence and copies the past into it (correct, not in place; the Python runtime binds one
-//      buffer as both, which onnxruntime-node's run() cannot express).
+//      The KV-cache kinds (manifest.profile.kv_cache): "concat" (prefill + decode, left padding) and
+//      "shared_buffer" / "shared_buffer_vt" (decode only, right padding, no position_ids; _vt stores values
+//      transposed: the cache shapes come from the manifest). This driver feeds each present back as the next
+//      past, starting from an empty buffer: the graph then sizes the present to the sequence and copies the
+//      past into it (correct, not in place, and for _vt through the kernel's branch, not the faster one that
+//      needs a reserved buffer; the Python runtime binds one buffer as both, which onnxruntime-node's run()
+//      cannot express).
 import { readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import ort from 'onnxruntime-node';
@@ -22,7 +24,7 @@ export const FORMAT_VERSION = 2;
 const LEVELS = { ORT_DISABLE_ALL: 'disabled', ORT_ENABLE_BASIC: 'basic', ORT_ENABLE_EXTENDED: 'extended',
   ORT_ENABLE_LAYOUT: 'layout', ORT_ENABLE_ALL: 'all' };
 const CACHE_TYPES = ['float32', 'float16']; // bfloat16 has no JavaScript tensor type
-const KV_CACHES = ['concat', 'shared_buffer'];
+const KV_CACHES = ['concat', 'shared_buffer', 'shared_buffer_vt'];
 
 export class ArtifactError extends Error {}
 
@@ -164,15 +166,16 @@ export async function openArtifact(dir, options = {}) {
   const so = sessionOptions(manifest, options);
   const open = async (graph) => graphIO(manifest, graph,
     await ort.InferenceSession.create(join(dir, manifest.files[graph].path), so));
-  const shared = manifest.profile.kv_cache === 'shared_buffer';
+  const shared = manifest.profile.kv_cache !== 'concat';
   // Prepacked weights (quantized, float32): each session would keep a packed copy of its own, so the decode graph
   // alone takes prompts after an empty past (the contract: that equals prefill), as the Python runtime does.
   const packed = so.extra.session?.disable_prepacking === '0';
   const prefill = shared || packed ? null : await open('prefill'), decode = await open('decode');
   const vocab = manifest.model.dims.vocab_size, padId = manifest.tokens.pad_token_id;
-  const { num_key_value_heads: kv, head_dim: hd } = manifest.model.dims;
+  // an empty cache: the manifest's shape, batch_size given, the length (the other symbolic dim) 0
+  const dims = (v, batch) => v.shape.map((d) => (d === 'batch_size' ? batch : typeof d === 'string' ? 0 : d));
   const empty = (batch) => ({ batch, mask: new BigInt64Array(0), values: Object.fromEntries(decode.past.map(
-    (v) => [v.name, new ort.Tensor(v.dtype, v.dtype === 'float16' ? new Uint16Array(0) : new Float32Array(0), [batch, kv, 0, hd])])) });
+    (v) => [v.name, new ort.Tensor(v.dtype, v.dtype === 'float16' ? new Uint16Array(0) : new Float32Array(0), dims(v, batch))])) });
   return {
     manifest, prefill, decode, vocab, padId,
     /** Prefill padded prompts (lists of token ids) -> {logits: [Float32Array(vocab)] per row, cache}. */
