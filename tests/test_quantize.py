@@ -104,7 +104,7 @@ def test_export_verifies(quantized, profile):
     assert manifest["profile"] == {"quantization": profile[0], "block_size": 32, "table_bits": 8,
                                    "table_block_size": {"int4": 64, "int8": 32}[profile[0]],
                                    "kv_bits": {"int4": 4, "int8": 8}[profile[0]], "kv_block_size": 32,
-                                   "ops": profile[1], "kv_cache": {"ort": "shared_buffer", "standard": "concat"}[profile[1]]}
+                                   "ops": profile[1], "kv_cache": {"ort": "shared_buffer_vt", "standard": "concat"}[profile[1]]}
     assert manifest["session_options"]["config"]["session.disable_prepacking"] == "0"
 
 
@@ -317,6 +317,8 @@ def test_scales_off_by_one_block_fail(tiny_ckpt, tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv,message", [
     (["--quantize", "int4", "--opset", "18"], "need --opset >= 21"),
     (["--kv-cache", "shared_buffer"], "kv-cache shared_buffer needs --ops ort"),
+    (["--kv-cache", "shared_buffer_vt"], "kv-cache shared_buffer_vt needs --ops ort"),
+    (["--ops", "ort", "--kv-cache", "shared_buffer_vt", "--dtype", "float16"], "is for float32 graphs"),
     (["--quantize", "int4", "--dtype", "bfloat16"], "cannot be quantized"),
 ])
 def test_option_errors(tiny_ckpt, tmp_path, capsys, argv, message):
