@@ -30,6 +30,7 @@ Verification exercises both branches: prompts take the kernel's, decode steps th
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -39,6 +40,20 @@ from .quantize import ORT_DOMAIN, constant
 GQA = "GroupQueryAttention"
 MASKED = -1e9  # additive mask; every row sees key 0, so none is all masked
 TRANSPOSE_LAST = [0, 1, 3, 2]
+
+
+class Shared(NamedTuple):
+    """Values computed once per graph run, before the first layer (see _shared)."""
+    grouped: ir.Value  # bool: one new token per row, into a buffer that holds it
+    fits: ir.Value  # bool: the buffer holds the run (capacity >= total length)
+    positions: ir.Value  # [B, 1]: each row's new position (seqlens_k)
+    mask: ir.Value  # [B, 1, 1, capacity]: additive, key j visible iff j <= positions[b]
+    held: ir.Value  # [B, 1, capacity, 1]: same, bool, for a fresh present of max(capacity, total) positions
+    key_index: ir.Value  # ScatterND indices of a decode step's keys [B, KV, 3] and values [B, KV, D, 4]
+    value_index: ir.Value
+    span: tuple[ir.Value, ir.Value]  # a run's new positions: total - S .. total (a first prompt: 0 .. S)
+    run_key_index: ir.Value  # ScatterND indices of a run's keys [B, KV, S, 3] and values [B, KV, D, S, 4]
+    run_value_index: ir.Value
 
 
 def group_attention(graph: ir.Graph, head_dim: int) -> int:
@@ -52,24 +67,33 @@ def group_attention(graph: ir.Graph, head_dim: int) -> int:
         if value.name.endswith(".value") and value.shape is not None and value.shape.rank() == 4:
             batch, heads, length, dim = value.shape
             value.shape = ir.Shape([batch, heads, dim, length])
-    shared, step_inputs = _step_inputs(graph, layers[0], kv_heads, head_dim)
-    graph.insert_before(layers[0], shared)
+    nodes, shared = _shared(graph, layers[0], kv_heads, head_dim)
+    graph.insert_before(layers[0], nodes)
     for gqa in layers:
         heads = gqa.attributes["num_heads"].value
-        branches = {"grouped": _grouped(graph, gqa, step_inputs[1:], heads, kv_heads, head_dim),
-                    "kernel": _kernel(graph, gqa, step_inputs[-1])}
-        for name, (nodes, outputs) in branches.items():  # names unique across the scopes
-            for i, value in enumerate(v for node in nodes for v in node.outputs):
-                value.name = f"{gqa.name}.{name}.{i}"
-            for value in (*outputs, *(v for node in nodes if node.op_type == GQA for v in node.outputs)):
-                value.type = gqa.outputs[0].type  # the checker cannot infer com.microsoft ops' types
-        branch = {name: ir.Graph([], outputs, nodes=nodes, name=f"{gqa.name}.{name}")
-                  for name, (nodes, outputs) in branches.items()}
-        step = ir.node("If", [step_inputs[0]], {"then_branch": ir.AttrGraph("then_branch", branch["grouped"]),
-                                                "else_branch": ir.AttrGraph("else_branch", branch["kernel"])},
-                       num_outputs=3, name=f"{gqa.name}.grouped_or_kernel")
+        prompt = _if(gqa, "prompt_or_any", shared.fits, _prompt(graph, gqa, shared), _any(graph, gqa, shared.held))
+        step = _if(gqa, "grouped_or_kernel", shared.grouped, _grouped(graph, gqa, shared, heads, kv_heads, head_dim),
+                   ([prompt], list(prompt.outputs)))
         ir.convenience.replace_nodes_and_values(graph, gqa, [gqa], [step], list(gqa.outputs), list(step.outputs))
     return len(layers)
+
+
+Branch = tuple[list[ir.Node], list[ir.Value]]  # nodes; outputs: attention, present key, present value
+
+
+def _if(gqa: ir.Node, name: str, condition: ir.Value, then: Branch, otherwise: Branch) -> ir.Node:
+    """An If standing for `gqa` (outputs: attention, present key, present value), its values named uniquely."""
+    graphs = {}
+    for branch, (nodes, outputs) in (("then", then), ("else", otherwise)):
+        for i, value in enumerate(v for node in nodes for v in node.outputs):
+            if not value.name or not value.name.startswith(gqa.name):
+                value.name = f"{gqa.name}.{name}.{branch}.{i}"
+        for value in (*outputs, *(v for node in nodes if node.op_type in (GQA, "If") for v in node.outputs)):
+            value.type = gqa.outputs[0].type  # the checker cannot infer com.microsoft ops' types
+        graphs[branch] = ir.Graph([], outputs, nodes=nodes, name=f"{gqa.name}.{name}.{branch}")
+    return ir.node("If", [condition], {"then_branch": ir.AttrGraph("then_branch", graphs["then"]),
+                                       "else_branch": ir.AttrGraph("else_branch", graphs["else"])},
+                   num_outputs=3, name=f"{gqa.name}.{name}")
 
 
 def _ints(graph: ir.Graph, *values: int, scalar: bool = False) -> ir.Value:
@@ -78,12 +102,15 @@ def _ints(graph: ir.Graph, *values: int, scalar: bool = False) -> ir.Value:
     return constant(graph, name, array)
 
 
-def _step_inputs(graph: ir.Graph, gqa: ir.Node, kv_heads: int, head_dim: int) -> tuple[list[ir.Node], tuple]:
-    """Nodes computing, once per graph: whether this run takes the grouped branch (one new token per row, into a
-    buffer that holds it); the rows' positions [B, 1] (seqlens_k, the kernel's index of each row's last token);
-    the additive mask [B, 1, 1, capacity]; ScatterND's indices of the new keys [B, KV, 3] and of the new values
-    [B, KV, D, 4]; which positions of a fresh present hold tokens [B, 1, capacity, 1], capacity being the kernel's
-    present's: max(past, total length)."""
+def _arange(graph: ir.Graph, n: int, rank: int, axis: int) -> ir.Value:
+    """0..n-1 along `axis` of a rank-`rank` tensor of ones elsewhere."""
+    shape = [1] * rank
+    shape[axis] = n
+    return constant(graph, f"grouped_attention.arange{n}_{rank}_{axis}", np.arange(n, dtype=np.int64).reshape(shape))
+
+
+def _shared(graph: ir.Graph, gqa: ir.Node, kv_heads: int, head_dim: int) -> tuple[list[ir.Node], Shared]:
+    """The nodes computing Shared, once per graph run."""
     q_in, past_key, seqlens_k, total = gqa.inputs[0], gqa.inputs[3], gqa.inputs[5], gqa.inputs[6]
     nodes = []
 
@@ -91,47 +118,48 @@ def _step_inputs(graph: ir.Graph, gqa: ir.Node, kv_heads: int, head_dim: int) ->
         nodes.append(ir.node(op_type, inputs, attrs))
         return nodes[-1].outputs[0]
 
+    def index(*parts: ir.Value) -> ir.Value:
+        """ScatterND indices: the parts (broadcastable, one per indexed axis) broadcast and stacked last."""
+        whole = parts[0]
+        for part in parts[1:]:
+            whole = op("Add", [whole, part])
+        shape = op("Shape", [whole])
+        return op("Concat", [op("Unsqueeze", [op("Expand", [p, shape]), _ints(graph, -1)]) for p in parts], axis=-1)
+
     zero, one = _ints(graph, 0, scalar=True), _ints(graph, 1, scalar=True)
-    single = op("Equal", [op("Gather", [op("Shape", [q_in]), one], axis=0), one])
+    new = op("Gather", [op("Shape", [q_in]), one], axis=0)
     total64 = op("Cast", [total], to=int(ir.DataType.INT64))
     past = op("Gather", [op("Shape", [past_key]), _ints(graph, 2, scalar=True)], axis=0)
-    grouped = op("And", [single, op("LessOrEqual", [total64, past])])
+    fits = op("LessOrEqual", [total64, past])
+    grouped = op("And", [op("Equal", [new, one]), fits])
     positions = op("Unsqueeze", [op("Cast", [seqlens_k], to=int(ir.DataType.INT64)), _ints(graph, 1)])  # [B, 1]
     visible = op("LessOrEqual", [op("Range", [zero, op("Max", [past, total64]), one]), positions])  # [B, T]
     mask = op("Unsqueeze", [op("Where", [visible, constant(graph, "grouped_attention.zero", np.array(0.0, np.float32)),
                                          constant(graph, "grouped_attention.masked", np.array(MASKED, np.float32))]),
                             _ints(graph, 1, 2)])
     held = op("Unsqueeze", [visible, _ints(graph, 1, 3)])  # [B, 1, T, 1]
-    # ScatterND indices: (row, kv head, position) for keys, (row, kv head, d, position) for transposed values
-    batch = op("Gather", [op("Shape", [positions]), zero], axis=0)
-    rows = op("Range", [zero, batch, one])
-    grid = lambda values, shape: op("Expand", [values, shape])  # noqa: E731
-    key_shape = op("Concat", [op("Unsqueeze", [batch, _ints(graph, 0)]), _ints(graph, kv_heads, 1)], axis=0)
-    key_index = op("Concat", [grid(op("Reshape", [rows, _ints(graph, -1, 1, 1)]), key_shape),
-                              grid(_ints_array(graph, np.arange(kv_heads).reshape(1, kv_heads, 1)), key_shape),
-                              grid(op("Unsqueeze", [positions, _ints(graph, 2)]), key_shape)], axis=-1)
-    value_shape = op("Concat", [op("Unsqueeze", [batch, _ints(graph, 0)]), _ints(graph, kv_heads, head_dim, 1)], axis=0)
-    value_index = op("Concat", [grid(op("Reshape", [rows, _ints(graph, -1, 1, 1, 1)]), value_shape),
-                                grid(_ints_array(graph, np.arange(kv_heads).reshape(1, kv_heads, 1, 1)), value_shape),
-                                grid(_ints_array(graph, np.arange(head_dim).reshape(1, 1, head_dim, 1)), value_shape),
-                                grid(op("Unsqueeze", [positions, _ints(graph, 2, 3)]), value_shape)], axis=-1)
-    return nodes, (grouped, positions, mask, key_index, value_index, held)
+    rows = op("Range", [zero, op("Gather", [op("Shape", [positions]), zero], axis=0), one])
+    row = lambda rank: op("Reshape", [rows, _ints(graph, -1, *[1] * (rank - 1))])  # noqa: E731
+    start = op("Sub", [total64, new])
+    steps = op("Range", [start, total64, one])  # a run's new positions (batch 1 after a cache; from 0 when first)
+    step = lambda rank: op("Reshape", [steps, _ints(graph, *[1] * (rank - 1), -1)])  # noqa: E731
+    return nodes, Shared(
+        grouped, fits, positions, mask, held,
+        index(row(2), _arange(graph, kv_heads, 2, 1), positions),
+        index(row(3), _arange(graph, kv_heads, 3, 1), _arange(graph, head_dim, 3, 2),
+              op("Unsqueeze", [positions, _ints(graph, 2)])),
+        (op("Unsqueeze", [start, _ints(graph, 0)]), op("Unsqueeze", [total64, _ints(graph, 0)])),
+        index(row(3), _arange(graph, kv_heads, 3, 1), step(3)),
+        index(row(4), _arange(graph, kv_heads, 4, 1), _arange(graph, head_dim, 4, 2), step(4)))
 
 
-def _ints_array(graph: ir.Graph, array: np.ndarray) -> ir.Value:
-    return constant(graph, f"grouped_attention.grid{'x'.join(map(str, array.shape))}", array.astype(np.int64))
-
-
-Branch = tuple[list[ir.Node], list[ir.Value]]  # nodes; outputs: attention, present key, present value
-
-
-def _grouped(graph: ir.Graph, gqa: ir.Node, step: tuple, heads: int, kv_heads: int, head_dim: int) -> Branch:
+def _grouped(graph: ir.Graph, gqa: ir.Node, shared: Shared, heads: int, kv_heads: int, head_dim: int) -> Branch:
     """The decode branch: the new key and value written in place, then each KV head's query heads together."""
-    positions, mask, key_index, value_index, _ = step
     q_in, cos, sin = gqa.inputs[0], gqa.inputs[7], gqa.inputs[8]
     past_key, past_value = gqa.inputs[3], gqa.inputs[4]
     groups, packed = heads // kv_heads, gqa.inputs[1] is None
     interleaved = gqa.attributes["rotary_interleaved"].value
+    positions = shared.positions
     nodes = []
 
     def op(op_type, inputs, domain="", **attrs):
@@ -145,34 +173,56 @@ def _grouped(graph: ir.Graph, gqa: ir.Node, step: tuple, heads: int, kv_heads: i
     key = columns(heads, heads + kv_heads) if packed else gqa.inputs[1]
     key = op("RotaryEmbedding", [key, positions, cos, sin], domain=ORT_DOMAIN, num_heads=kv_heads,
              interleaved=interleaved)
-    present_key = op("ScatterND", [past_key, key_index, op("Reshape", [key, rows])])
+    present_key = op("ScatterND", [past_key, shared.key_index, op("Reshape", [key, rows])])
     value = columns(heads + kv_heads, heads + 2 * kv_heads) if packed else gqa.inputs[2]
-    present_value = op("ScatterND", [past_value, value_index, op("Reshape", [value, rows])])
+    present_value = op("ScatterND", [past_value, shared.value_index, op("Reshape", [value, rows])])
     q = columns(0, heads) if packed else q_in
     q = op("RotaryEmbedding", [q, positions, cos, sin], domain=ORT_DOMAIN, num_heads=heads, interleaved=interleaved)
     q = op("Reshape", [q, _ints(graph, 0, kv_heads, groups, head_dim)])  # [B, KV, groups, D]: one new token a row
     scores = op("FusedMatMul", [present_key, q], domain=ORT_DOMAIN, transB=1, alpha=1.0 / math.sqrt(head_dim))
-    probs = op("Softmax", [op("Add", [op("Transpose", [scores], perm=TRANSPOSE_LAST), mask])], axis=-1)
+    probs = op("Softmax", [op("Add", [op("Transpose", [scores], perm=TRANSPOSE_LAST), shared.mask])], axis=-1)
     out = op("FusedMatMul", [present_value, probs], domain=ORT_DOMAIN, transB=1)  # [B, KV, D, groups]
     out = op("Reshape", [op("Transpose", [out], perm=TRANSPOSE_LAST), _ints(graph, 0, 1, heads * head_dim)])
     return nodes, [out, present_key, present_value]
 
 
-def _kernel(graph: ir.Graph, gqa: ir.Node, held: ir.Value) -> Branch:
-    """Prompts (and a step into a buffer too small for it): the kernel over the values transposed back, writing fresh
-    presents; their positions past each row's length (never written: whatever the allocator held) are zeroed, so
-    the buffer never holds anything but tokens and zeros, which the grouped branch's products read."""
+def _kernel(gqa: ir.Node, nodes: list[ir.Node]) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """The fused kernel over the keys and the values transposed back, writing fresh presents (its past and present
+    are different tensors, so it copies the past into them; their positions past total hold whatever the allocator
+    held)."""
+    values = ir.node("Transpose", [gqa.inputs[4]], {"perm": TRANSPOSE_LAST})
+    kernel = ir.node(GQA, [*gqa.inputs[:4], values.outputs[0], *gqa.inputs[5:]],
+                     {k: v.value for k, v in gqa.attributes.items()}, domain=ORT_DOMAIN, num_outputs=3)
+    nodes += [values, kernel]
+    return tuple(kernel.outputs)
+
+
+def _prompt(graph: ir.Graph, gqa: ir.Node, shared: Shared) -> Branch:
+    """Prompts into a buffer that holds them: the kernel; its new keys and values written in place (ScatterND)."""
     nodes = []
 
-    def op(op_type, inputs, domain="", num_outputs=1, **attrs):
-        nodes.append(ir.node(op_type, inputs, attrs, domain=domain, num_outputs=num_outputs))
-        return nodes[-1].outputs
+    def op(op_type, inputs, **attrs):
+        nodes.append(ir.node(op_type, inputs, attrs))
+        return nodes[-1].outputs[0]
 
-    values = op("Transpose", [gqa.inputs[4]], perm=TRANSPOSE_LAST)[0]
-    inputs = [*gqa.inputs[:4], values, *gqa.inputs[5:]]
-    out, key, value = op(GQA, inputs, domain=ORT_DOMAIN, num_outputs=3,
-                         **{k: v.value for k, v in gqa.attributes.items()})
-    zero = constant(graph, "grouped_attention.zero", np.array(0.0, np.float32))
-    present_key = op("Where", [held, key, zero])[0]
-    present_value = op("Transpose", [op("Where", [held, value, zero])[0]], perm=TRANSPOSE_LAST)[0]
+    out, key, value = _kernel(gqa, nodes)
+    axis = _ints(graph, 2)
+    new_key, new_value = (op("Slice", [v, *shared.span, axis]) for v in (key, value))  # [B, KV, S, D]
+    present_key = op("ScatterND", [gqa.inputs[3], shared.run_key_index, new_key])
+    present_value = op("ScatterND", [gqa.inputs[4], shared.run_value_index,
+                                     op("Transpose", [new_value], perm=TRANSPOSE_LAST)])
     return nodes, [out, present_key, present_value]
+
+
+def _any(graph: ir.Graph, gqa: ir.Node, held: ir.Value) -> Branch:
+    """Any run into a buffer too small for it: the kernel's presents (capacity total) become the buffer, positions
+    past each row's length zeroed (never written: whatever the allocator held), so that the buffer holds nothing
+    but tokens and zeros, which the grouped branch's products read."""
+    nodes = []
+    out, key, value = _kernel(gqa, nodes)
+    zero = constant(graph, "grouped_attention.zero", np.array(0.0, np.float32))
+    nodes.append(ir.node("Where", [held, key, zero]))
+    present_key = nodes[-1].outputs[0]
+    nodes.append(ir.node("Where", [held, value, zero]))
+    nodes.append(ir.node("Transpose", [nodes[-1].outputs[0]], {"perm": TRANSPOSE_LAST}))
+    return nodes, [out, present_key, nodes[-1].outputs[0]]
