@@ -75,8 +75,8 @@ def test_reference_op_equals_the_concat_model(tiny_ckpt):
 
 def test_manifest_and_graph(art):
     """Per layer an If on the new tokens: prompts attend with the fused GroupQueryAttention over the values
-    transposed back (their new keys and values written with ScatterND; into a buffer too small for them, the
-    kernel's zero-tailed presents), single-token steps write the buffer with ScatterND and attend grouped, keys and
+    transposed back (their new keys and values written in place, ScatterND / ScatterElements; into a buffer too
+    small for them, the kernel's zero-tailed presents), single-token steps write the buffer so and attend grouped, keys and
     transposed values as the products' left operands (ernie_export.attention). No prefill graph, no position_ids, right
     padding, values [batch, kv_heads, head_dim, capacity] in the contract (kind shared_buffer_vt)."""
     manifest = load_manifest(art)
@@ -97,14 +97,14 @@ def test_manifest_and_graph(art):
         branches = {a.name: a.g.node for a in layers[0].attribute}
         [inner] = branches["else_branch"]  # a prompt into a buffer that holds it, or any run into a smaller one
         prompt, small = ({a.name: a.g.node for a in inner.attribute}[b] for b in ("then_branch", "else_branch"))
-        assert [n.op_type for n in prompt].count("ScatterND") == 2 and "Where" in {n.op_type for n in small}
+        assert {"ScatterND", "ScatterElements"} <= {n.op_type for n in prompt} and "Where" in {n.op_type for n in small}
         for kernel in (prompt, small):
             [fused] = [n for n in kernel if n.op_type == "GroupQueryAttention"]
             assert {a.name: a.i for a in fused.attribute} == {"do_rotary": 1, "rotary_interleaved": 1,
                                                               "num_heads": dims["num_attention_heads"],
                                                               "kv_num_heads": dims["num_key_value_heads"]}
         grouped = [n.op_type for n in branches["then_branch"]]
-        assert grouped.count("ScatterND") == 2 and grouped.count("FusedMatMul") == 2
+        assert {"ScatterND", "ScatterElements"} <= set(grouped) and grouped.count("FusedMatMul") == 2
         assert "GroupQueryAttention" not in grouped
         assert list(fused.input[1:3]) == ["", ""], "q|k|v packed: one fused projection, no Split"
         assert len([n for n in nodes if n.op_type == "Split"]) == len(layers), "one Split a layer: gate|up only"
