@@ -22,8 +22,8 @@ import onnx_ir as ir
 import onnxscript
 import torch
 
-from runtime.contract import (FORMAT, FORMAT_VERSION, MANIFEST, SHARED_BUFFER_VT, SHARED_KINDS, cache_pairs, check_schema, file_entry,
-                              io_contract)
+from runtime.contract import (CONCAT, FORMAT, FORMAT_VERSION, MANIFEST, SHARED_BUFFER, SHARED_BUFFER_VT, SHARED_KINDS,
+                              cache_pairs, check_schema, file_entry, io_contract)
 from runtime.session import version_tuple
 
 from .config import ErnieConfig
@@ -164,6 +164,7 @@ SHARED_VT_FEEDING = {**SHARED_FEEDING, "loop": SHARED_FEEDING["loop"].replace(
     "kv_heads, head_dim, capacity] (values transposed), zero-filled,") + ". A decode step (one token per row) "
     "into a buffer of capacity >= total reads it once (the fast path); into a smaller one it still works, through "
     "onnxruntime's kernel over a copy (slower), its presents of capacity total"}
+FEEDINGS = {CONCAT: FEEDING, SHARED_BUFFER: SHARED_FEEDING, SHARED_BUFFER_VT: SHARED_VT_FEEDING}
 
 
 def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source: dict,
@@ -194,8 +195,7 @@ def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source
         "session_options": session_options(profile, dtype),
         "graphs": io_contract(dims, dtype, full_logits, profile.kv_cache),
         "cache": {"pairs": cache_pairs(cfg.num_hidden_layers)},
-        "feeding": {SHARED_BUFFER_VT: SHARED_VT_FEEDING}.get(profile.kv_cache,
-                                                            SHARED_FEEDING if profile.kv_cache in SHARED_KINDS else FEEDING),
+        "feeding": FEEDINGS[profile.kv_cache],
         "tokens": tokens,
         "files": {role: {"path": name} for role, name in roles.items()},
         "weights_index": weights_index,

@@ -151,7 +151,8 @@ def _shared(graph: ir.Graph, gqa: ir.Node, kv_heads: int, head_dim: int) -> tupl
     def columns(where: ir.Value) -> ir.Value:
         """[B, KV, D, n] from positions [B or 1, 1, 1, n]."""
         last = op("Slice", [op("Shape", [where]), _ints(graph, -1), _ints(graph, 4)])
-        return op("Expand", [where, op("Concat", [op("Shape", [rows]), _ints(graph, kv_heads, head_dim), last], axis=0)])
+        shape = op("Concat", [op("Shape", [rows]), _ints(graph, kv_heads, head_dim), last], axis=0)
+        return op("Expand", [where, shape])
 
     return nodes, Shared(
         grouped, fits, positions, mask, held,

@@ -19,8 +19,8 @@ import numpy as np
 import onnxruntime as ort
 
 from . import hugepages
-from .contract import (KV_CACHE_KINDS, SCORE, SHARED_BUFFER_VT, SHARED_KINDS, ArtifactError, GraphIO, check_cache_pairing, external_tensors,
-                       generation_graphs, graphs_of, kv_cache_of)
+from .contract import (KV_CACHE_KINDS, SCORE, SHARED_BUFFER_VT, SHARED_KINDS, ArtifactError, GraphIO, check_cache_pairing,
+                       external_tensors, generation_graphs, graphs_of, kv_cache_of)
 from .sampling import OptionError
 from .step import Model, Step
 
