@@ -77,6 +77,7 @@ def group_attention(graph: ir.Graph, head_dim: int) -> int:
         step = _if(gqa, "grouped_or_kernel", shared.grouped, _grouped(graph, gqa, shared, heads, kv_heads, head_dim),
                    ([prompt], list(prompt.outputs)))
         ir.convenience.replace_nodes_and_values(graph, gqa, [gqa], [step], list(gqa.outputs), list(step.outputs))
+        step.outputs[0].shape = None  # [B, S, H * D] from the kernel, [B, KV, groups, D] from the grouped branch
     return len(layers)
 
 
