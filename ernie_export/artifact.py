@@ -140,6 +140,14 @@ FEEDING = {
             "positions continued, past_key_values.* = the previous step's present.* per cache.pairs); "
             "decode with an empty past (length 0) equals prefill",
 }
+# the shared buffers' loop, their shapes filled in per kind
+SHARED_LOOP = ("allocate {buffers} and bind each as its present.* "
+               "output too (per cache.pairs): the graph writes the new keys and values in place. A prompt is decode "
+               "after an empty buffer; then one token per row per step. Several new tokens after a non-empty cache "
+               "need batch 1 (onnxruntime's rule). Grow the buffer (copy into a larger one) before total exceeds "
+               "capacity; there is no prefill graph. On onnxruntime's CUDA provider a float32 buffer lives in host memory "
+               "and is not bound in place: its CUDA GroupQueryAttention takes float16/bfloat16 only, so the node runs on "
+               "the CPU provider, handed a copy; bind fresh host presents of the buffer's shape and feed them back")
 # profile.kv_cache "shared_buffer" (--ops ort: onnxruntime's GroupQueryAttention) feeds the decode graph so:
 SHARED_FEEDING = {
     "padding_side": "right",
@@ -149,19 +157,12 @@ SHARED_FEEDING = {
                     "starts at 0 and may be right padded)",
     "dims": {"max_sequence_length": "the buffer's capacity, >= total; past and present have it"},
     "logits": "float32 [batch, 1, vocab] for each row's last real new token (every position when full_logits)",
-    "loop": "allocate past_key_values.* [batch, kv_heads, capacity, head_dim] and bind each as its present.* "
-            "output too (per cache.pairs): the graph writes the new keys and values in place. A prompt is decode "
-            "after an empty buffer; then one token per row per step. Several new tokens after a non-empty cache "
-            "need batch 1 (onnxruntime's rule). Grow the buffer (copy into a larger one) before total exceeds "
-            "capacity; there is no prefill graph. On onnxruntime's CUDA provider a float32 buffer lives in host memory "
-            "and is not bound in place: its CUDA GroupQueryAttention takes float16/bfloat16 only, so the node runs on "
-            "the CPU provider, handed a copy; bind fresh host presents of the buffer's shape and feed them back",
+    "loop": SHARED_LOOP.format(buffers="past_key_values.* [batch, kv_heads, capacity, head_dim]"),
 }
 # profile.kv_cache "shared_buffer_vt" (float32 --ops ort, the CPU profiles): as "shared_buffer", values transposed
-SHARED_VT_FEEDING = {**SHARED_FEEDING, "loop": SHARED_FEEDING["loop"].replace(
-    "allocate past_key_values.* [batch, kv_heads, capacity, head_dim]",
-    "allocate past_key_values.*.key [batch, kv_heads, capacity, head_dim] and past_key_values.*.value [batch, "
-    "kv_heads, head_dim, capacity] (values transposed), zero-filled,") + ". A decode step (one token per row) "
+SHARED_VT_FEEDING = {**SHARED_FEEDING, "loop": SHARED_LOOP.format(
+    buffers="past_key_values.*.key [batch, kv_heads, capacity, head_dim] and past_key_values.*.value [batch, "
+            "kv_heads, head_dim, capacity] (values transposed), zero-filled,") + ". A decode step (one token per row) "
     "into a buffer of capacity >= total reads it once (the fast path); into a smaller one it still works, through "
     "onnxruntime's kernel over a copy (slower), its presents of capacity total"}
 FEEDINGS = {CONCAT: FEEDING, SHARED_BUFFER: SHARED_FEEDING, SHARED_BUFFER_VT: SHARED_VT_FEEDING}

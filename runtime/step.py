@@ -24,7 +24,7 @@ The "shared_buffer_vt" cache is the same with the value buffers transposed, [B, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -321,16 +321,12 @@ class Model:
     def empty_cache(self, batch: int) -> KVCache:
         """Past length 0, in the cache dtype the decode graph declares (bfloat16 too, which numpy lacks);
         a shared buffer of capacity 0 (`reserve` makes room)."""
-        d = self.shape
-        empty = KVCache({}, np.zeros((batch, 0), np.int64), self.shared, self.transposed)
-
-        def shape(name: str) -> list[int]:
-            dims = [batch, d["num_key_value_heads"], d["head_dim"], d["head_dim"]]
-            dims[empty.axis(name)] = 0
-            return dims
-        return replace(empty, values={name: ort.OrtValue.ortvalue_from_shape_and_type(
-            shape(name), CACHE_TYPES[self.decode.io.inputs[name]["dtype"]], self.decode.device, 0)
-            for name in self.decode.io.past})
+        def shape(name: str) -> list[int]:  # the manifest's, batch_size given and the length (capacity) 0
+            return [batch if d == "batch_size" else 0 if isinstance(d, str) else d
+                    for d in self.decode.io.inputs[name]["shape"]]
+        return KVCache({name: ort.OrtValue.ortvalue_from_shape_and_type(
+                            shape(name), CACHE_TYPES[self.decode.io.inputs[name]["dtype"]], self.decode.device, 0)
+                        for name in self.decode.io.past}, np.zeros((batch, 0), np.int64), self.shared, self.transposed)
 
     def advance(self, tokens: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Feed one token per row ([B] int64) after `cache`."""

@@ -76,9 +76,9 @@ def test_reference_op_equals_the_concat_model(tiny_ckpt):
 def test_manifest_and_graph(art):
     """Per layer an If on the new tokens: prompts attend with the fused GroupQueryAttention over the values
     transposed back (their new keys and values written in place, ScatterND / ScatterElements; into a buffer too
-    small for them, the kernel's zero-tailed presents), single-token steps write the buffer so and attend grouped, keys and
-    transposed values as the products' left operands (ernie_export.attention). No prefill graph, no position_ids, right
-    padding, values [batch, kv_heads, head_dim, capacity] in the contract (kind shared_buffer_vt)."""
+    small for them, the kernel's zero-tailed presents), single-token steps write the buffer so and attend grouped,
+    keys and transposed values as the products' left operands (ernie_export.attention). No prefill graph, no
+    position_ids, right padding, values [batch, kv_heads, head_dim, capacity] in the contract (shared_buffer_vt)."""
     manifest = load_manifest(art)
     dims = manifest["model"]["dims"]
     assert manifest["profile"]["kv_cache"] == "shared_buffer_vt" and manifest["feeding"]["padding_side"] == "right"
