@@ -221,7 +221,9 @@ def quality_table(found: list[dict], artifact: str, threads: int | None) -> list
         if system["kind"] == "ort" and system["format"] in ("int8", "int4"):
             q = json.loads((Path(system["target"]) / "parity.json").read_text())["quality"]
             rows.append({"system": system["name"], "mean_kl": q["mean_kl_vs_float32"],
-                         "top1_agreement": q["top1_agreement_vs_float32"], "positions": q["positions"]})
+                         "top1_agreement": q["top1_agreement_vs_float32"], "positions": q["positions"],
+                         "decisive_positions": q.get("decisive_positions"),  # artifacts verified before the gate lack it
+                         "top1_agreement_decisive": q.get("top1_agreement_decisive")})
     f32 = next((s for s in found if s["name"] == "llama.cpp f32"), None)
     for system in found:
         if f32 and system["kind"] == "llama" and system is not f32:
@@ -233,7 +235,10 @@ def quality_table(found: list[dict], artifact: str, threads: int | None) -> list
     if rows:
         print("quality vs own float32 (random weights: near-tied logits, so top-1 says little; KL is the measure)")
         for r in rows:
-            print(f"{r['system']:<22} mean KL {r['mean_kl']:.3g}  top-1 {r['top1_agreement']:.1%}  ({r['positions']} positions)")
+            decisive = r.get("top1_agreement_decisive")
+            clear = "" if decisive is None else f", {decisive:.1%} at the {r['decisive_positions']} it decides clearly"
+            print(f"{r['system']:<22} mean KL {r['mean_kl']:.3g}  top-1 {r['top1_agreement']:.1%}{clear}  "
+                  f"({r['positions']} positions)")
     return rows
 
 

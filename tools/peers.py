@@ -9,7 +9,8 @@ In:  setup [--checkpoint CKPT] [--cache DIR]
 Out: setup: the peer files under DIR/<checkpoint name>/, listed with their sizes in DIR/peers.json
      (one `error:` line and exit 1 when a step fails; a failed genai build is recorded and skipped);
      worker: one JSON line with tools.bench's keys (ttft_s, prefill_tok_s, decode_tok_s, load_s, peak_rss_mb);
-     agreement: one JSON line {top1_agreement, mean_kl, positions} of a quantized GGUF vs its own f32;
+     agreement: one JSON line {top1_agreement, decisive_positions, top1_agreement_decisive, mean_kl, positions}
+        of a quantized GGUF vs its own f32;
      eval: one JSON line with runtime.eval --compare's keys (perplexity, mean_kl, top1_agreement, ...).
 
 setup installs llama-cpp-python from a wheel cached in DIR/wheels (building one there only when none is:
@@ -304,12 +305,15 @@ def agreement(reference: str, model: str, artifact: Path, positions: int, thread
     tokens of context, the next `positions` predictions of `model` vs `reference` (both with llama.cpp's
     default f16 KV cache, so only the weights differ)."""
     from ernie_export.golden import quality_ids
-    from ernie_export.verify import QUALITY_PROMPT
+    from ernie_export.verify import INT8_MARGIN, QUALITY_PROMPT
 
     ids = quality_ids(artifact, json.loads((artifact / "manifest.json").read_text()), QUALITY_PROMPT + positions)
     ref, got = (_log_probs(m, ids[:-1], threads)[QUALITY_PROMPT - 1:] for m in (reference, model))
     kl = (np.exp(ref) * (ref - got)).sum(-1)
-    return {"top1_agreement": round(float((ref.argmax(-1) == got.argmax(-1)).mean()), 4),
+    same, best2 = ref.argmax(-1) == got.argmax(-1), np.sort(ref, -1)[:, -2:]
+    decisive = best2[:, 1] - best2[:, 0] > INT8_MARGIN  # where the reference leads clearly (verify's int8 gate)
+    return {"top1_agreement": round(float(same.mean()), 4), "decisive_positions": int(decisive.sum()),
+            "top1_agreement_decisive": round(float(same[decisive].mean()), 4) if decisive.any() else None,
             "mean_kl": float(f"{kl.mean():.4g}"), "positions": len(kl)}
 
 
