@@ -25,7 +25,8 @@ from .config import load_config
 from .lm_head import split_lm_head
 from .model import build_model
 from .publish import publish, staged
-from .quantize import DEFAULT_BLOCK_SIZE, DEFAULT_TABLE_BITS, MIN_STANDARD_OPSET, Profile, QuantizeError, Quantizer
+from .quantize import (DEFAULT_BLOCK_SIZE, DEFAULT_TABLE_BITS, MIN_STANDARD_OPSET, Profile, QuantizeError, Quantizer,
+                       default_kv_cache)
 from .tokenizer import read_text_files, write_text_files
 from .trace import DTYPES, trace
 from .verify import reference_model, verify, write_parity
@@ -127,8 +128,7 @@ def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opse
     if dtype not in DTYPES:
         raise ExportOptionError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     quantized = quantize != "none"
-    if kv_cache is None and ops == "ort":  # the CPU's (float32) grouped decode attention; the GPU's fused kernel
-        kv_cache = SHARED_BUFFER_VT if dtype == "float32" else SHARED_BUFFER
+    kv_cache = kv_cache or default_kv_cache(ops, dtype)
     if kv_cache == SHARED_BUFFER_VT and dtype != "float32":
         raise ExportOptionError(f"kv-cache {SHARED_BUFFER_VT} is for float32 graphs (the CPU profiles): use "
                                 f"--kv-cache {SHARED_BUFFER} with --dtype {dtype}")

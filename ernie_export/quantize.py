@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from runtime.contract import CONCAT, KV_CACHE_KINDS, SHARED_BUFFER, SHARED_KINDS
+from runtime.contract import CONCAT, KV_CACHE_KINDS, SHARED_BUFFER, SHARED_BUFFER_VT, SHARED_KINDS
 
 QUANTIZATIONS = {"none": None, "int8": 8, "int4": 4}
 OPS = ("standard", "ort")
@@ -80,6 +80,16 @@ class QuantizeError(ValueError):
     """A quantization option or graph the quantizer cannot handle."""
 
 
+def default_kv_cache(ops: str, dtype: str) -> str:
+    """The KV-cache kind when none is asked for. `--ops ort` attends with onnxruntime's GroupQueryAttention over a
+    shared, preallocated buffer: no cache copy per step. In float32 (the CPU profiles) its values are stored
+    transposed and decode steps attend grouped (ernie_export.attention); float16 / bfloat16 (the GPU's) keep the
+    kernel alone. Standard ops: the growing concat cache."""
+    if ops != "ort":
+        return CONCAT
+    return SHARED_BUFFER_VT if dtype == "float32" else SHARED_BUFFER
+
+
 @dataclass(frozen=True)
 class Profile:
     """What the manifest's `profile` records about the graphs' weights and ops."""
@@ -87,8 +97,7 @@ class Profile:
     block_size: int | None = None
     ops: str = "standard"
     table_bits: int | None = None  # the embedding / LM-head table's bits (None: not quantized)
-    kv_cache: str | None = None  # None: the op set's default (ort: shared_buffer, standard: concat); export_artifact
-    # chooses shared_buffer_vt for float32 --ops ort
+    kv_cache: str = CONCAT  # the manifest's KV-cache kind (export_artifact: default_kv_cache unless told)
     table_block: int | None = None  # None: the rule (table_block_size); an artifact's recorded value when re-verified
     kv_bits: int | None = None  # the k/v projections' bits (None: the layers')
     kv_block: int | None = None  # None: the rule (kv_block_size); an artifact's recorded value when re-verified
@@ -116,12 +125,6 @@ class Profile:
         if self.bits and self.ops == "standard" and opset < MIN_STANDARD_OPSET:
             raise QuantizeError(f"opset {opset} has no blocked DequantizeLinear: quantized standard-op graphs "
                                 f"need --opset >= {MIN_STANDARD_OPSET}")
-
-    def __post_init__(self):
-        """`--ops ort` attends with onnxruntime's GroupQueryAttention over a shared, preallocated buffer unless told
-        otherwise: no cache copy per step (long-context decode steps attend grouped: ernie_export.attention)."""
-        if self.kv_cache is None:
-            object.__setattr__(self, "kv_cache", SHARED_BUFFER if self.ops == "ort" else CONCAT)
 
     def table_block_size(self, hidden: int) -> int | None:
         """The embedding / LM-head table's block size: in the int4 profile an 8-bit table's is `wide_block`; else the

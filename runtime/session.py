@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import hugepages
-from .contract import (KV_CACHE_KINDS, SCORE, SHARED_BUFFER_VT, SHARED_KINDS, ArtifactError, GraphIO, check_cache_pairing,
+from .contract import (KV_CACHE_KINDS, SCORE, SHARED_KINDS, ArtifactError, GraphIO, check_cache_pairing,
                        external_tensors, generation_graphs, graphs_of, kv_cache_of)
 from .sampling import OptionError
 from .step import Model, Step
@@ -194,8 +194,7 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
         check_cache_pairing(steps["prefill"].io, steps["decode"].io)
     shape = {k: dims[k] for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads", "head_dim")}
     return Model(steps.get("prefill"), steps["decode"], shape=shape,
-                 cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared, shared=kv_cache in SHARED_KINDS,
-                 transposed=kv_cache == SHARED_BUFFER_VT,
+                 cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared, kv_cache=kv_cache,
                  run_tokens=None if provider == "cuda" else Model.run_tokens,
                  open_score=(lambda: step(SCORE, shared.get(SCORE))) if SCORE in graphs_of(manifest) else None)
 

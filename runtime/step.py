@@ -30,8 +30,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from .contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, SHARED_BUFFER, SHARED_BUFFER_VT, GraphIO,
-                       length_axis)
+from .contract import (ATTENTION_MASK, CONCAT, INPUT_IDS, LOGITS, POSITION_IDS, SHARED_KINDS, GraphIO, length_axis)
 
 
 class StepError(RuntimeError):
@@ -102,17 +101,20 @@ def right_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np
 class KVCache:
     """What the model has seen: per cache input name, [B, KV, T, D] values; and its mask [B, T].
 
-    `shared`: the values are [B, KV, capacity, D] buffers that the next step writes IN PLACE (this
-    cache object is then stale: keep only the newest), rows right padded, T = the longest row.
-    `transposed`: the value buffers are [B, KV, D, capacity] (KV-cache kind "shared_buffer_vt")."""
+    `kind`: the manifest's KV-cache kind. A shared buffer's values are [B, KV, capacity, D] buffers that the next
+    step writes IN PLACE (this cache object is then stale: keep only the newest), rows right padded, T = the
+    longest row; "shared_buffer_vt" stores the value buffers transposed, [B, KV, D, capacity]."""
     values: dict[str, ort.OrtValue]  # keyed by the decode graph's past input names
     mask: np.ndarray  # int64 [B, T]: 1 where the cached position holds a real token
-    shared: bool = False
-    transposed: bool = False
+    kind: str = CONCAT
+
+    @property
+    def shared(self) -> bool:
+        return self.kind in SHARED_KINDS
 
     def axis(self, name: str) -> int:
         """The axis of `name`'s length (capacity)."""
-        return length_axis(SHARED_BUFFER_VT if self.transposed else SHARED_BUFFER, name)
+        return length_axis(self.kind, name)
 
     @property
     def length(self) -> int:
@@ -176,7 +178,7 @@ class Step:
             values = dict(zip((LOGITS, *self.io.present), io.get_outputs()))  # in binding order
             presents = cache.values if in_place else {self.io.feeds[name]: values[name] for name in self.io.present}
             logits = values[LOGITS].numpy()
-        return (logits if self.every_position else logits[:, -1]), KVCache(presents, mask, shared, shared and cache.transposed)
+        return (logits if self.every_position else logits[:, -1]), KVCache(presents, mask, CONCAT if cache is None else cache.kind)
 
     def _bind_cache_and_logits(self, io, batch: int, cache: KVCache | None, in_place: bool) -> None:
         for name in self.io.past:
@@ -216,13 +218,17 @@ class Model:
     shape: dict  # from the manifest's dims: num_attention_heads, num_hidden_layers, num_key_value_heads, head_dim
     cache_itemsize: int = 4  # bytes per cache element (float32; 2 for float16/bfloat16)
     weights: dict = field(default_factory=dict, repr=False)  # mapped weights the sessions use: keep alive
-    shared: bool = False  # the decode graph's cache is a shared buffer (KV-cache kinds "shared_buffer", "..._vt")
-    transposed: bool = False  # its value buffers are transposed ("shared_buffer_vt")
+    kv_cache: str = CONCAT  # the manifest's KV-cache kind (the decode graph's cache: a shared buffer or concat)
     open_score: Callable[[], "Step"] | None = field(default=None, repr=False)  # None: the artifact has no score graph
     _score: "Step | None" = field(default=None, repr=False)
     # New tokens per run, all rows together (None: bounded by SCORE_BUDGET only). open_model sets None on
     # CUDA, where activations are device memory and bigger runs use the GPU better (not measured here).
     run_tokens: int | None = 256
+
+    @property
+    def shared(self) -> bool:
+        """The decode graph's cache is a shared buffer (KV-cache kinds "shared_buffer", "shared_buffer_vt")."""
+        return self.kv_cache in SHARED_KINDS
 
     SCORE_BUDGET = 256 << 20  # bytes of float32 attention scores per run; the graph holds ~3 such arrays
 
@@ -295,7 +301,7 @@ class Model:
         step = self.RESERVE_STEP if total > 2 * self.RESERVE_STEP else max(1, self.RESERVE_STEP // 4)
         capacity = -(-total // step) * step
         return KVCache({name: _to_device(_pad_to(v.numpy(), capacity, cache.axis(name)), self.decode.device)
-                        for name, v in cache.values.items()}, cache.mask, True, cache.transposed)
+                        for name, v in cache.values.items()}, cache.mask, cache.kind)
 
     def score(self, prompt: list[int], each: Callable[[np.ndarray, int], None]) -> tuple[np.ndarray, KVCache]:
         """Feed one prompt through the score graph (opened at first use: ordinary requests never pay for
@@ -326,7 +332,7 @@ class Model:
                     for d in self.decode.io.inputs[name]["shape"]]
         return KVCache({name: ort.OrtValue.ortvalue_from_shape_and_type(
                             shape(name), CACHE_TYPES[self.decode.io.inputs[name]["dtype"]], self.decode.device, 0)
-                        for name in self.decode.io.past}, np.zeros((batch, 0), np.int64), self.shared, self.transposed)
+                        for name in self.decode.io.past}, np.zeros((batch, 0), np.int64), self.kv_cache)
 
     def advance(self, tokens: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Feed one token per row ([B] int64) after `cache`."""
@@ -383,7 +389,7 @@ def merge_caches(a: KVCache, b: KVCache, device: str) -> KVCache:
     values = {name: _to_device(np.concatenate([_pad_to(c.values[name].numpy(), size, a.axis(name), left)
                                                for c in (a, b)]), device)
               for name in a.values}
-    return KVCache(values, np.concatenate([_pad_to(c.mask, length, 1, left) for c in (a, b)]), a.shared, a.transposed)
+    return KVCache(values, np.concatenate([_pad_to(c.mask, length, 1, left) for c in (a, b)]), a.kind)
 
 
 def select_rows(cache: KVCache, rows: list[int], device: str) -> KVCache:
@@ -392,7 +398,7 @@ def select_rows(cache: KVCache, rows: list[int], device: str) -> KVCache:
     mask = cache.mask[rows]
     if cache.shared:
         values = {name: _to_device(v.numpy()[rows], device) for name, v in cache.values.items()}
-        return KVCache(values, mask[:, :int(mask.sum(-1).max())], True, cache.transposed)
+        return KVCache(values, mask[:, :int(mask.sum(-1).max())], cache.kind)
     start = int(np.argmax(mask.any(axis=0))) if mask.any() else 0
     values = {name: _to_device(v.numpy()[rows][:, :, start:], device) for name, v in cache.values.items()}
     return KVCache(values, mask[:, start:])
