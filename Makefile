@@ -32,10 +32,10 @@ test-all: install  ## everything; what CI runs
 	$(PY) -m pytest -q
 
 synthetic: install  ## full-size synthetic checkpoint (RANDOM weights)
-	$(PY) -m ernie_export.synthetic --size full --out $(SYNTH)
+	$(PY) -m ernie_export.checkpoint.synthetic --size full --out $(SYNTH)
 
 demo: install  ## offline main job: synthetic full-size checkpoint -> verified ONNX artifact -> generation
-	test -f $(SYNTH)/config.json || $(PY) -m ernie_export.synthetic --size full --out $(SYNTH)
+	test -f $(SYNTH)/config.json || $(PY) -m ernie_export.checkpoint.synthetic --size full --out $(SYNTH)
 	$(PY) -m ernie_export --model $(SYNTH) --out $(DEMO) --overwrite
 	$(PY) -m runtime.generate --model $(DEMO) --prompt "$(PROMPT)" --max-new-tokens 32 --greedy --stream
 	@echo "(random weights: the text is noise; the timings are real)"
@@ -53,7 +53,7 @@ serve: install  ## OpenAI-compatible server on 127.0.0.1:8000 (make serve OUT=ar
 REPLICAS ?= 2
 ADDRESS  ?=
 serve-ray: install  ## N replicas behind Ray Serve's proxy on 127.0.0.1:8000 (make serve-ray OUT=artifacts/<name> REPLICAS=2 [ADDRESS=auto])
-	$(PY) -m runtime.serve_ray --model $(OUT) --replicas $(REPLICAS) $(if $(ADDRESS),--address $(ADDRESS))
+	$(PY) -m runtime.serve.ray --model $(OUT) --replicas $(REPLICAS) $(if $(ADDRESS),--address $(ADDRESS))
 
 bench-serve: install  ## aggregate tokens/s and TTFT at 1, 4, 8 concurrent clients on the demo artifact (+ llama.cpp's server once make bench-peers has set it up)
 	$(PY) -m tools.bench_serve --model $(DEMO) $(if $(wildcard $(PEERS)/peers.json),--peers $(PEERS)/peers.json --peer f32)
@@ -64,7 +64,7 @@ PROFILES ?= none-ort int8-ort int4-ort int4-ort-b128-kv8 int4-standard
 ARTIFACTS = $(DEMO) $(foreach p,$(PROFILES),$(DEMO)-$(p))
 PEERS    ?= $(HOME)/.cache/ernie-peers
 profiles: install  ## export the synthetic checkpoint in float32 and each profile of PROFILES (skips existing ones)
-	test -f $(SYNTH)/config.json || $(PY) -m ernie_export.synthetic --size full --out $(SYNTH)
+	test -f $(SYNTH)/config.json || $(PY) -m ernie_export.checkpoint.synthetic --size full --out $(SYNTH)
 	test -f $(DEMO)/manifest.json || $(PY) -m ernie_export --model $(SYNTH) --out $(DEMO)
 	for p in $(PROFILES); do test -f $(DEMO)-$$p/manifest.json && continue; set -- $$(echo $$p | tr - ' '); \
 	  q=$$1; o=$$2; shift 2; extra=""; for x in "$$@"; do case $$x in b*) extra="$$extra --block-size $${x#b}";; \

@@ -1,13 +1,14 @@
-"""Export side of the ERNIE 4.5 toolchain (needs torch).
+"""Export side of the ERNIE 4.5 toolchain (needs torch): checkpoint -> verified ONNX artifact.
 
-    config     config.json -> ErnieConfig (both published layouts)
-    weights    find a checkpoint (directory or hub id); safetensors -> canonical tensors
-    model      the exportable PyTorch model (KV cache as argument)
-    trace      torch.export -> ONNX, named by runtime.contract
-    artifact   weights file, tokenizer files, manifest; staging and atomic publish
-    verify     parity against eager through the runtime's own loop; `python -m ernie_export.verify`
-    build      the pipeline; __main__ is `python -m ernie_export`
-    synthetic  random-weight checkpoints in the real layout (tests, demo)
+The stages, one sub-package each, in the order an export runs them (`build.export_artifact`):
+
+    checkpoint  what a published checkpoint holds: config.json, safetensors weights, the tokenizer
+    model       the exportable PyTorch definitions (the KV cache is an argument)
+    graph       torch.export -> ONNX, then graph rewrites: quantization, fused attention, the LM head
+    artifact    the artifact directory: files, manifest, golden vectors, verification, atomic publish
+
+`python -m ernie_export` is the command line (__main__.py). A second architecture adds a config
+reader and weight map in checkpoint/, a definition in model/, and reuses graph/ and artifact/.
 """
 
 __version__ = "0.1.0"

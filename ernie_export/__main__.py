@@ -1,7 +1,7 @@
 """`python -m ernie_export --model <dir | hub id> --out artifacts/<name>`: export and verify.
 
 Only parses flags, calls `build.export_artifact`, and words its errors as one `error:` line
-(exit 1); `python -m ernie_export.verify` re-verifies a published artifact.
+(exit 1); `python -m ernie_export.artifact.verify` re-verifies a published artifact.
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ import argparse
 import errno
 import sys
 
-from runtime.contract import KV_CACHE_KINDS
+from runtime.core.contract import KV_CACHE_KINDS
 
-from .build import DEFAULT_MODEL, DEFAULT_OPSET, ExportOptionError, export_artifact
-from .quantize import (BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_TABLE_BITS, KV_BITS, MIN_STANDARD_OPSET, OPS,
+from ernie_export.build import DEFAULT_MODEL, DEFAULT_OPSET, ExportOptionError, export_artifact
+from ernie_export.graph.quantize import (BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_TABLE_BITS, KV_BITS, MIN_STANDARD_OPSET, OPS,
                        QUANTIZATIONS, TABLE_BITS)
-from .config import ConfigError
-from .publish import OutputError, OutputExistsError, Terminated, interrupt_on_sigterm
-from .trace import DTYPES
-from .verify import VerificationError
-from .weights import SourceError, WeightsError
+from ernie_export.checkpoint.config import ConfigError
+from ernie_export.artifact.publish import OutputError, OutputExistsError, Terminated, interrupt_on_sigterm
+from ernie_export.graph.trace import DTYPES
+from ernie_export.artifact.verify import VerificationError
+from ernie_export.checkpoint.weights import SourceError, WeightsError
 
 
 def main(argv: list[str] | None = None) -> int:

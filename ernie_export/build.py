@@ -17,20 +17,21 @@ import numpy as np
 import onnx
 import torch
 
-from runtime.contract import SCORE, SHARED_BUFFER, SHARED_BUFFER_VT, generation_graphs
+from runtime.core.contract import SCORE, SHARED_BUFFER, SHARED_BUFFER_VT, generation_graphs
 
-from .artifact import WEIGHTS_FILE, describe, prepacks, save_graphs, write_manifest
-from .attention import group_attention
-from .config import load_config
-from .lm_head import split_lm_head
-from .model import build_model
-from .publish import publish, staged
-from .quantize import (DEFAULT_BLOCK_SIZE, DEFAULT_TABLE_BITS, MIN_STANDARD_OPSET, Profile, QuantizeError, Quantizer,
+from ernie_export.artifact.write import WEIGHTS_FILE, describe, prepacks, save_graphs, write_manifest
+from ernie_export.graph.attention import group_attention
+from ernie_export.checkpoint.config import load_config
+from ernie_export.graph.lm_head import split_lm_head
+from ernie_export.model.dense import build_model
+from ernie_export.artifact.publish import publish, staged
+from ernie_export.graph.quantize import (DEFAULT_BLOCK_SIZE, DEFAULT_TABLE_BITS, MIN_STANDARD_OPSET, Profile, QuantizeError, Quantizer,
                        default_kv_cache)
-from .tokenizer import read_text_files, write_text_files
-from .trace import DTYPES, trace
-from .verify import reference_model, verify, write_parity
-from .weights import is_hub_id, load_weights, resolve_checkpoint
+from ernie_export.checkpoint.tokenizer import read_text_files, write_text_files
+from ernie_export.graph.trace import DTYPES, trace
+from ernie_export.artifact.verify import reference_model, verify, write_parity
+from ernie_export.checkpoint.weights import is_hub_id, load_weights, resolve_checkpoint
+from runtime.core.errors import UsageError
 
 DEFAULT_MODEL = "baidu/ERNIE-4.5-0.3B-PT"
 GOLDEN_FILE = "golden.json"
@@ -38,7 +39,7 @@ DEFAULT_OPSET = 18
 MIN_OPSET = 18  # torch.export's ONNX exporter writes nothing older
 
 
-class ExportOptionError(ValueError):
+class ExportOptionError(UsageError, ValueError):
     """An export option with a value the exporter cannot honour."""
 
 

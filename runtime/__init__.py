@@ -1,15 +1,12 @@
 """Deployment side of the ERNIE 4.5 toolchain: runs exported artifacts on ONNX Runtime.
 
-Needs only onnxruntime (or onnxruntime-gpu), numpy, tokenizers and jinja2 — never torch.
+Needs only onnxruntime (or onnxruntime-gpu), numpy, tokenizers and jinja2 — never torch (tested).
+Sub-packages, each using only those before it:
 
-    contract  manifest.json: format, files, and the graphs' I/O names (the one place that names them)
-    session   providers, sessions over one memory-mapped weights file, checked against the manifest
-    step      one model step with IO binding, the KV cache object, the one decode loop
-    sampling  next-token choice (numpy)
-    text      tokenizer, sandboxed chat template, UTF-8-safe streaming
-    generate  the Python API: load, Options.from_artifact, generate
-    chat      a conversation that keeps its KV cache between turns
-    cli       `python -m runtime.generate`
+    core      the artifact contract (manifest, graph I/O names), sessions, the model step and KV cache
+    generate  the Python API and `python -m runtime.generate`: options, sampling, text, chat
+    serve     `python -m runtime.serve` (OpenAI-compatible, continuous batching), `runtime.serve.ray`
+    eval      `python -m runtime.eval` (perplexity, comparison), `runtime.eval.check` (golden vectors)
 """
 
 __version__ = "0.1.0"

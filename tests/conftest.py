@@ -16,7 +16,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
-    from ernie_export.synthetic import write_checkpoint
+    from ernie_export.checkpoint.synthetic import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny")
 

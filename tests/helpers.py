@@ -7,7 +7,7 @@ import torch
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0):
     """The runtime's left padding, as torch tensors: (input_ids, attention_mask, position_ids)."""
-    from runtime.step import left_pad as np_left_pad
+    from runtime.core.step import left_pad as np_left_pad
 
     return tuple(torch.from_numpy(a) for a in np_left_pad(prompts, pad_id))
 
@@ -32,9 +32,9 @@ def hf_model(ckpt, dtype=torch.float32):
 
 
 def our_model(ckpt, dtype=torch.float32):
-    from ernie_export.config import load_config
-    from ernie_export.model import build_model
-    from ernie_export.weights import load_weights
+    from ernie_export.checkpoint.config import load_config
+    from ernie_export.model.dense import build_model
+    from ernie_export.checkpoint.weights import load_weights
 
     cfg = load_config(ckpt)
     return build_model(cfg, load_weights(ckpt, cfg, dtype))
@@ -47,7 +47,7 @@ def hostile_copy(src, dst, edit) -> "Path":
     import shutil
     from pathlib import Path
 
-    from runtime.contract import file_entry
+    from runtime.core.contract import file_entry
 
     dst = Path(dst)
     shutil.copytree(src, dst, symlinks=True)
@@ -88,7 +88,7 @@ def decode_logits_and_tokens(path, prompts, provider="cpu", new_tokens=8, in_pla
     ort's GPU test then failed on an H100 (logits 7.7 from the CPU's; the runtime's own path: 6.7e-6)."""
     import numpy as np
 
-    from runtime import generate as G
+    from runtime.generate import api as G
 
     gen = G.load(path, provider)
     if in_place is not None:

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from ernie_export.build import export_artifact
-from ernie_export.synthetic import INIT_STD, random_weights, save_weights, train_tokenizer, write_checkpoint
-from runtime import generate as G
-from runtime import step as S
-from runtime.cli import main as cli_main
-from runtime.sampling import SamplingParams
+from ernie_export.checkpoint.synthetic import INIT_STD, random_weights, save_weights, train_tokenizer, write_checkpoint
+from runtime.generate import api as G
+from runtime.core import step as S
+from runtime.generate.cli import main as cli_main
+from runtime.generate.sampling import SamplingParams
 from tests import spm_fixtures as fx
 from tests.helpers import demo_args, eager_greedy, our_model, readable
 
@@ -84,7 +84,7 @@ def test_sentencepiece_only_checkpoint_exports_and_generates(release_ckpt, spm_m
 
 
 def test_chat_template_from_jinja_file_when_config_has_none(release_ckpt, tmp_path, capsys):
-    from ernie_export.synthetic import CHAT_TEMPLATE
+    from ernie_export.checkpoint.synthetic import CHAT_TEMPLATE
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(release_ckpt, ckpt)
@@ -163,7 +163,7 @@ def test_negative_control_broken_driver_fails_generation_parity(gen, references,
 
 def test_multibyte_stream_guard_sees_a_split_character(gen):
     """The UTF-8 streaming test is only meaningful if some token boundary splits a character."""
-    from runtime.text import StreamText
+    from runtime.generate.text import StreamText
 
     text = "你好，世界！ Größe 🙂🚀 done"
     ids = gen.text.encode(text)
@@ -215,7 +215,7 @@ def test_demo_prints_readable_text_and_timings(request, capsys, artifact, shows_
 def test_interactive_chat_replies_are_readable(request, artifact, shows_text):
     """Interactive chat samples with the artifact's defaults (generation_config.json's); each reply
     must be visible text. every_id_artifact is the negative control."""
-    from runtime.cli import _interactive
+    from runtime.generate.cli import _interactive
 
     gen = G.load(request.getfixturevalue(artifact), "cpu")
     lines = iter(["Hello there", "What is the capital of France?"])

@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 import pytest
 
-from runtime import generate as G
-from runtime.check import main as check_main
-from runtime.contract import check_schema, load_manifest
-from runtime.step import FeedError, KVCache, left_pad
+from runtime.generate import api as G
+from runtime.eval.check import main as check_main
+from runtime.core.contract import check_schema, load_manifest
+from runtime.core.step import FeedError, KVCache, left_pad
 from tests.helpers import hostile_copy, our_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def gen(tiny_artifact):
 def test_manifest_follows_the_published_schema(tiny_artifact):
     import jsonschema
 
-    schema = json.loads((ROOT / "runtime" / "manifest.schema.json").read_text())
+    schema = json.loads((ROOT / "runtime" / "core" / "manifest.schema.json").read_text())
     manifest = json.loads((tiny_artifact / "manifest.json").read_text())
     jsonschema.Draft202012Validator(schema).validate(manifest)
     assert {"graphs", "cache", "feeding", "tokens", "onnx", "onnxruntime", "profile", "session_options"} <= set(manifest)

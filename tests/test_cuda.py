@@ -11,10 +11,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime import generate as G
-from runtime.contract import ArtifactError
-from runtime.engine import Engine
-from runtime.request import Row
+from runtime.generate import api as G
+from runtime.core.contract import ArtifactError
+from runtime.serve.engine import Engine
+from runtime.generate.request import Row
 from tests.helpers import decode_logits_and_tokens
 
 pytestmark = pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
@@ -33,7 +33,7 @@ def greedy(gen, prompts, n=16):
 def test_half_precision_exports_verify_on_cuda(tiny_ckpt, tmp_path, dtype):
     """bfloat16 verifies for real on CUDA at export (pending on CPU hosts); float16 re-verifies there."""
     from ernie_export.build import export_artifact
-    from ernie_export.verify import reverify
+    from ernie_export.artifact.verify import reverify
 
     out = tmp_path / dtype
     export_artifact(str(tiny_ckpt), out, dtype=dtype, **QUIET)
@@ -86,7 +86,7 @@ def test_float16_fused_attention_profile_on_cuda(tiny_ckpt, tmp_path):
     """The CUDA profile (--dtype float16 --ops ort: GroupQueryAttention over the shared buffer) re-verifies on
     CUDA, batched rows equal each alone there, and rows join the engine's running batch (buffers merged)."""
     from ernie_export.build import export_artifact
-    from ernie_export.verify import reverify
+    from ernie_export.artifact.verify import reverify
 
     out = tmp_path / "fp16-ort"
     export_artifact(str(tiny_ckpt), out, dtype="float16", ops="ort", **QUIET)
@@ -116,7 +116,7 @@ def test_grouped_attention_branch_on_cuda(tiny_ckpt, tiny_quantized, tiny_kv8, t
     logits within 1e-3 and CPU's tokens on rows of 484 and 120 tokens. int4-kv8 (8-bit key/value
     projections among 4-bit ones, --kv-bits 8) re-verifies there too."""
     from ernie_export.build import export_artifact
-    from ernie_export.verify import reverify
+    from ernie_export.artifact.verify import reverify
 
     path = tmp_path / "artifact"
     if quantize is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.contract import file_entry
+from runtime.core.contract import file_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_DIR, WEB_DIR = ROOT / "drivers" / "node", ROOT / "drivers" / "web"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import generate as G
-from runtime.eval import evaluate, main as eval_main, windows
+from runtime.generate import api as G
+from runtime.eval.perplexity import evaluate, main as eval_main, windows
 from tests.helpers import our_model
 
 TEXT = ("ONNX Runtime runs the exported graphs. The quick brown fox jumps over the lazy dog; "

@@ -12,11 +12,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ernie_export import build, lm_head, verify
+from ernie_export import build
+
+from ernie_export.graph import lm_head
+
+from ernie_export.artifact import verify
 from ernie_export.__main__ import main as export_main
 from ernie_export.build import export_artifact
-from ernie_export.weights import SourceError, resolve_checkpoint
-from runtime.contract import load_manifest
+from ernie_export.checkpoint.weights import SourceError, resolve_checkpoint
+from runtime.core.contract import load_manifest
 from tests.helpers import left_pad, our_model
 
 QUIET = dict(log=lambda m: None)
@@ -141,8 +145,8 @@ def test_float16_export_reports_agreement(tiny_ckpt, tmp_path):
     assert parity["top1_agreement"] >= 0.99 and 0 < parity["decode_max_abs_diff"] < 0.1
     assert manifest["graphs"]["decode"]["inputs"][3] == {"name": "past_key_values.0.key", "dtype": "float16",
                                                         "shape": ["batch_size", 2, "past_sequence_length", 32]}
-    from runtime.check import check
-    from runtime.generate import load
+    from runtime.eval.check import check
+    from runtime.generate.api import load
 
     gen = load(out, "cpu")
     assert any("float16 artifact on the CPU provider" in w and "2.0x" in w for w in gen.warnings)
@@ -222,10 +226,10 @@ def test_manifest_records_source_without_build_paths(tiny_artifact, tiny_ckpt):
 
 
 def test_reverify_entry_point_on_cpu(tiny_ckpt, tmp_path, capsys):
-    """`python -m ernie_export.verify` re-verifies a published artifact and rewrites parity.json and the
+    """`python -m ernie_export.artifact.verify` re-verifies a published artifact and rewrites parity.json and the
     manifest atomically (hard-linked staging, one publish); the runtime then sees a verified artifact."""
-    from ernie_export.verify import main as verify_main
-    from runtime.generate import load
+    from ernie_export.artifact.verify import main as verify_main
+    from runtime.generate.api import load
 
     out = tmp_path / "art"
     export_artifact(str(tiny_ckpt), out, run_verify=False, **QUIET)
@@ -245,8 +249,8 @@ def test_reverify_against_another_checkpoint_fails_and_records_it(tiny_ckpt, tin
     """Negative control: same shapes, other weights -> exit 1, and parity.json says failed."""
     import shutil
 
-    from ernie_export.synthetic import write_checkpoint
-    from ernie_export.verify import main as verify_main
+    from ernie_export.checkpoint.synthetic import write_checkpoint
+    from ernie_export.artifact.verify import main as verify_main
 
     other = write_checkpoint(tmp_path / "other", "tiny", seed=1)
     art = tmp_path / "art"
@@ -258,8 +262,8 @@ def test_reverify_against_another_checkpoint_fails_and_records_it(tiny_ckpt, tin
 
 
 def test_reverify_needs_the_local_checkpoint(tiny_artifact, tmp_path, capsys):
-    from ernie_export.synthetic import write_checkpoint
-    from ernie_export.verify import main as verify_main
+    from ernie_export.checkpoint.synthetic import write_checkpoint
+    from ernie_export.artifact.verify import main as verify_main
 
     assert verify_main(["--model", str(tiny_artifact), "--provider", "cpu"]) == 1
     assert "exported from a local checkpoint (tiny)" in capsys.readouterr().err
@@ -274,7 +278,7 @@ def test_reverify_needs_the_local_checkpoint(tiny_artifact, tmp_path, capsys):
 def test_export_side_needs_no_jinja2():
     """Verification runs the runtime's loop without its text side: the export extra stays free of jinja2."""
     code = ("import sys; sys.modules['jinja2'] = None\n"
-            "import ernie_export.__main__, ernie_export.build, ernie_export.verify\nprint('ok')\n")
+            "import ernie_export.__main__, ernie_export.build, ernie_export.artifact.verify\nprint('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=str(build.Path(__file__).parent.parent))
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
@@ -285,7 +289,7 @@ def test_onnxruntime_fuses_rmsnorm(tiny_artifact, tmp_path):
     the x * rsqrt(...) form exported as 6 separate ops per norm, run at every step."""
     import collections
 
-    from runtime.session import session_options
+    from runtime.core.session import session_options
 
     so = session_options()
     so.optimized_model_filepath = str(tmp_path / "optimized.onnx")

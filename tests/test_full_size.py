@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def full_ckpt(tmp_path_factory):
-    from ernie_export.synthetic import write_checkpoint
+    from ernie_export.checkpoint.synthetic import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("full") / "ckpt", "full")
 
@@ -57,7 +57,7 @@ def test_full_size_int4_export_verifies_and_generates(full_ckpt, variant, option
     assert r.returncode == 0, r.stderr
     ids = json.loads(r.stdout)["token_ids"]
     assert len(ids) == 32 and len(set(ids)) >= 8
-    r = subprocess.run([sys.executable, "-m", "runtime.check", "--model", str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "runtime.eval.check", "--model", str(out)], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from ernie_export import publish as P
+from ernie_export.artifact import publish as P
 from ernie_export.__main__ import main as export_main
 from ernie_export.build import export_artifact
-from ernie_export.synthetic import write_checkpoint
-from runtime.contract import load_manifest
+from ernie_export.checkpoint.synthetic import write_checkpoint
+from runtime.core.contract import load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET = dict(log=lambda m: None)
@@ -175,7 +175,7 @@ def test_nan_model_fails_verification(nan_ckpt, tmp_path, capsys):
 
 
 def test_parity_json_is_strict_json(tmp_path):
-    from ernie_export.verify import write_parity
+    from ernie_export.artifact.verify import write_parity
 
     write_parity(tmp_path, {"status": "failed", "prefill_max_abs_diff": float("nan"), "x": float("inf")})
     strict = json.loads((tmp_path / "parity.json").read_text(),
@@ -185,7 +185,7 @@ def test_parity_json_is_strict_json(tmp_path):
 
 def test_runtime_refuses_to_emit_tokens_from_non_finite_logits(nan_ckpt, tmp_path, capsys):
     """An unverified artifact that computes NaN: one error line, never token 0 forever."""
-    from runtime.cli import main as cli_main
+    from runtime.generate.cli import main as cli_main
 
     out = tmp_path / "nan-art"
     export_artifact(str(nan_ckpt), out, run_verify=False, **QUIET)
@@ -252,8 +252,8 @@ def test_opset_is_honoured_or_refused(tiny_ckpt, tmp_path, capsys):
 def test_sampling_defaults_follow_transformers_when_the_file_is_silent(tmp_path):
     """ERNIE 4.5's generation_config.json names no top_k; transformers then samples with top_k 50, and so
     must the artifact's defaults (0 would let ~99% of the mass go to ids the synthetic tokenizer lacks)."""
-    from ernie_export.config import load_config
-    from ernie_export.tokenizer import read_text_files
+    from ernie_export.checkpoint.config import load_config
+    from ernie_export.checkpoint.tokenizer import read_text_files
 
     ckpt = write_checkpoint(tmp_path / "c", "tiny")
     assert "top_k" not in json.loads((ckpt / "generation_config.json").read_text())

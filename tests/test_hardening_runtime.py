@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 import pytest
 
-from runtime import generate as G
-from runtime.cli import main as cli_main
-from runtime.sampling import SamplingParams
+from runtime.generate import api as G
+from runtime.generate.cli import main as cli_main
+from runtime.generate.sampling import SamplingParams
 from tests.helpers import hostile_copy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ def test_hostile_artifact_is_refused_with_one_line(tiny_artifact, tmp_path, caps
 def test_external_data_records_place_the_weights(gen, tiny_artifact):
     """Positive control: the weights are placed where the graphs' own records say, which the
     manifest's weights_index (written by the exporter) agrees with."""
-    from runtime.contract import external_tensors
+    from runtime.core.contract import external_tensors
 
     records = external_tensors(tiny_artifact, gen.manifest, "decode")
     assert records and set(records) == set(gen.manifest["weights_index"]["decode"])
@@ -264,7 +264,7 @@ def test_near_zero_temperature_is_greedy_not_token_zero(gen):
 # ---- interactive chat ------------------------------------------------------------------------------
 
 def _chat_session(gen, lines, write, monkeypatch=None):
-    from runtime.cli import _interactive
+    from runtime.generate.cli import _interactive
 
     feed = iter(lines)
 
@@ -278,7 +278,7 @@ def _chat_session(gen, lines, write, monkeypatch=None):
 
 
 def test_ctrl_c_cancels_the_reply_not_the_conversation(gen, capsys):
-    from runtime.chat import Chat
+    from runtime.generate.chat import Chat
 
     replies, state = [], {"chunks": 0}
 

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from runtime import hugepages
-from runtime.contract import load_manifest
-from runtime.session import open_model
+from runtime.core import hugepages
+from runtime.core.contract import load_manifest
+from runtime.core.session import open_model
 
 
 def _huge_kb(address: int) -> int:

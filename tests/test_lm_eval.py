@@ -21,10 +21,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from runtime import generate as G
+from runtime.generate import api as G
 
-from .helpers import hf_model
-from .test_serve import serving
+from tests.helpers import hf_model
+from tests.test_serve import serving
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "tests" / "lm_eval_tasks"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ernie_export.config import ConfigError, load_config
-from ernie_export.synthetic import write_checkpoint
-from ernie_export.weights import WeightsError, load_weights
+from ernie_export.checkpoint.config import ConfigError, load_config
+from ernie_export.checkpoint.synthetic import write_checkpoint
+from ernie_export.checkpoint.weights import WeightsError, load_weights
 from tests.helpers import our_model
 
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 import httpx
 
-from runtime import generate as G
-from runtime.request import Row
-from runtime.step import Model
+from runtime.generate import api as G
+from runtime.generate.request import Row
+from runtime.core.step import Model
 
-from .helpers import hf_model
-from .test_serve import serving
+from tests.helpers import hf_model
+from tests.test_serve import serving
 
 TOL = 1e-4  # float32 graph vs float32 eager log-softmax (the exporter's own parity bound on logits)
 TEXT = "The capital of France is Paris. Numbers 0 1 2 3"
@@ -144,7 +144,7 @@ def test_bad_logprob_requests_are_400(server, body, message):
 
 
 def test_an_artifact_without_score_graph_refuses_echo_clearly(tiny_artifact, tmp_path):
-    from .helpers import hostile_copy
+    from tests.helpers import hostile_copy
 
     def drop_score(directory, manifest):
         del manifest["graphs"]["score"], manifest["files"]["score"]
@@ -163,7 +163,7 @@ def test_quantized_echo_matches_its_own_decode_steps(tiny_quantized, ops):
     ids = q.text.encode(TEXT)
     row = Row(q.options(max_new_tokens=1, logprobs=0, echo_logprobs=True), ids, q.text, q.eos_ids)
     G.score_prompt(q, row)
-    from runtime.logprobs import log_softmax
+    from runtime.generate.logprobs import log_softmax
 
     stepwise, (logits, cache) = [], q.model.start([ids[:1]], q.pad_id)
     for t in ids[1:]:

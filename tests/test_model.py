@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ernie_export import model as M
-from ernie_export.synthetic import write_checkpoint
+from ernie_export.model import dense as M
+from ernie_export.checkpoint.synthetic import write_checkpoint
 from tests.helpers import hf_model, left_pad, our_model
 
 TOL = 1e-5  # fp32 max abs logit difference the issue allows

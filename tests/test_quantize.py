@@ -15,14 +15,14 @@ import numpy as np
 import onnx
 import pytest
 
-from ernie_export import lm_head
-from ernie_export import quantize as Q
+from ernie_export.graph import lm_head
+from ernie_export.graph import quantize as Q
 from ernie_export.__main__ import main as export_main
 from ernie_export.build import export_artifact
-from ernie_export.verify import VerificationError
-from runtime import generate as G
-from runtime.contract import ArtifactError, generation_graphs, load_manifest
-from runtime.session import open_model
+from ernie_export.artifact.verify import VerificationError
+from runtime.generate import api as G
+from runtime.core.contract import ArtifactError, generation_graphs, load_manifest
+from runtime.core.session import open_model
 from tests.helpers import hostile_copy
 
 QUIET = dict(log=lambda m: None)
@@ -209,7 +209,7 @@ def test_kv8_export_verifies(tiny_kv8, quantized, ops):
 def test_kv8_reference_negative_control(tiny_kv8, tiny_ckpt, tmp_path):
     """Re-verifying the kv8 artifact with its manifest claiming 4-bit k/v (so the eager reference quantizes them to 4
     bits) fails the float-math parity."""
-    from ernie_export.verify import reverify
+    from ernie_export.artifact.verify import reverify
 
     wrong = hostile_copy(tiny_kv8["ort"], tmp_path / "wrong", lambda d, m: m["profile"].update(kv_bits=4))
     with pytest.raises(VerificationError, match=r"max_abs_diff .* > 0.001"):
@@ -288,7 +288,7 @@ def test_runtime_refuses_profile_it_cannot_run(quantized, tmp_path):
 
 
 def test_golden_check_passes(quantized, capsys):
-    from runtime.check import main as check_main
+    from runtime.eval.check import main as check_main
 
     assert check_main(["--model", str(quantized[("int4", "ort")])]) == 0
     assert "PASSED" in capsys.readouterr().out
@@ -354,7 +354,7 @@ def _check_fused(art, tmp_path, per_layer=4):
 
     import onnxruntime as ort
 
-    from runtime.session import session_options
+    from runtime.core.session import session_options
 
     so = session_options(None, load_manifest(art)["session_options"]["config"])
     so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
@@ -366,7 +366,7 @@ def _check_fused(art, tmp_path, per_layer=4):
 def test_serving_engine_joins_rows_on_quantized_artifact(quantized):
     """Continuous batching on the single decode session: a request joining a running batch, and one after
     the first left, each get exactly their solo tokens."""
-    from runtime.engine import Engine
+    from runtime.serve.engine import Engine
 
     gen = G.load(quantized[("int4", "ort")])
     opts = gen.options(max_new_tokens=12, temperature=0)

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from runtime import generate as G
-from runtime.engine import Engine, QueueFull, prefill_groups
-from runtime.serve import BodyLimit, create_app
+from runtime.generate import api as G
+from runtime.serve.engine import Engine, QueueFull, prefill_groups
+from runtime.serve.app import BodyLimit, create_app
 
 MAX = 12  # new tokens per request in these tests
 

@@ -1,4 +1,4 @@
-"""Scale-out on Ray Serve (`runtime/serve_ray.py`): a local Ray head of our own, `python -m runtime.serve_ray`
+"""Scale-out on Ray Serve (`runtime/serve_ray.py`): a local Ray head of our own, `python -m runtime.serve.ray`
 joining it with 2 replicas of the tiny artifact, and the official `openai` client against Ray's proxy.
 
 Checks: both replicas take traffic; completions (stream or not) and chat equal the single-process runtime's
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import generate as G
+from runtime.generate import api as G
 
 pytestmark = pytest.mark.slow
 
@@ -117,9 +117,9 @@ def ray_head(tmp: Path, env: dict):
 
 @contextmanager
 def serve_ray(address: str, model: Path, port: int, tmp: Path, env: dict):
-    """`python -m runtime.serve_ray` joining `address` with 2 replicas; yields the process once it serves."""
+    """`python -m runtime.serve.ray` joining `address` with 2 replicas; yields the process once it serves."""
     log = tmp / "serve_ray.log"
-    cmd = [sys.executable, "-m", "runtime.serve_ray", "--model", str(model), "--replicas", "2", "--address", address,
+    cmd = [sys.executable, "-m", "runtime.serve.ray", "--model", str(model), "--replicas", "2", "--address", address,
            "--port", str(port), "--max-batch", "4", "--max-queue", "16", "--threads", "1"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -128,7 +128,7 @@ def serve_ray(address: str, model: Path, port: int, tmp: Path, env: dict):
         while "serving " not in tail(log, 10**6) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         if "serving " not in tail(log, 10**6):
-            pytest.fail(f"runtime.serve_ray did not come up (rc {proc.poll()}):\n{tail(log)}")
+            pytest.fail(f"runtime.serve.ray did not come up (rc {proc.poll()}):\n{tail(log)}")
         yield proc, log
     finally:
         if proc.poll() is None:

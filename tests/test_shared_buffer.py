@@ -18,12 +18,12 @@ import onnx
 import pytest
 import torch
 
-from ernie_export import trace as T
+from ernie_export.graph import trace as T
 from ernie_export.build import export_artifact
-from ernie_export.verify import VerificationError
-from runtime import generate as G
-from runtime.chat import Chat
-from runtime.contract import load_manifest
+from ernie_export.artifact.verify import VerificationError
+from runtime.generate import api as G
+from runtime.generate.chat import Chat
+from runtime.core.contract import load_manifest
 from tests.helpers import decode_logits_and_tokens, our_model
 
 PROMPTS = ["Hello world", "The capital of France is a", "def hello(name):"]
@@ -211,7 +211,7 @@ def test_cache_placement_follows_where_group_query_attention_runs():
     """On CUDA a float32 shared buffer lives on the host (onnxruntime's CUDA GroupQueryAttention is half precision
     only, so the node runs on the CPU provider; bound on the device its in-place writes were lost on an H100:
     1 greedy position in 16 agreed with the CPU). Everything else stays where the provider computes."""
-    from runtime.session import host_cache_device
+    from runtime.core.session import host_cache_device
     assert host_cache_device("cuda", "shared_buffer", "float32") == "cpu"
     assert host_cache_device("cuda", "shared_buffer_vt", "float32") == "cpu"
     assert host_cache_device("cuda", "shared_buffer", "float16") == "cuda"
@@ -227,7 +227,7 @@ def test_grouped_attention_equals_the_fused_kernel(tiny_ckpt, tmp_path, monkeypa
     of the cache, as onnxruntime-node's driver feeds it): every step then takes the kernel's branch. Negative
     control: with the mask off (the buffer's unwritten and padded slots visible), verification fails."""
     import ernie_export.attention as A
-    from runtime import step as S
+    from runtime.core import step as S
 
     quiet = dict(log=lambda m: None)
     grouped, fused = tmp_path / "grouped", tmp_path / "fused"
@@ -262,7 +262,7 @@ def test_cuda_code_path_of_host_buffers_runs_on_the_cpu_provider(tiny_ckpt, tiny
     the CUDA path's own bookkeeping (binding, cache placement, prompt runs) going wrong where no GPU is there to
     catch it. Negative control, run by hand: feeding the old buffer back instead of the fresh presents fails both."""
     import onnxruntime as ort
-    from ernie_export.verify import reverify
+    from ernie_export.artifact.verify import reverify
 
     if profile == "float32":
         path = tmp_path / "f32"

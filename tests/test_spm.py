@@ -37,7 +37,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as pb
 from tokenizers import Tokenizer, normalizers
 
-from ernie_export.spm import TokenizerConversionError, convert_checkpoint_tokenizer, convert_spm_model
+from ernie_export.checkpoint.spm import TokenizerConversionError, convert_checkpoint_tokenizer, convert_spm_model
 from tests import spm_fixtures as fx
 
 TRICKY = [
@@ -338,8 +338,8 @@ def test_checkpoint_text_with_special_tokens_matches_release_class(ernie_ckpt):
 def test_chat_template_prompt_encodes_like_release(ernie_ckpt):
     """Guards against the rendered ERNIE prompt (the published template, rendered by the runtime) encoding
     differently from the release tokenizer."""
-    from ernie_export.synthetic import CHAT_TEMPLATE
-    from runtime.text import compile_template
+    from ernie_export.checkpoint.synthetic import CHAT_TEMPLATE
+    from runtime.generate.text import compile_template
 
     ckpt, sp, tok = ernie_ckpt
     template = compile_template(CHAT_TEMPLATE)

@@ -47,7 +47,7 @@ def peak_rss_mb() -> float:
 
 
 def worker_ort(model: str, length: int, batch: int, new: int, threads: int | None) -> dict:
-    from runtime.generate import generate, load
+    from runtime.generate.api import generate, load
 
     t0 = time.perf_counter()
     gen = load(model, "auto", threads, verify_hashes=False)
@@ -116,7 +116,7 @@ def _size_mb(path: Path) -> float:
 def systems(models: list[str], checkpoint: str | None, peers: str | None) -> list[dict]:
     """[{name, kind, target, format, size_mb[, python]}]: llama.cpp / genai first (ratios need them measured
     before ours), then our artifacts, then eager."""
-    from ernie_export.quantize import DEFAULT_BLOCK_SIZE, QUANTIZATIONS
+    from ernie_export.graph.quantize import DEFAULT_BLOCK_SIZE, QUANTIZATIONS
 
     out, ours = [], []
     for model in models:
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def quality_table(found: list[dict], artifact: str, threads: int | None) -> list[dict]:
-    """Quantized vs its own float32, teacher-forced over the same 256 positions (ernie_export.verify.quality):
+    """Quantized vs its own float32, teacher-forced over the same 256 positions (ernie_export.artifact.verify.quality):
     ours from parity.json (written at export), llama.cpp's q8_0 / q4_0 vs its f32 (tools.peers agreement)."""
     rows = []
     for system in found:

@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from .bench import SAME_FORMAT, _prompts, systems
+from tools.bench import SAME_FORMAT, _prompts, systems
 
 
 # Rounds between restarts from the prompt: the context stays within prompt + 12 x 16 tokens.
@@ -66,9 +66,9 @@ def pair(artifact: str, gguf: str, length: int, rounds: int, block: int, prefill
     """Prefill `prefills` times each in turn (each from an empty cache), then decode `rounds` blocks of `block`
     steps each in turn; every RESTART rounds both start again from the prompt (not timed), so the context stays
     between `length` and `length` + RESTART x `block` however many rounds are asked for."""
-    from runtime.generate import load
+    from runtime.generate.api import load
 
-    from .peers import _greedy, _llama
+    from tools.peers import _greedy, _llama
 
     model = load(artifact, "cpu", threads, verify_hashes=False).model
     llm = _llama(gguf, length + RESTART * block + 64, max(length, 512), threads)

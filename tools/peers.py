@@ -301,11 +301,11 @@ def _log_probs(model: str, ids: list[int], threads: int | None) -> np.ndarray:
 
 
 def agreement(reference: str, model: str, artifact: Path, positions: int, threads: int | None) -> dict:
-    """Teacher-forced over the ids verification scores (ernie_export.verify.quality): after QUALITY_PROMPT
+    """Teacher-forced over the ids verification scores (ernie_export.artifact.verify.quality): after QUALITY_PROMPT
     tokens of context, the next `positions` predictions of `model` vs `reference` (both with llama.cpp's
     default f16 KV cache, so only the weights differ)."""
-    from ernie_export.golden import quality_ids
-    from ernie_export.verify import INT8_MARGIN, QUALITY_PROMPT
+    from ernie_export.artifact.golden import quality_ids
+    from ernie_export.artifact.verify import INT8_MARGIN, QUALITY_PROMPT
 
     ids = quality_ids(artifact, json.loads((artifact / "manifest.json").read_text()), QUALITY_PROMPT + positions)
     ref, got = (_log_probs(m, ids[:-1], threads)[QUALITY_PROMPT - 1:] for m in (reference, model))
@@ -323,7 +323,7 @@ def rolling(reference: str, model: str, artifact: Path, text: Path, window: int,
     runtime.eval --model OURS --compare OUR_FLOAT32 --text TEXT` scores; one prefill per window each."""
     from tokenizers import Tokenizer
 
-    from runtime.eval import Score, rolling_windows
+    from runtime.eval.perplexity import Score, rolling_windows
 
     manifest = json.loads((artifact / "manifest.json").read_text())
     tok = Tokenizer.from_file(str(artifact / manifest["files"]["tokenizer"]["path"]))

@@ -1,0 +1,85 @@
+"""`python -m runtime.eval.check --model ART`: the runtime checks itself against the artifact's golden vectors.
+
+In:  an artifact directory with golden.json (written at export from the eager model).
+Out: per case, teacher-forced top-1 agreement and the largest logit difference on the recorded top
+     ids; exit 0 when every check holds (float32: every argmax equal and logits within tolerance;
+     float16/bfloat16: agreement >= 99% and logits within their tolerance), else 1. `--json` prints
+     the figures as one object. Every driver in drivers/ runs the same check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from runtime.generate.cli import flag_message
+from runtime.core.contract import ArtifactError, read_json_file
+from runtime.generate.api import Generator, load
+from runtime.core.session import ProviderError
+from runtime.core.step import KVCache, StepError, decode_loop
+
+MIN_AGREEMENT = 0.99  # non-float32 artifacts: the top-1 agreement verification demands
+
+
+def check_case(gen: Generator, case: dict, golden: dict) -> dict:
+    """Feed the golden ids teacher-forced; count argmax agreement, measure top-logit differences."""
+    greedy, top = np.array(case["greedy_ids"]), case["top_logits"]
+    step, agree, worst = 0, 0, 0.0
+
+    def pick(logits: np.ndarray, cache: KVCache) -> tuple[np.ndarray, bool]:
+        nonlocal step, agree, worst
+        agree += int((logits.argmax(-1) == greedy[:, step]).sum())
+        if step < golden["top_logits_steps"]:
+            for row, pairs in enumerate(top):
+                worst = max(worst, max(abs(float(logits[row, i]) - v) for i, v in pairs[step]))
+        step += 1
+        return greedy[:, step - 1].astype(np.int64), step == golden["steps"]
+
+    decode_loop(gen.model, case["prompt_ids"], pick, pad_id=gen.pad_id)
+    return {"name": case["name"], "rows": len(greedy), "agreement": agree / greedy.size,
+            "max_abs_logit_diff": worst}
+
+
+def check(gen: Generator, golden: dict) -> dict:
+    cases = [check_case(gen, case, golden) for case in golden["cases"]]
+    agreement = sum(c["agreement"] * c["rows"] for c in cases) / sum(c["rows"] for c in cases)
+    worst = max(c["max_abs_logit_diff"] for c in cases)
+    floor = golden.get("min_agreement", MIN_AGREEMENT)  # quantized artifacts record what verification measured
+    passed = worst <= golden["tolerance"] and (agreement == 1.0 if golden["exact"] else agreement >= floor)
+    return {"passed": passed, "agreement": agreement, "max_abs_logit_diff": worst,
+            "tolerance": golden["tolerance"], "exact": golden["exact"], "min_agreement": floor, "cases": cases}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.eval.check", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="artifact directory")
+    ap.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    args = ap.parse_args(argv)
+    try:
+        gen = load(args.model, args.provider)
+        golden = read_json_file(gen.directory, gen.manifest, "golden")
+        if not golden:
+            raise ArtifactError(f"{args.model} has no golden vectors (exported with --no-verify, or its "
+                                "verification is pending); re-export with verification on")
+        result = check(gen, golden)
+    except (ArtifactError, ProviderError, StepError, ValueError, OSError) as e:
+        print(f"error: {flag_message(e)}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for c in result["cases"]:
+            print(f"{c['name']:>18}: {c['rows']} row(s), top-1 agreement {c['agreement']:.2%}, "
+                  f"max |logit diff| {c['max_abs_logit_diff']:.2e}")
+        rule = "exact" if result["exact"] else f"agreement >= {result['min_agreement']:.0%}"
+        print(f"golden vectors {'PASSED' if result['passed'] else 'FAILED'} on {gen.provider} "
+              f"(tolerance {result['tolerance']:g}, {rule})")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""Next-token choice from last-position logits, in numpy.
+
+In:  logits [B, V] float32, the ids seen so far per row, `SamplingParams`, a numpy Generator.
+Out: next ids [B] int64. Order as transformers applies it: repetition penalty -> temperature ->
+     top-k -> top-p -> draw. Greedy when `do_sample` is false or temperature is 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.core.errors import OptionError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. These field defaults mean "off" (greedy, no filtering); the
+    defaults a user gets come from the artifact, through `Options.from_artifact`."""
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+
+    def validate(self) -> "SamplingParams":
+        if not self.temperature >= 0:
+            raise OptionError("temperature", f"must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise OptionError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise OptionError("top_k", f"must be >= 0, got {self.top_k}")
+        if not self.repetition_penalty > 0:
+            raise OptionError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: list[list[int]], penalty: float) -> np.ndarray:
+    if penalty == 1.0:
+        return logits
+    logits = logits.copy()
+    for row, ids in enumerate(seen):
+        idx = np.unique(np.asarray(ids, dtype=np.int64))
+        vals = logits[row, idx]
+        logits[row, idx] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
+def filter_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Set everything outside the top-k / nucleus to -inf (at least one token always survives)."""
+    logits = logits.copy()
+    if top_k and top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
+        logits[logits < kth] = -np.inf
+    if top_p < 1.0:
+        order = np.argsort(-logits, axis=-1)  # descending
+        sorted_logits = np.take_along_axis(logits, order, -1)
+        probs = np.exp(sorted_logits - sorted_logits[:, :1])
+        probs /= probs.sum(-1, keepdims=True)
+        drop = probs.cumsum(-1) - probs >= top_p  # the mass above this token already reaches top_p
+        drop[:, 0] = False
+        np.put_along_axis(logits, order, np.where(drop, -np.inf, sorted_logits), -1)
+    return logits
+
+
+def choose(logits: np.ndarray, seen: list[list[int]], params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
+    logits = apply_repetition_penalty(logits.astype(np.float32, copy=False), seen, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(-1).astype(np.int64)
+    # Shift before dividing: with a near-zero temperature, logits / T overflows to inf and inf - inf
+    # is NaN (which drew token 0 every time); shifted, the best logit is 0 and the rest -> -inf.
+    shifted = (logits - logits.max(-1, keepdims=True)) / np.float32(params.temperature)
+    logits = filter_top_k_top_p(shifted, params.top_k, params.top_p)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    u = rng.random((len(probs), 1))
+    return (probs.cumsum(-1) < u).sum(-1).clip(max=probs.shape[1] - 1).astype(np.int64)
