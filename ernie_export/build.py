@@ -67,6 +67,8 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
         text_files = read_text_files(ckpt, cfg)
         log(f"[export] tokenizer: {text_files.tokenizer_origin}"
             + ("" if text_files.template else "; no chat template (the artifact will have none)"))
+        for note in text_files.notes:
+            log(f"[export] note: {note}")
         weights = load_weights(ckpt, cfg, torch.float32)
         eager32 = build_model(cfg, weights)
         net = eager32 if dtype == "float32" else build_model(cfg, {k: v.to(DTYPES[dtype]) for k, v in weights.items()})

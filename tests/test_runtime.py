@@ -369,7 +369,7 @@ def test_bad_artifact_default_is_blamed_on_the_artifact(tiny_artifact, tmp_path,
     bad = _corrupt(tiny_artifact, tmp_path / "bad-default", "none")
     _rewrite_json(bad, "generation.json", lambda g: g.update(top_p=0.0))
     code, _, err = cli(["--model", str(bad), "--prompt", "hi"], capsys)
-    assert code == 2 and "generation.json" in err and "top_p must be in (0, 1]" in err and "--top-p" not in err
+    assert code == 3 and "generation.json" in err and "top_p must be in (0, 1]" in err and "--top-p" not in err
 
 
 def _rewrite_json(directory: Path, name: str, edit) -> None:

@@ -3,7 +3,8 @@
 In:  a checkpoint directory: tokenizer.json (or, as the original ERNIE 4.5 release ships it, only a
      SentencePiece tokenizer.model, converted by spm.py), tokenizer_config.json, chat_template.jinja,
      generation_config.json (each optional but the tokenizer); the model config.
-Out: `TextFiles` (the tokenizer, the chat template or None, the generation defaults), and
+Out: `TextFiles` (the tokenizer, the chat template or None, the generation defaults, notes for the
+     export log on any default replaced), and
      `write_text_files()` that puts tokenizer.json, chat_template.jinja and generation.json into
      the artifact and returns their manifest roles. A broken or wrong-typed file is one
      `ConfigError` naming the file and the field, raised before minutes of tracing are spent.
@@ -11,7 +12,8 @@ Out: `TextFiles` (the tokenizer, the chat template or None, the generation defau
 generation.json is the one place the runtime takes its sampling defaults from (`Options.from_artifact`);
 token ids (EOS, pad, bos) go to the manifest's `tokens` section, the contract every driver reads;
 values absent from the checkpoint get the defaults written here, and the runtime's own rules
-(`SamplingParams.validate`) check them at export time already.
+(`SamplingParams.validate`) check them at export time already. A max_new_tokens of 0 or less (which
+would make every request without its own limit an error) is replaced by the default, with a note.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ernie_export.checkpoint.config import ConfigError, ErnieConfig
 from ernie_export.checkpoint.spm import TokenizerConversionError, convert_checkpoint_tokenizer
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "cls_token", "sep_token")
+DEFAULT_MAX_NEW_TOKENS = 256  # generation.json's max_new_tokens when the checkpoint names no usable one
 
 
 @dataclass
@@ -38,6 +41,7 @@ class TextFiles:
     generation: dict  # what generation.json holds: sampling defaults, special token strings, why each EOS
     tokens: dict  # the manifest's `tokens` section: eos / pad / bos ids and how to encode
     tokenizer_origin: str  # "tokenizer.json" | "tokenizer.model (converted)"
+    notes: tuple[str, ...] = ()  # for the export log: checkpoint defaults replaced, and by what
 
 
 def _json_object(path: Path) -> dict:
@@ -101,7 +105,20 @@ def _tokens(gen: dict, cfg: ErnieConfig, tok_cfg: dict, vocab: dict[str, int]) -
     return tokens
 
 
-def _defaults(gen: dict, cfg: ErnieConfig, tok_cfg: dict, vocab: dict[str, int]) -> dict:
+def _max_new_tokens(gen: dict) -> tuple[int, tuple[str, ...]]:
+    """The checkpoint's max_new_tokens, else the default: where it names none, or names one that generates
+    nothing (0 or negative; every request without its own limit would be refused) - then with a note."""
+    value = _number(gen, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS, int)
+    if value >= 1:
+        return value, ()
+    return DEFAULT_MAX_NEW_TOKENS, (f"generation_config.json max_new_tokens is {value}, which generates nothing; "
+                                    f"generation.json gets {DEFAULT_MAX_NEW_TOKENS} instead (the default when it "
+                                    "names none)",)
+
+
+def _defaults(gen: dict, cfg: ErnieConfig, tok_cfg: dict, vocab: dict[str, int]) -> tuple[dict, tuple[str, ...]]:
+    """generation.json's content, and notes on the checkpoint defaults it replaced."""
+    max_new_tokens, notes = _max_new_tokens(gen)
     defaults = {
         "eos_token_reasons": _eos(gen, cfg, tok_cfg, vocab),
         "do_sample": bool(gen.get("do_sample", False)),
@@ -111,7 +128,7 @@ def _defaults(gen: dict, cfg: ErnieConfig, tok_cfg: dict, vocab: dict[str, int])
         # with the artifact's defaults then matches transformers' generate() on the same checkpoint
         "top_k": _number(gen, "top_k", 50, int),
         "repetition_penalty": _number(gen, "repetition_penalty", 1.0, float),
-        "max_new_tokens": _number(gen, "max_new_tokens", 256, int),
+        "max_new_tokens": max_new_tokens,
         "special_tokens": {k: _token(tok_cfg, k) for k in SPECIAL_KEYS if _token(tok_cfg, k) is not None},
     }
     try:
@@ -119,9 +136,7 @@ def _defaults(gen: dict, cfg: ErnieConfig, tok_cfg: dict, vocab: dict[str, int])
                        defaults["repetition_penalty"]).validate()
     except OptionError as e:
         raise ConfigError(f"generation_config.json: {e}; fix the checkpoint's generation_config.json") from None
-    if defaults["max_new_tokens"] < 1:
-        raise ConfigError("generation_config.json: max_new_tokens must be >= 1")
-    return defaults
+    return defaults, notes
 
 
 def _tokenizer_json(ckpt: Path) -> tuple[str, str]:
@@ -151,7 +166,8 @@ def read_text_files(ckpt: Path, cfg: ErnieConfig) -> TextFiles:
         template = (ckpt / "chat_template.jinja").read_text(encoding="utf-8")
     if template is not None and not isinstance(template, str):
         raise ConfigError("tokenizer_config.json chat_template must be a string (named templates are not supported)")
-    return TextFiles(text, template, _defaults(gen, cfg, tok_cfg, vocab), _tokens(gen, cfg, tok_cfg, vocab), origin)
+    defaults, notes = _defaults(gen, cfg, tok_cfg, vocab)
+    return TextFiles(text, template, defaults, _tokens(gen, cfg, tok_cfg, vocab), origin, notes)
 
 
 def write_text_files(files: TextFiles, directory: Path) -> dict[str, str]:

@@ -84,7 +84,7 @@ def load(model_dir: str | Path, provider: str = "auto", threads: int | None = No
     device = resolve_provider(provider)
     threads, thread_note = cap_threads(threads)
     generation = read_json_file(directory, manifest, "generation")
-    defaults = Options.from_artifact(generation)
+    defaults = Options.from_artifact(generation, source=str(directory / "generation.json"))
     model = open_model(directory, manifest, device, threads)
     notes = _warnings(directory, manifest, device) + ([thread_note] if thread_note else [])
     return Generator(directory, manifest, generation, Text.load(directory, manifest, generation), model, device, defaults,

@@ -46,21 +46,14 @@ class Options:
                       top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                       greedy: bool = False, seed: int | None = None, stop: tuple[str, ...] | list[str] | None = None,
                       ignore_eos: bool = False, logprobs: int | None = None,
-                      echo_logprobs: bool = False) -> "Options":
+                      echo_logprobs: bool = False, source: str = "the artifact's generation.json") -> "Options":
         """The artifact's defaults, then the given overrides (None keeps the default).
 
         Giving temperature, top_k or top_p turns sampling on; `greedy` turns it off whatever else is set.
-        A bad default is the artifact's fault (ArtifactError); a bad override is the caller's (OptionError).
+        A bad default is the artifact's fault (ArtifactError naming `source`, the file, and its field); a bad
+        override is the caller's (OptionError naming the option).
         """
-        try:
-            base = SamplingParams(do_sample=bool(generation["do_sample"]), temperature=float(generation["temperature"]),
-                                  top_k=int(generation["top_k"]), top_p=float(generation["top_p"]),
-                                  repetition_penalty=float(generation["repetition_penalty"])).validate()
-            default_tokens = int(generation["max_new_tokens"])
-        except KeyError as e:
-            raise ArtifactError(f"the artifact's generation.json has no {e.args[0]}; re-run the export") from None
-        except (TypeError, ValueError) as e:
-            raise ArtifactError(f"the artifact's generation.json has a bad default ({e}); re-run the export") from None
+        base, default_tokens = _artifact_defaults(generation, source)
         given = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                        repetition_penalty=repetition_penalty).items() if v is not None}
         do_sample = False if greedy else base.do_sample or bool(given.keys() & {"temperature", "top_k", "top_p"})
@@ -79,6 +72,28 @@ class Options:
         if self.echo_logprobs and self.logprobs is None:
             raise OptionError("logprobs", "echoing the prompt's log-probabilities needs logprobs (0 or more alternatives)")
         return self
+
+
+def _artifact_defaults(generation: dict, source: str) -> tuple[SamplingParams, int]:
+    """generation.json's sampling defaults and max_new_tokens, each checked; a bad one is an ArtifactError that
+    names the file and the field (never a flag: the user passed none)."""
+    try:
+        base = SamplingParams(do_sample=bool(generation["do_sample"]), temperature=float(generation["temperature"]),
+                              top_k=int(generation["top_k"]), top_p=float(generation["top_p"]),
+                              repetition_penalty=float(generation["repetition_penalty"]))
+        default_tokens = int(generation["max_new_tokens"])
+    except KeyError as e:
+        raise ArtifactError(f"{source} has no {e.args[0]}; re-run the export") from None
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{source} has a bad default ({e}); re-run the export") from None
+    try:
+        base.validate()
+    except OptionError as e:
+        raise ArtifactError(f"{source}: {e.option} {e.problem}; fix the file or re-run the export") from None
+    if default_tokens < 1:
+        raise ArtifactError(f"{source}: max_new_tokens is {default_tokens}; it must be >= 1: fix the file or "
+                            "re-run the export (the export writes a usable default)")
+    return base, default_tokens
 
 
 @dataclass
