@@ -1,6 +1,7 @@
 """Log-probabilities in /v1/completions (`logprobs`, `echo`): what lm-evaluation-harness's
 `local-completions` asks for. float32 values equal transformers' eager log-softmax within 1e-4 at
-the right positions; the score graph is used only for echo requests; chunked scoring equals whole."""
+the right positions; the score graph is used only for echo requests; chunked scoring equals whole;
+`tokens` spell the choice's text and `text_offset` indexes it (issue 31, item 2)."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def test_generated_token_logprobs_are_the_models_distribution(server, gen, eager
     ref = eager_lsm(ids + out)
     want = [ref[len(ids) - 1 + k, t] for k, t in enumerate(out)]
     assert np.abs(np.array(lp["token_logprobs"]) - want).max() <= TOL
-    assert "".join(lp["tokens"]) == gen.text.decode(out, skip_special_tokens=False)
+    assert "".join(lp["tokens"]) == body["choices"][0]["text"]
 
 
 def test_several_prompts_get_one_choice_each_in_order(server, gen):
@@ -179,3 +180,146 @@ def test_quantized_echo_matches_its_own_decode_steps(tiny_quantized, ops):
         # the int8 activations of the next projection can round one value the other way: measured 0.0226
         # at 1 of 20 positions, 1e-6 at the rest (3.1e-6 everywhere with float32 MatMulNBits math)
         assert np.median(diff) <= 1e-5 and diff.max() <= 0.05
+
+
+# ---- tokens that spell the text (issue 31, item 2) -------------------------------------------------
+
+SENTENCE = "The harbour lights flickered as the last ferry pulled away from the pier."  # 73 characters
+
+
+def _per_id(text, ids) -> list[str]:
+    """The old pieces: each id decoded alone (negative control)."""
+    return [text.decode([i], skip_special_tokens=False) for i in ids]
+
+
+@pytest.fixture(scope="module")
+def metaspace():
+    """A SentencePiece-style tokenizer (Metaspace, as ERNIE's converted tokenizer.json), trained here: the
+    sentence encodes with space-only tokens, and its decoder drops a lone token's leading U+2581."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from runtime.generate.text import Text
+
+    corpus = ["The quick brown fox jumps over the lazy dog.", "Hello, world! How are you doing today?",
+              "She sells sea shells by the sea shore.", "Numbers 0 1 2 3 and the capital of France is Paris."]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    alphabet = sorted(set("".join(corpus) + SENTENCE) - {" "}) + ["\u2581"]
+    tok.train_from_iterator(corpus * 3, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"],
+                                                             initial_alphabet=alphabet, show_progress=False))
+    text = Text(tok, None)
+    ids = text.encode(SENTENCE)
+    assert "\u2581" in tok.encode(SENTENCE, add_special_tokens=False).tokens and text.decode(ids) == SENTENCE
+    assert len(SENTENCE) == 73 and len("".join(_per_id(text, ids))) < 73  # what the fix is for: 61 here
+    return text
+
+
+@pytest.fixture(scope="module")
+def bytelevel():
+    """The synthetic checkpoint's byte-level BPE (the tiny artifact's tokenizer), without an export."""
+    from ernie_export.checkpoint.synthetic import train_tokenizer
+    from runtime.generate.text import Text
+
+    return Text(train_tokenizer(), None)
+
+
+def _offsets_consistent(tokens, offsets) -> bool:
+    return offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
+
+
+def test_prompt_pieces_spell_the_prompt(metaspace, bytelevel):
+    """Offsets (a prompt we encoded) and the running decode (one given as ids) cut the sentence alike."""
+    from runtime.generate.logprobs import prompt_pieces, spell_decoded
+
+    for text in (metaspace, bytelevel):  # space-only tokens; byte-level BPE
+        ids = text.encode(SENTENCE)
+        by_offsets = prompt_pieces(text, ids, SENTENCE)
+        by_decoding = spell_decoded(ids, SENTENCE, lambda part: text.decode(part, skip_special_tokens=False))
+        assert "".join(by_offsets) == SENTENCE and by_decoding == by_offsets and len(by_offsets) == len(ids)
+    assert "".join(_per_id(metaspace, metaspace.encode(SENTENCE))) != SENTENCE  # negative control
+
+
+def _result(text, prompt: str, generated: list[int], n: int = 2):
+    """A finished Result with made-up log-probabilities, each token the best of its position."""
+    from runtime.generate.logprobs import Entry
+    from runtime.generate.request import Result
+
+    def entry(token):
+        return Entry(token, -0.5, ((token, -0.5), *((t, -1.0 - t) for t in (7, 8, 9) if t != token))[:n])
+    ids = text.encode(prompt)
+    return Result(ids, generated, text.decode(generated), "length", {}, None,
+                  [entry(t) for t in generated], [entry(t) for t in ids[1:]])
+
+
+def test_completion_logprobs_spell_the_echoed_text(metaspace):
+    from runtime.generate.logprobs import completion_logprobs
+
+    generated = metaspace.encode("the last ferry")[1:]  # starts with a space-only or space-led token
+    result = _result(metaspace, SENTENCE, generated)
+    lp = completion_logprobs(metaspace, result, SENTENCE)
+    echoed = SENTENCE + result.text
+    assert "".join(lp["tokens"]) == echoed and _offsets_consistent(lp["tokens"], lp["text_offset"])
+    n = len(result.prompt_token_ids)
+    assert len(lp["tokens"]) == n + len(generated) and lp["text_offset"][n] == 73
+    # each chosen token is named in its alternatives as it is spelled in `tokens` (a space-only one too)
+    assert all(tok in top for tok, top in zip(lp["tokens"][1:], lp["top_logprobs"][1:]) if tok)
+    alone = completion_logprobs(metaspace, result)  # not echoed: the generated text only
+    assert "".join(alone["tokens"]) == result.text and alone["text_offset"][0] == 0
+    old = "".join(_per_id(metaspace, result.prompt_token_ids + generated))  # negative control
+    assert old != echoed and len(old) < len(echoed)
+
+
+def test_a_character_split_over_tokens_goes_to_the_token_that_completes_it(bytelevel):
+    """Byte-level BPE splits multi-byte characters; no piece holds U+FFFD, the pieces still spell the text."""
+    from runtime.generate.logprobs import prompt_pieces, spell_decoded
+
+    text = "caf\u00e9 \u65e5\u672c\u8a9e \u2713 ok"
+    ids = bytelevel.encode(text)
+    pieces = spell_decoded(ids, text, bytelevel.decode)
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces) and "" in pieces
+    assert any("\ufffd" in p for p in _per_id(bytelevel, ids))  # the split is real: alone, a byte decodes to U+FFFD
+    assert pieces == prompt_pieces(bytelevel, ids, text)  # the encoding's offsets cut it the same way
+    cut = text[:7]  # a stop string ended the text early: the pieces spell what was returned
+    assert "".join(spell_decoded(ids, cut, bytelevel.decode)) == cut
+
+
+def test_a_decoder_with_long_range_effects_falls_back_to_exact_prefixes():
+    """A decoder that strips every leading space of the whole text defeats the short window; the fallback
+    cuts the text where each prefix's decode ends."""
+    from runtime.generate.logprobs import spell_decoded
+
+    vocab = {0: "a", 1: " ", 2: "x"}
+    decode = lambda ids: "".join(vocab[i] for i in ids).lstrip(" ")  # noqa: E731
+    assert spell_decoded([0, 1, 1, 2], "a  x", decode) == ["a", " ", " ", "x"]
+    assert spell_decoded([1, 1, 2], "x", decode) == ["", "", "x"]
+
+
+@pytest.fixture(scope="module")
+def metaspace_server(tiny_artifact, tmp_path_factory, metaspace):
+    """The tiny artifact with the Metaspace tokenizer in place of its byte-level one."""
+    from tests.helpers import hostile_copy
+
+    def swap(directory, manifest):
+        metaspace.tokenizer.save(str(directory / manifest["files"]["tokenizer"]["path"]))
+    other = G.load(hostile_copy(tiny_artifact, tmp_path_factory.mktemp("metaspace") / "art", swap), "cpu")
+    assert other.text.tokenizer.get_vocab_size() == metaspace.tokenizer.get_vocab_size()
+    with serving(other) as (url, _):
+        yield url, other
+
+
+@pytest.mark.parametrize("as_ids", [False, True])
+def test_server_echo_tokens_spell_the_text(metaspace_server, as_ids):
+    """Through /v1/completions, the prompt as text and as token ids (as lm-eval sends it)."""
+    url, other = metaspace_server
+    ids = other.text.encode(SENTENCE)
+    r = post(url, prompt=ids if as_ids else SENTENCE, max_tokens=3, logprobs=2, echo=True)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp, echoed = choice["logprobs"], choice["text"]
+    assert echoed.startswith(SENTENCE) and "".join(lp["tokens"]) == echoed
+    assert _offsets_consistent(lp["tokens"], lp["text_offset"]) and lp["text_offset"][len(ids)] == 73
+    assert "".join(lp["tokens"][:len(ids)]) == SENTENCE
+    generated = r.json()["usage"]["completion_tokens"]
+    assert len(lp["tokens"]) == len(ids) + generated and generated >= 1
+    old = "".join(_per_id(other.text, ids))  # negative control: the old per-id decode, same ids
+    assert old != SENTENCE

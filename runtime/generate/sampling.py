@@ -2,7 +2,9 @@
 
 In:  logits [B, V] float32, the ids seen so far per row, `SamplingParams`, a numpy Generator.
 Out: next ids [B] int64. Order as transformers applies it: repetition penalty -> temperature ->
-     top-k -> top-p -> draw. Greedy when `do_sample` is false or temperature is 0.
+     top-k -> top-p -> draw. Greedy when `do_sample` is false or temperature is 0; any positive
+     temperature, down to the smallest float64 (5e-324), samples without overflow (see `choose`), and
+     one below the gap between the best two logits is, in effect, greedy.
 """
 
 from __future__ import annotations
@@ -72,9 +74,14 @@ def choose(logits: np.ndarray, seen: list[list[int]], params: SamplingParams, rn
     logits = apply_repetition_penalty(logits.astype(np.float32, copy=False), seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(-1).astype(np.int64)
-    # Shift before dividing: with a near-zero temperature, logits / T overflows to inf and inf - inf
-    # is NaN (which drew token 0 every time); shifted, the best logit is 0 and the rest -> -inf.
-    shifted = (logits - logits.max(-1, keepdims=True)) / np.float32(params.temperature)
+    # Every positive temperature is representable here, so none needs a floor: the logits are shifted so
+    # that each row's best is 0 and scaled in float64, whose smallest positive value (5e-324) is the
+    # smallest temperature anyone can pass. x / T for x <= 0 is then <= 0 or -inf, never NaN, and a
+    # temperature that small leaves all the mass on the best logit (split evenly between exact ties):
+    # greedy, as the limit T -> 0 is. In float32, 1e-300 and 5e-324 round to 0 and 0 / 0 was NaN,
+    # which drew token 0 every time; unshifted, logits / 1e-30 overflowed to inf - inf = NaN.
+    with np.errstate(over="ignore"):  # -x / 1e-300 -> -inf is the intended result, not an accident
+        shifted = (logits.astype(np.float64) - logits.max(-1, keepdims=True)) / params.temperature
     logits = filter_top_k_top_p(shifted, params.top_k, params.top_p)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from runtime.core.contract import ArtifactError
 from runtime.serve.engine import Engine, QueueFull
 from runtime.generate.api import Generator, InputError, check_utf8, load
-from runtime.generate.logprobs import MAX_ALTERNATIVES, openai_logprobs
+from runtime.generate.logprobs import MAX_ALTERNATIVES, completion_logprobs
 from runtime.generate.request import Options
 from runtime.core.errors import OptionError
 from runtime.core.step import ScoreUnavailable
@@ -248,18 +248,10 @@ def _final(result, ident: str, created: int, model: str, kind: str, gen: Generat
     else:
         echo = getattr(body, "echo", False)
         choice = {"index": 0, "text": (prompt_text if echo else "") + result.text, "finish_reason": reason,
-                  "logprobs": None if result.logprobs is None else _logprobs(gen, result, echo)}
+                  "logprobs": None if result.logprobs is None else
+                  completion_logprobs(gen.text, result, prompt_text if echo else None)}
     return {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
             "model": model, "choices": [choice], "usage": _usage(result)}
-
-
-def _logprobs(gen: Generator, result, echo: bool) -> dict:
-    """The legacy completions `logprobs` object; echoed, the prompt's tokens come first (the first unscored)."""
-    piece = lambda token: gen.text.decode([token], skip_special_tokens=False)  # noqa: E731
-    ids, scored = list(result.token_ids), list(result.logprobs)
-    if echo:
-        ids, scored = result.prompt_token_ids + ids, [None, *result.prompt_logprobs] + scored
-    return openai_logprobs([piece(t) for t in ids], scored, piece)
 
 
 def _merge_choices(answers: list[dict]) -> dict:
