@@ -336,7 +336,7 @@ def rolling(reference: str, model: str, artifact: Path, text: Path, window: int,
         started = time.perf_counter()
         ref = _log_probs(reference, inputs, threads)
         score.per_model_seconds[1] += time.perf_counter() - started
-        for row, target in enumerate(targets):
+        for row, target in enumerate(targets, len(inputs) - len(targets)):  # the last positions predict them
             score.add(lp[row], target, ref[row])
     return {"model": model, "compare": reference, "window": window, **score.figures(True)}
 

@@ -7,10 +7,11 @@ Out: rolling perplexity of the text and tokens/s; with --compare, on the same to
      `--json` prints one object. Torch-free: the runtime's own sessions, through the score graph (logits at
      every position; an artifact exported without one is refused with a message).
 
-Rolling semantics are lm-evaluation-harness's `loglikelihood_rolling` (context length 1): the text's
-tokens are cut into non-overlapping windows of `--window` predicted tokens; a window is fed the token
-before it (the first one the BOS id, else the first EOS id) plus its own tokens but the last, so every
-token of the text is predicted exactly once, from the window it lies in.
+Rolling semantics are lm-evaluation-harness's `loglikelihood_rolling` (`get_rolling_token_windows` with
+context length 1, made disjoint by `make_disjoint_window`): every token of the text is predicted exactly
+once, in chunks of `--window` tokens. The first window is the prefix token (the artifact's BOS id, else
+its first EOS id: lm-eval's `prefix_token_id`) and the first `--window` - 1 tokens; every later window is
+the `--window` tokens before its last prediction, so a short last chunk keeps earlier text as context.
 """
 
 from __future__ import annotations
@@ -34,17 +35,25 @@ DEFAULT_WINDOW = 512
 
 
 def windows(ids: list[int], prefix: int, size: int) -> list[tuple[list[int], list[int]]]:
-    """[(inputs, targets)]: targets are consecutive chunks of `ids`; inputs are the token before each
-    chunk (`prefix` for the first) followed by the chunk without its last token."""
-    out = []
-    for lo in range(0, len(ids), size):
-        chunk = ids[lo:lo + size]
-        out.append(([ids[lo - 1] if lo else prefix] + chunk[:-1], chunk))
+    """lm-eval's rolling windows, `get_rolling_token_windows(ids, prefix, size, context_len=1)`:
+    [(inputs, targets)], targets consecutive chunks of at most `size` ids that cover `ids` once; the last
+    len(targets) positions of `inputs` (at most `size` ids) predict them. The first window is `prefix` and
+    the first chunk but its last id; a later one is the `size` ids before its last target (a full chunk is
+    fed only the id before it, a short last chunk also earlier ids). `make_disjoint_window`'s context plus
+    the targets but the last, which lm-eval feeds the model, is `inputs` again."""
+    if not ids:
+        return []
+    first = min(size, len(ids))
+    out = [([prefix] + ids[:first - 1], ids[:first])]
+    for lo in range(first, len(ids), size):
+        hi = min(lo + size, len(ids))
+        out.append((ids[hi - size - 1:hi - 1], ids[lo:hi]))
     return out
 
 
 def rolling_windows(manifest: dict, ids: list[int], size: int) -> list[tuple[list[int], list[int]]]:
-    """`windows` with lm-eval's prefix token: the artifact's BOS id, else its first EOS id."""
+    """`windows` with lm-eval's prefix token: the artifact's BOS id, else its first EOS id. Score each
+    window's last len(targets) logits."""
     tokens = manifest["tokens"]
     prefix = tokens["bos_token_id"] if tokens["bos_token_id"] is not None else tokens["eos_token_ids"][0]
     return windows(ids, prefix, size)
@@ -63,9 +72,9 @@ class Score:
 
     def add(self, lp: np.ndarray, target: int, ref: np.ndarray | None = None) -> None:
         """One predicted token: the model's log-probabilities [V] (and the compared model's)."""
-        self.nll -= lp[target]
+        self.nll -= float(lp[target])  # summed in float64, not in float32
         if ref is not None:
-            self.nll_compare -= ref[target]
+            self.nll_compare -= float(ref[target])
             self.kl += float((np.exp(ref) * (ref - lp)).sum())
             self.agree += int(ref.argmax() == lp.argmax())
         self.tokens += 1
@@ -104,7 +113,7 @@ def evaluate(gen: Generator, ids: list[int], window: int = DEFAULT_WINDOW, compa
     for done, (inputs, targets) in enumerate(parts):
         mine = _window(gen, inputs, score.per_model_seconds, 0)
         theirs = _window(compare, inputs, score.per_model_seconds, 1) if compare else None
-        for row, target in enumerate(targets):
+        for row, target in enumerate(targets, len(inputs) - len(targets)):  # the last positions predict them
             score.add(log_softmax(mine[row]), target, None if theirs is None else log_softmax(theirs[row]))
         progress(done + 1, len(parts))
     return score.figures(compare is not None)
@@ -115,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="artifact directory")
     ap.add_argument("--text", required=True, help="UTF-8 text file to score")
     ap.add_argument("--compare", help="a second artifact of the same model (e.g. the float32 export)")
-    ap.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="predicted tokens per window (default %(default)s)")
+    ap.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                    help="tokens per window, lm-eval's rolling windows: the first is fed the prefix token (the "
+                         "artifact's BOS id, else its first EOS id), a later one the tokens before it "
+                         "(default %(default)s)")
     ap.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = ap.parse_args(argv)
