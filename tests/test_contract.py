@@ -92,7 +92,7 @@ def test_runtime_check_without_golden_is_a_clear_error(tiny_ckpt, tmp_path, caps
     from ernie_export.build import export_artifact
 
     export_artifact(str(tiny_ckpt), tmp_path / "nv", run_verify=False, log=lambda m: None)
-    assert check_main(["--model", str(tmp_path / "nv")]) == 2
+    assert check_main(["--model", str(tmp_path / "nv")]) == 3
     assert "has no golden vectors" in capsys.readouterr().err
 
 

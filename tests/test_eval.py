@@ -128,9 +128,9 @@ def test_cli(tiny_artifact, tmp_path, capsys):
     assert eval_main(["--model", str(tiny_artifact), "--text", str(text), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["tokens"] > 100 and out["perplexity"] > 1
-    assert eval_main(["--model", str(tiny_artifact), "--text", str(tmp_path / "missing.txt")]) == 1
+    assert eval_main(["--model", str(tiny_artifact), "--text", str(tmp_path / "missing.txt")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "missing.txt" in err and len(err.splitlines()) == 1
     (tmp_path / "empty.txt").write_text("")
-    assert eval_main(["--model", str(tiny_artifact), "--text", str(tmp_path / "empty.txt")]) == 1
+    assert eval_main(["--model", str(tiny_artifact), "--text", str(tmp_path / "empty.txt")]) == 2
     assert "no tokens" in capsys.readouterr().err

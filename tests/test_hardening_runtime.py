@@ -30,9 +30,10 @@ def run_cli(args, capsys):
     return code, cap.out, cap.err
 
 
-def one_error_line(code, err, message):
-    """Exit 2 and exactly one `error:` line (warnings, e.g. "synthetic checkpoint", may precede it)."""
-    assert code == 2, err
+def one_error_line(code, err, message, status=2):
+    """Exit `status` (2: usage; 3: a bad artifact; 1: a failed step) and exactly one `error:` line (warnings, e.g.
+    "synthetic checkpoint", may precede it)."""
+    assert code == status, err
     lines = [ln for ln in err.strip().splitlines() if not ln.startswith("warning: ")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     assert message in err, err
@@ -106,7 +107,7 @@ def test_hostile_artifact_is_refused_with_one_line(tiny_artifact, tmp_path, caps
     (tmp_path / "a").mkdir()
     bad = hostile_copy(tiny_artifact, tmp_path / "a" / "art", edit)
     code, out, err = run_cli(["--model", str(bad), "--prompt", "hi", "--max-new-tokens", "2"], capsys)
-    one_error_line(code, err, message)
+    one_error_line(code, err, message, status=3)
     assert "bytes" not in err and out == ""
 
 
@@ -314,5 +315,5 @@ def test_onnxruntime_error_at_run_time_is_one_line(tiny_artifact, capsys, monkey
 
     monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", fail)
     code, out, err = run_cli(["--model", str(tiny_artifact), "--prompt", "hi", "--max-new-tokens", "2"], capsys)
-    one_error_line(code, err, "ONNX Runtime failed running the prefill graph (batch 1")
+    one_error_line(code, err, "ONNX Runtime failed running the prefill graph (batch 1", status=1)
     assert "bad allocation" in err and "stack trace" not in err and out == ""

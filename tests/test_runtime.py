@@ -236,7 +236,7 @@ def _corrupt(src: Path, dst: Path, how: str) -> Path:
 def test_bad_artifacts_are_refused(tiny_artifact, tmp_path, capsys, how, message):
     bad = _corrupt(tiny_artifact, tmp_path / how, how)
     code, _, err = cli(["--model", str(bad), "--prompt", "hi"], capsys)
-    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert code == 3 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     import re
     assert re.search(message, err)
 
@@ -246,7 +246,7 @@ def test_bad_artifacts_are_refused(tiny_artifact, tmp_path, capsys, how, message
 ])
 def test_missing_artifact_dir(tmp_path, capsys, extra, message):
     code, _, err = cli(["--model", str(tmp_path / "none"), "--prompt", "hi"] + extra, capsys)
-    assert code == 2 and message in err
+    assert code == 3 and message in err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -315,7 +315,7 @@ def test_runtime_never_imports_torch(tiny_artifact):
 def test_cli_subprocess_error_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "runtime.generate", "--model", str(tmp_path), "--prompt", "x"],
                        cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert r.returncode == 3 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
 
 
 # ---- one home for defaults and for the I/O contract ---------------------------------------------
@@ -413,7 +413,7 @@ def test_manifest_io_that_disagrees_with_the_graphs_is_refused(tiny_artifact, tm
     bad = _corrupt(tiny_artifact, tmp_path / "io", "none")
     _rewrite_json(bad, "manifest.json", edit)
     code, _, err = cli(["--model", str(bad), "--prompt", "hi", "--max-new-tokens", "2"], capsys)
-    assert code == 2 and err.startswith("error: ") and message in err and "re-run the export" in err
+    assert code == 3 and err.startswith("error: ") and message in err and "re-run the export" in err
     assert len(err.strip().splitlines()) == 1
 
 

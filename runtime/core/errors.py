@@ -8,12 +8,16 @@ Out: `ErnieError` and its kinds; front ends never parse or rewrite a message, th
 
 A command line prints `error: <--flag> <problem>` (the option worded as its flag, `flag()`), the server answers
 `{"error": {"message", "type", "param"}}` with `param` the request field (`serve.app` maps option names onto
-OpenAI's field names, one table). Exit codes are the same in every CLI (README, "Exit codes").
+OpenAI's field names, one table). Exit codes are the same in every CLI (README, "Exit codes"); every command line's
+`main` runs its body through `run_cli`, the one place that turns an exception into an `error:` line and a status.
 """
 
 from __future__ import annotations
 
+import errno
+import sys
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -78,3 +82,34 @@ def exit_code(e: BaseException) -> int:
     if isinstance(e, KeyboardInterrupt):
         return TERMINATED if type(e).__name__ == "Terminated" else INTERRUPTED
     return e.kind.exit_code if isinstance(e, ErnieError) else FAILURE.exit_code
+
+
+def os_problem(e: OSError) -> str:
+    """An OSError none of our classes wraps (a full disk, a permission), worded as what to do."""
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    if e.errno == errno.ENOSPC:
+        return f"disk full{where}; free space or write somewhere else"
+    return f"{e.strerror or e}{where}; check the paths and permissions"
+
+
+def error_line(e: BaseException, interrupted: str = "") -> str:
+    """The one line a command line prints on stderr for `e`: ours from their fields, an OSError in words, an
+    interrupt as `interrupted` / `terminated` followed by `interrupted` (what it left behind, e.g. '; nothing was
+    written')."""
+    if isinstance(e, ErnieError):
+        return e.cli_line()
+    if isinstance(e, KeyboardInterrupt):
+        return f"\nerror: {'terminated' if exit_code(e) == TERMINATED else 'interrupted'}{interrupted}"
+    return f"error: {os_problem(e)}" if isinstance(e, OSError) else f"error: {e}"
+
+
+def run_cli(body: Callable[[], object], interrupted: str = "") -> int:
+    """Run a command line's body; returns its exit status: the body's own when it returns an int (else 0), or, when it
+    raises one of our errors, an OSError or an interrupt, that error's (`exit_code`) after printing its one `error:`
+    line on stderr. Anything else is a bug and keeps its traceback."""
+    try:
+        status = body()
+        return status if isinstance(status, int) else 0
+    except (ErnieError, OSError, KeyboardInterrupt) as e:
+        print(error_line(e, interrupted), file=sys.stderr, flush=True)
+        return exit_code(e)

@@ -45,7 +45,7 @@ def resolve_provider(choice: str) -> str:
         raise ProviderError(choice, "unknown; use auto, cpu or cuda")
     if PROVIDERS[choice] not in available:
         raise ProviderError(choice, f"{PROVIDERS[choice]} is not available in this onnxruntime (available: "
-                            f"{', '.join(available)}); install onnxruntime-gpu on a CUDA host, or use the cpu provider")
+                            f"{', '.join(available)}); install onnxruntime-gpu on a CUDA host, or use --provider cpu")
     return choice
 
 

@@ -3,7 +3,8 @@
 In:  an artifact directory with golden.json (written at export from the eager model).
 Out: per case, teacher-forced top-1 agreement and the largest logit difference on the recorded top
      ids; exit 0 when every check holds (float32: every argmax equal and logits within tolerance;
-     float16/bfloat16: agreement >= 99% and logits within their tolerance), else 1. `--json` prints
+     float16/bfloat16: agreement >= 99% and logits within their tolerance), else 1; an error is one
+     `error:` line with its kind's status (2 usage, 3 a bad artifact, 1 a failed step). `--json` prints
      the figures as one object. Every driver in drivers/ runs the same check.
 """
 
@@ -11,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import numpy as np
 
-from runtime.generate.cli import flag_message
 from runtime.core.contract import ArtifactError, read_json_file
+from runtime.core.errors import run_cli
+from runtime.core.step import KVCache, decode_loop
 from runtime.generate.api import Generator, load
-from runtime.core.session import ProviderError
-from runtime.core.step import KVCache, StepError, decode_loop
 
 MIN_AGREEMENT = 0.99  # non-float32 artifacts: the top-1 agreement verification demands
 
@@ -59,16 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = ap.parse_args(argv)
-    try:
-        gen = load(args.model, args.provider)
-        golden = read_json_file(gen.directory, gen.manifest, "golden")
-        if not golden:
-            raise ArtifactError(f"{args.model} has no golden vectors (exported with --no-verify, or its "
-                                "verification is pending); re-export with verification on")
-        result = check(gen, golden)
-    except (ArtifactError, ProviderError, StepError, ValueError, OSError) as e:
-        print(f"error: {flag_message(e)}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: report(args))
+
+
+def report(args: argparse.Namespace) -> int:
+    """Check the artifact named by the flags and print the figures; 0 when every check holds, else 1."""
+    gen = load(args.model, args.provider)
+    golden = read_json_file(gen.directory, gen.manifest, "golden")
+    if not golden:
+        raise ArtifactError(f"{args.model} has no golden vectors (exported with --no-verify, or its "
+                            "verification is pending); re-export with verification on")
+    result = check(gen, golden)
     if args.json:
         print(json.dumps(result))
     else:

@@ -25,11 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.core.contract import ArtifactError
+from runtime.core.errors import OptionError, run_cli
 from runtime.generate.api import Generator, InputError, check_utf8, load
 from runtime.generate.logprobs import log_softmax
-from runtime.core.session import ProviderError
-from runtime.core.step import ScoreUnavailable, StepError
 
 DEFAULT_WINDOW = 512
 
@@ -131,28 +129,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = ap.parse_args(argv)
+    return run_cli(lambda: report(args))
+
+
+def report(args: argparse.Namespace) -> None:
+    """Score the text named by the flags and print the figures."""
+    if args.window < 1:
+        raise OptionError("window", "must be at least 1")
     try:
-        if args.window < 1:
-            raise InputError("--window must be at least 1")
         text = Path(args.text).read_text(encoding="utf-8", errors="surrogateescape")
-        check_utf8(text, f"text in {args.text}")
-        gen = load(args.model, args.provider)
-        compare = load(args.compare, args.provider) if args.compare else None
-        ids = gen.text.encode(text)
-        interactive = sys.stderr.isatty()
-        shown = lambda done, total: print(f"\r[eval] window {done}/{total}", end="\n" if done == total else "",  # noqa: E731
-                                          file=sys.stderr, flush=True) if interactive or done == total else None
-        result = evaluate(gen, ids, args.window, compare, shown)
-    except FileNotFoundError as e:
-        print(f"error: {e.filename}: no such file; pass an existing --text file and artifact", file=sys.stderr)
-        return 1
-    except (ArtifactError, ProviderError, StepError, ScoreUnavailable, InputError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    result = {"model": args.model, "compare": args.compare, "window": args.window, **result}
+    except OSError as e:
+        raise OptionError("text", f"{args.text}: {e.strerror or e}; pass an existing UTF-8 text file") from None
+    check_utf8(text, f"text in {args.text}")
+    gen = load(args.model, args.provider)
+    compare = load(args.compare, args.provider) if args.compare else None
+    ids = gen.text.encode(text)
+    interactive = sys.stderr.isatty()
+    shown = lambda done, total: print(f"\r[eval] window {done}/{total}", end="\n" if done == total else "",  # noqa: E731
+                                      file=sys.stderr, flush=True) if interactive or done == total else None
+    result = {"model": args.model, "compare": args.compare, "window": args.window,
+              **evaluate(gen, ids, args.window, compare, shown)}
     if args.json:
         print(json.dumps(result))
     else:
@@ -161,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         if compare:
             print(f"vs {args.compare}: perplexity {result['compare_perplexity']:.4g}, ratio {result['perplexity_ratio']:.4f}, "
                   f"mean KL {result['mean_kl']:.3g}, top-1 agreement {result['top1_agreement']:.1%}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -121,13 +121,13 @@ def check_request(gen: Generator, prompts: list[list[int]], opts: Options, past_
     longest = past_len + max(map(len, prompts))
     if longest + opts.max_new_tokens > gen.max_context:
         raise OptionError("max_new_tokens", f"({opts.max_new_tokens}) plus the prompt ({longest} tokens) exceeds the "
-                          f"model's context of {gen.max_context} tokens; shorten the prompt or lower max_new_tokens")
+                          f"model's context of {gen.max_context} tokens; shorten the prompt or lower it")
     free = available_memory() if gen.provider == "cpu" else None
     need = gen.model.memory_needed(len(prompts), longest + opts.max_new_tokens)
     if free is not None and need > free:
-        raise InputError(f"{len(prompts)} x {longest + opts.max_new_tokens} tokens (prompt + max_new_tokens) need "
+        raise InputError(f"{len(prompts)} x {longest + opts.max_new_tokens} tokens (prompt + new tokens) need "
                          f"~{need / 2**30:.1f} GiB for the KV cache and attention, but this host has "
-                         f"{free / 2**30:.1f} GiB available; shorten the prompt, lower max_new_tokens or the batch")
+                         f"{free / 2**30:.1f} GiB available; shorten the prompt, ask for fewer new tokens or a smaller batch")
 
 
 class _Batch:

@@ -2,11 +2,11 @@
 
 In:  flags (`--model`, prompts, generation options), or a terminal for interactive chat.
 Out: generated text on stdout (plain, streamed or one JSON object per prompt); a plain or streamed
-     run ends with one line of timings on stderr; every failure is one `error:` line on stderr and
-     exit status 2.
+     run ends with one line of timings on stderr; every failure is one `error:` line on stderr and the
+     exit status of its kind (runtime.core.errors: 2 usage, 3 a bad artifact, 1 a failed run).
 
-This module only maps flags onto `Options.from_artifact` and words the library's errors as flags;
-it decides no default of its own.
+This module only maps flags onto `Options.from_artifact`; errors name their option, which
+`ErnieError.cli_line` words as its flag. It decides no default of its own.
 """
 
 from __future__ import annotations
@@ -16,13 +16,9 @@ import json
 import sys
 from pathlib import Path
 
+from runtime.core.errors import ErnieError, OptionError, run_cli
+from runtime.generate.api import Generator, InputError, Options, Result, encode_prompt, generate, load
 from runtime.generate.chat import Chat
-from runtime.core.contract import ArtifactError
-from runtime.generate.api import Generator, InputError, ModelOutputError, Options, Result, encode_prompt, generate, load
-from runtime.core.errors import OptionError
-from runtime.core.session import ProviderError
-from runtime.core.step import FeedError, StepError
-from runtime.generate.text import ChatTemplateError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,16 +49,6 @@ def options_from_args(gen: Generator, args: argparse.Namespace) -> Options:
     return gen.options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, greedy=args.greedy,
                        seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
-
-
-def flag_message(e: Exception) -> str:
-    """The library's error, with option names worded as this command's flags."""
-    if isinstance(e, OptionError):
-        flag = "--" + e.option.replace("_", "-")
-        return f"{flag} {e.problem.replace(e.option, flag)}"
-    if isinstance(e, ProviderError):
-        return f"--provider {e.problem.replace('the cpu provider', '--provider cpu')}"
-    return str(e)
 
 
 def timings_line(results: list[Result]) -> str:
@@ -99,8 +85,8 @@ def _interactive(gen: Generator, opts: Options, system: str | None, read=input,
             write("\n")
         except KeyboardInterrupt:
             print("\n[reply cancelled; the conversation is as it was before this message]", file=sys.stderr)
-        except (InputError, OptionError, ChatTemplateError, ModelOutputError, StepError) as e:
-            print(f"error: {flag_message(e)}", file=sys.stderr)
+        except ErnieError as e:  # this turn failed (too long, a failed step); the conversation goes on
+            print(e.cli_line(), file=sys.stderr)
 
 
 def _stdin_is_terminal() -> bool:
@@ -116,7 +102,9 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         try:
             lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as e:
-            raise InputError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+            raise OptionError("prompt_file", f"{args.prompt_file} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise OptionError("prompt_file", f"{args.prompt_file}: {e.strerror or e}; pass a readable file") from None
         prompts += [ln for ln in lines if ln.strip()]
     return prompts
 
@@ -136,7 +124,7 @@ def run(args: argparse.Namespace) -> None:
     if not prompts:
         raise InputError("no prompt: pass --prompt TEXT or --prompt-file FILE (or run in a terminal for interactive chat)")
     if args.stream and len(prompts) > 1:
-        raise InputError("--stream prints one sequence; drop --stream to run several prompts as a batch")
+        raise OptionError("stream", "prints one sequence; drop --stream to run several prompts as a batch")
     token_prompts = [encode_prompt(gen, p, args.chat, args.system) for p in prompts]
     on_text = (lambda row, chunk: print(chunk, end="", flush=True)) if args.stream and not args.json else None
     results = generate(gen, token_prompts, opts, on_text)
@@ -153,16 +141,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        run(args)
-    except (ArtifactError, ProviderError, InputError, ChatTemplateError, ModelOutputError, StepError, FeedError, ValueError,
-            OSError) as e:
-        print(f"error: {flag_message(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

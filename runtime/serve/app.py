@@ -4,7 +4,8 @@ In:  an artifact, limits (batch, queue, body size, time budget), an optional API
      ERNIE_API_KEY), host (127.0.0.1 unless told otherwise) and port.
 Out: POST /v1/chat/completions and /v1/completions (stream or not; completions also take token-id and
      several prompts, `logprobs` and `echo` as the legacy API returns them), GET /v1/models, /health and
-     /metrics (Prometheus text). Errors are OpenAI-style objects with the right 4xx/5xx status.
+     /metrics (Prometheus text). Errors are OpenAI-style objects whose status, `type` and `param` come from the
+     error's kind and option (`error_response`; the option's request field from OPENAI_FIELDS).
 
 This layer only validates requests and maps them onto `Options`; the engine owns the model. Chat
 messages go through the artifact's sandboxed template as data, never as template source. Sampling
@@ -28,12 +29,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime.core.contract import ArtifactError
-from runtime.serve.engine import Engine, QueueFull
+from runtime.serve.engine import Engine
 from runtime.generate.api import Generator, InputError, check_utf8, load
 from runtime.generate.logprobs import MAX_ALTERNATIVES, completion_logprobs
 from runtime.generate.request import Options
-from runtime.core.errors import OptionError
+from runtime.core.errors import BUSY, ErnieError, run_cli
 from runtime.core.step import ScoreUnavailable
 from runtime.generate.text import ChatTemplateError
 
@@ -68,8 +68,28 @@ class CompletionBody(_Body):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_ALTERNATIVES)
 
 
+# The library's option names (runtime.generate.request.Options) that OpenAI's request body spells differently;
+# every other option is its own request field. The one place an error's `option` becomes its `param`.
+OPENAI_FIELDS = {"max_new_tokens": "max_tokens", "echo_logprobs": "echo"}
+
+
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    """An error the HTTP layer finds itself (authentication, body size, the body's schema)."""
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+def openai_error(e: ErnieError, field: str | None = None) -> dict:
+    """The OpenAI error object for one of our errors: `type` from its kind, `param` the request field of its option
+    (else `field`, the part of the request it was raised about), the message naming that field as the API does."""
+    param = OPENAI_FIELDS.get(e.option, e.option) if e.option else field
+    message = f"{param} {e.problem}" if e.option else e.problem
+    return {"message": message, "type": e.kind.openai_type, "param": param, "code": None}
+
+
+def error_response(e: ErnieError, field: str | None = None) -> JSONResponse:
+    """`openai_error` with the kind's HTTP status; a busy answer carries Retry-After."""
+    return JSONResponse({"error": openai_error(e, field)}, e.kind.http_status,
+                        headers={"Retry-After": "1"} if e.kind is BUSY else None)
 
 
 def options_for(gen: Generator, body: _Body) -> Options:
@@ -78,11 +98,6 @@ def options_for(gen: Generator, body: _Body) -> Options:
     return gen.options(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                        top_k=body.top_k, repetition_penalty=body.repetition_penalty, seed=body.seed, stop=stop,
                        logprobs=logprobs, echo_logprobs=getattr(body, "echo", False) and logprobs is not None)
-
-
-def api_words(message: str) -> str:
-    """The library's option names as the API spells them."""
-    return message.replace("max_new_tokens", "max_tokens")
 
 
 def prompts_of(gen: Generator, prompt) -> list[tuple[str, list[int]]]:
@@ -172,9 +187,9 @@ def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_
         try:
             prompts = prompts_of(engine.gen, body.prompt)
         except InputError as e:
-            return error(400, str(e), param="prompt")
+            return error_response(e, "prompt")
         if body.echo and body.logprobs is not None and engine.gen.model.open_score is None:
-            return error(400, ScoreUnavailable.MESSAGE, param="echo")
+            return error_response(ScoreUnavailable(ScoreUnavailable.MESSAGE), "echo")
         if body.stream and (len(prompts) > 1 or body.logprobs is not None):
             return error(400, "stream supports one prompt and no logprobs; send stream: false for those",
                          param="stream")
@@ -191,7 +206,7 @@ def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_
         try:
             rendered = engine.gen.text.render([m.model_dump() for m in body.messages])
         except ChatTemplateError as e:
-            return error(400, str(e), param="messages")
+            return error_response(e, "messages")
         return await respond(engine, body, engine.gen.text.encode(rendered), "chat", model_name, timeout_s)
 
     return app
@@ -206,19 +221,12 @@ def prometheus(values: dict) -> str:
 async def respond(engine: Engine, body: _Body, prompt: list[int], kind: str, model_name: str, timeout_s: float,
                   prompt_text: str = ""):
     """Submit to the engine; answer with the whole completion, a stream of events, or an error object."""
-    try:
-        opts = options_for(engine.gen, body)
-    except OptionError as e:
-        return error(400, api_words(str(e)), param=api_words(e.option))
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     emit = lambda k, payload: loop.call_soon_threadsafe(events.put_nowait, (k, payload))  # noqa: E731
     try:
-        handle = engine.submit(prompt, opts, emit, timeout_s)
-    except QueueFull as e:
-        return JSONResponse({"error": {"message": str(e), "type": "server_busy", "param": None, "code": 429}},
-                            429, headers={"Retry-After": "1"})
-    except (InputError, OptionError) as e:
-        return error(400, api_words(str(e)), param="max_tokens")
+        handle = engine.submit(prompt, options_for(engine.gen, body), emit, timeout_s)
+    except ErnieError as e:  # an option out of range, a request too long, a full queue
+        return error_response(e)
     ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
     if body.stream:
         return StreamingResponse(_sse(events, engine, handle, ident, created, model_name, kind),
@@ -229,7 +237,7 @@ async def respond(engine: Engine, body: _Body, prompt: list[int], kind: str, mod
             if event == "done":
                 return _final(payload, ident, created, model_name, kind, engine.gen, body, prompt_text)
             if event == "error":
-                return error(504 if "time budget" in payload else 500, payload, "server_error")
+                return error_response(payload)
     except asyncio.CancelledError:  # the client went away: free its row
         engine.cancel(handle)
         raise
@@ -292,7 +300,8 @@ async def _sse(events: asyncio.Queue, engine: Engine, handle, ident: str, create
                 yield chunk(None, reason, _usage(payload))
                 break
             else:
-                yield f"data: {json.dumps({'error': {'message': payload, 'type': 'server_error'}})}\n\n"
+                failed = openai_error(payload)
+                yield f"data: {json.dumps({'error': {'message': failed['message'], 'type': failed['type']}})}\n\n"
                 break
         yield "data: [DONE]\n\n"
     finally:  # the client went away (the generator is closed early): free its row
@@ -324,20 +333,22 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     args = parser().parse_args(argv)
-    try:
-        gen = load(args.model, args.provider, args.threads)
-        engine = Engine(gen, args.max_batch, args.max_queue)
-    except (ArtifactError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: serve(args, uvicorn.run))
+
+
+def serve(args: argparse.Namespace, run_server) -> None:
+    """Load the artifact, start the engine and serve until the server stops (`run_server`: uvicorn.run)."""
+    gen = load(args.model, args.provider, args.threads)
+    engine = Engine(gen, args.max_batch, args.max_queue)
     for w in gen.warnings:
         print(f"warning: {w}", file=sys.stderr)
     engine.start()
     name = os.path.basename(os.path.normpath(args.model))
     app = BodyLimit(create_app(lambda: engine, name, args.api_key, args.timeout, args.max_body), args.max_body)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    engine.stop()
-    return 0
+    try:
+        run_server(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 In:  a loaded `Generator`; requests (prompt ids + `Options`) submitted from any thread, each with an
      `emit(kind, payload)` callback: ("first_token", None) once, ("text", chunk) as text is produced,
-     then ("done", Result) or ("error", message).
+     then ("done", Result) or ("error", ErnieError): the error itself (a `StepError`, `ModelOutputError`), a
+     `RequestTimeout` past the deadline, a `Failure` otherwise; the front end words it from its kind and fields.
 Out: per request, exactly one final event; `Engine.metrics()` for monitoring.
 
 The engine is the only code that touches the sessions and the cache while serving; the HTTP layer
@@ -29,7 +30,7 @@ from runtime.core.contract import ArtifactError
 from runtime.generate.api import Generator, check_request, score_prompt
 from runtime.generate.request import ModelOutputError, Options, Row
 from runtime.core.step import KVCache, ScoreUnavailable, StepError, merge_caches, select_rows
-from runtime.core.errors import BUSY, ErnieError
+from runtime.core.errors import BUSY, TIMEOUT, ErnieError, Failure
 
 Emit = Callable[[str, object], None]
 
@@ -55,8 +56,13 @@ def prefill_groups(lengths: list[int]) -> list[list[int]]:
 
 
 class QueueFull(ErnieError, RuntimeError):
-    kind = BUSY
     """The wait queue is full: the caller should answer "busy, retry" at once."""
+    kind = BUSY
+
+
+class RequestTimeout(ErnieError):
+    """A request still running past its deadline (the server's time budget)."""
+    kind = TIMEOUT
 
 
 @dataclass(eq=False)
@@ -145,7 +151,7 @@ class Engine:
                 self._step()
         except Exception as e:  # never let one bad step kill the loop: fail what is running, go on
             for request in self._running + [r for r in admitted if r not in self._running]:
-                self._finish(request, "error", f"internal error: {type(e).__name__}: {e}", "failed")
+                self._finish(request, "error", Failure(f"internal error: {type(e).__name__}: {e}"), "failed")
             self._running, self._cache = [], None
 
     def _admit(self, requests: list[Request]) -> None:
@@ -154,7 +160,7 @@ class Engine:
         fresh = []
         for request in requests:
             if request.cancelled:
-                self._finish(request, "error", "cancelled before it started", "cancelled")
+                self._finish(request, "error", Failure("cancelled before it started"), "cancelled")
                 continue
             request.row = Row(request.opts, request.prompt, self.gen.text, self.gen.eos_ids,
                               lambda chunk, r=request: r.emit("text", chunk))
@@ -164,7 +170,7 @@ class Engine:
             try:
                 logits, cache = score_prompt(self.gen, request.row)
             except (StepError, ScoreUnavailable) as e:
-                self._finish(request, "error", str(e), "failed")
+                self._finish(request, "error", e, "failed")
                 continue
             if request.opts.max_new_tokens == 0:
                 self._finish(request, "done", None, "completed")
@@ -176,7 +182,7 @@ class Engine:
                 logits, cache = self.gen.model.start([r.prompt for r in group], self.gen.pad_id)
             except StepError as e:
                 for request in group:
-                    self._finish(request, "error", str(e), "failed")
+                    self._finish(request, "error", e, "failed")
                 continue
             self._join(group, logits, cache)
 
@@ -195,7 +201,7 @@ class Engine:
         try:
             request.pending = request.row.step(logits)
         except ModelOutputError as e:
-            self._finish(request, "error", str(e), "failed")
+            self._finish(request, "error", e, "failed")
             return False
         if request.first_token_at is None:  # mark the first token even when its text is held back
             request.first_token_at = time.monotonic()  # (a split UTF-8 character, a possible stop string)
@@ -216,9 +222,9 @@ class Engine:
         keep = []
         for i, request in enumerate(self._running):
             if request.cancelled:
-                self._finish(request, "error", "the client went away", "cancelled")
+                self._finish(request, "error", Failure("the client went away"), "cancelled")
             elif request.deadline is not None and now > request.deadline:
-                self._finish(request, "error", "the request exceeded its time budget", "timeout")
+                self._finish(request, "error", RequestTimeout("the request exceeded its time budget"), "timeout")
             else:
                 keep.append(i)
         if len(keep) < len(self._running):
@@ -232,7 +238,7 @@ class Engine:
             logits, self._cache = self.gen.model.advance(tokens, self._cache)
         except StepError as e:
             for request in self._running:
-                self._finish(request, "error", str(e), "failed")
+                self._finish(request, "error", e, "failed")
             self._running, self._cache = [], None
             return
         going_on = [i for i, request in enumerate(self._running) if self._choose(request, logits[i])]
@@ -240,7 +246,7 @@ class Engine:
             self._running = [self._running[i] for i in going_on]
             self._cache = select_rows(self._cache, going_on, self.gen.provider) if going_on else None
 
-    def _finish(self, request: Request, kind: str, message: str | None, outcome: str) -> None:
+    def _finish(self, request: Request, kind: str, error: ErnieError | None, outcome: str) -> None:
         self.counters[f"requests_{outcome}"] += 1
         if kind == "done":
             end = time.monotonic()
@@ -249,4 +255,4 @@ class Engine:
                        "latency_s": round(end - request.submitted, 4)}
             request.emit("done", request.row.result(timings))
         else:
-            request.emit("error", message)
+            request.emit("error", error)

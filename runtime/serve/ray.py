@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 from ray import serve
 
+from runtime.core.errors import ErnieError, Failure, OptionError, SourceProblem, UsageError, run_cli
 from runtime.serve.engine import Engine
 from runtime.generate.api import load
 from runtime.serve.app import BodyLimit, add_engine_arguments, create_app
@@ -175,27 +175,30 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when stopped by Ctrl-C or SIGTERM (a server's normal end); an error: its kind's status."""
+    args = parser().parse_args(argv)
+    return run_cli(lambda: deploy(args))
+
+
+def deploy(args: argparse.Namespace) -> None:
+    """Check the flags, join or start the cluster, deploy, and serve until interrupted; always clean up."""
     import ray
 
-    args = parser().parse_args(argv)
     keys = ("model", "replicas", "name", "max_batch", "max_queue", "timeout", "max_body", "api_key", "provider",
             "threads", "num_cpus", "num_gpus")
     try:
         cfg = settings({k: getattr(args, k) for k in keys})
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     if not args.address and not (Path(cfg["model"]) / "manifest.json").is_file():
-        print(f"error: {cfg['model']} is not an artifact directory (no manifest.json)", file=sys.stderr)
-        return 2
+        raise SourceProblem(f"{cfg['model']} is not an artifact directory (no manifest.json)")
     try:
         started = connect(args.address, cfg)
     except ConnectionError as e:
-        print(f"error: cannot join the Ray cluster at {args.address}: {e}", file=sys.stderr)
-        return 2
+        raise OptionError("address", f"{args.address}: cannot join the Ray cluster: {e}") from None
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, whose own SIGTERM handler aborts
         signal.signal(sig, _interrupt)
-    deployed, status = False, 0
+    deployed = False
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         deployed = True
@@ -206,16 +209,16 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
+    except ErnieError:
+        raise
     except RuntimeError as e:  # the deployment failed (e.g. the artifact is missing on a node)
-        print(f"error: {e}", file=sys.stderr)
-        status = 1
+        raise Failure(str(e)) from None
     finally:
         if deployed:
             serve.delete(APP)
         if started:
             serve.shutdown()
         ray.shutdown()
-    return status
 
 
 if __name__ == "__main__":
