@@ -1,8 +1,9 @@
 """Scale-out on Ray Serve (`runtime/serve_ray.py`): a local Ray head of our own, `python -m runtime.serve.ray`
 joining it with 2 replicas of the tiny artifact, and the official `openai` client against Ray's proxy.
 
-Checks: both replicas take traffic; completions (stream or not) and chat equal the single-process runtime's
-greedy output; a replica killed mid-load loses no request for good (each in-flight one on it ends with a
+Checks: both replicas take traffic, also when they run on two nodes and all clients reach one proxy (Serve's
+default router kept every request on the proxy's node; runtime/serve/routing.py); completions (stream or not)
+and chat equal the single-process runtime's greedy output; a replica killed mid-load loses no request for good (each in-flight one on it ends with a
 retryable HTTP 5xx, retried here at most twice; a stream it carried is cut, without `data: [DONE]`) and
 Serve brings the replica count back to 2; SIGTERM deletes the application.
 
@@ -15,6 +16,7 @@ Ray cluster on the machine.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import importlib.util
 import os
@@ -42,6 +44,7 @@ RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": 
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 MAX = 12            # new tokens per request in the parity checks
 LONG = 3000         # new tokens per request under the kill: ~2-3 s each on the tiny model, so many are in flight
+SPREAD = 256        # new tokens per request in the spread check: long enough that 4 clients' requests overlap
 PROMPTS = ["Hello world", "The capital of France is", "def hello(name):", "Numbers 0 1 2",
            "ERNIE 4.5 is", "Über Größe", "你好，世界", "Export it to ONNX"]
 LOAD_PROMPTS = ["def hello(name):", "Export it to ONNX", "The capital of France is", "Hello world"]
@@ -93,13 +96,13 @@ def tail(path: Path, n: int = 3000) -> str:
 
 
 @contextmanager
-def ray_head(tmp: Path, env: dict):
-    """`ray start --head` on loopback in its own session and temp dir; yields the GCS address."""
+def ray_head(tmp: Path, env: dict, cpus: int = 4, ip: str = "127.0.0.1"):
+    """`ray start --head` on loopback (`ip`) in its own session and temp dir; yields the GCS address."""
     port, log = free_port(), tmp / "head.log"
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--node-ip-address", "127.0.0.1",
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--node-ip-address", ip,
            "--port", str(port), "--ray-client-server-port", str(free_port()),
            "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(tmp / "ray"),
-           "--include-dashboard=false", "--num-cpus", "4", "--disable-usage-stats"]
+           "--include-dashboard=false", "--num-cpus", str(cpus), "--disable-usage-stats"]
     with open(log, "w") as out:
         head = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -109,10 +112,35 @@ def ray_head(tmp: Path, env: dict):
             rc = "timeout"
         if rc != 0:
             pytest.fail(f"ray start --head failed ({rc}):\n{tail(log)}")
-        yield f"127.0.0.1:{port}"
+        yield f"{ip}:{port}"
     finally:
         left = end_session(head.pid, grace_s=3.0)  # gcs_server and raylet may not heed SIGTERM at once
         assert not left, f"Ray processes of our head survived SIGKILL: {left}"
+
+
+@contextmanager
+def ray_node(address: str, tmp: Path, env: dict):
+    """A second node (its own raylet, 1 CPU) joining `address` from 127.0.0.3, still loopback, in its own session."""
+    log = tmp / "node.log"
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--address", address, "--node-ip-address", "127.0.0.3",
+           "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(tmp / "ray"), "--num-cpus", "1",
+           "--disable-usage-stats"]
+    # Joining is refused while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and with 1 Ray swaps 127.0.0.1 (only that
+    # loopback address) for the routable one: so the head of a two-node cluster is 127.0.0.2, this node 127.0.0.3.
+    with open(log, "w") as out:
+        node = subprocess.Popen(cmd, env=env | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        try:
+            rc = node.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        if rc != 0:
+            pytest.fail(f"ray start --address failed ({rc}):\n{tail(log)}")
+        yield
+    finally:
+        left = end_session(node.pid, grace_s=3.0)
+        assert not left, f"Ray processes of our second node survived SIGKILL: {left}"
 
 
 @contextmanager
@@ -140,9 +168,9 @@ def serve_ray(address: str, model: Path, port: int, tmp: Path, env: dict):
         end_session(proc.pid, grace_s=2.0)
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_artifact):
-    """(proxy url, the `ray` module connected as a driver, the serve_ray process and its log)."""
+@contextmanager
+def ray_driver():
+    """(the `ray` module with RAY_ENV set for this process, the subprocesses' environment, a fresh temp dir)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | RAY_ENV
     tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's unix sockets live under it
     try:
@@ -154,16 +182,42 @@ def cluster(tiny_artifact):
                 from ray import serve  # noqa: F401
             except ImportError as e:
                 (pytest.fail if CI else pytest.skip)(f"{MISSING} ({e}){' (CI=true)' if CI else ''}")
-            with ray_head(tmp, env) as address:
-                port = free_port()
-                with serve_ray(address, tiny_artifact, port, tmp, env) as (proc, log):
-                    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-                    try:
-                        yield f"http://127.0.0.1:{port}", ray, proc, log
-                    finally:
-                        ray.shutdown()
+            yield ray, env, tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def two_nodes(tiny_artifact):
+    """(proxy url, `ray` connected as a driver): a head with 1 CPU and a second node with 1 CPU, one replica each
+    (each reserves 1 CPU), and one proxy, on the head. Function-scoped: gone before `cluster` starts."""
+    with ray_driver() as (ray, env, tmp), ray_head(tmp, env, cpus=1, ip="127.0.0.2") as address, \
+            ray_node(address, tmp, env):
+        from ray import serve
+
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        try:
+            port = free_port()
+            # One proxy: by default Serve puts one on every node, and here both nodes share 127.0.0.1:port.
+            # runtime.serve.ray then joins this Serve instance (its --port must match).
+            serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+            with serve_ray(address, tiny_artifact, port, tmp, env):
+                yield f"http://127.0.0.1:{port}", ray
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_artifact):
+    """(proxy url, the `ray` module connected as a driver, the serve_ray process and its log)."""
+    with ray_driver() as (ray, env, tmp), ray_head(tmp, env) as address:
+        port = free_port()
+        with serve_ray(address, tiny_artifact, port, tmp, env) as (proc, log):
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+            try:
+                yield f"http://127.0.0.1:{port}", ray, proc, log
+            finally:
+                ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +246,48 @@ def replica_states(ray) -> dict:
 def replica_actors(ray) -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::ernie#")]
+
+
+def test_spread_router_draws_two_of_all_replicas_and_backs_off():
+    """No cluster: the router's one rank is two distinct replicas from all of them, and it asks Serve to back off."""
+    import asyncio
+    from types import SimpleNamespace
+
+    with ray_driver():  # ray reads RAY_ENV when first imported: never import it (routing does) outside
+        from runtime.serve.routing import SpreadRouter
+    replicas = ["a", "b", "c"]
+    request = SimpleNamespace(routing_context=SimpleNamespace(should_backoff=False))  # Serve's default: False
+    draws = [asyncio.run(SpreadRouter.choose_replicas(None, replicas, request)) for _ in range(60)]
+    assert all(len(d) == 1 and len(set(d[0])) == 2 and set(d[0]) <= set(replicas) for d in draws)
+    assert {r for d in draws for r in d[0]} == set(replicas)
+    assert request.routing_context.should_backoff
+    assert asyncio.run(SpreadRouter.choose_replicas(None, ["a"], None)) == [["a"]]
+
+
+def test_requests_spread_over_replicas_on_two_nodes(two_nodes):
+    """Issue 31, item 9: the load of its report (4 clients, 16 requests), long enough to overlap, through the one
+    proxy. Serve's default router sent all 16 to the replica on the proxy's node (measured: 16/0)."""
+    url, ray = two_nodes
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert sorted(n["Resources"].get("CPU") for n in nodes) == [1.0, 1.0], nodes  # one replica fits on each
+    assert replica_states(ray) == {"RUNNING": 2}
+    c = client(url)
+
+    def one(i):
+        started = time.monotonic()
+        raw = c.completions.with_raw_response.create(model="tiny", prompt=LOAD_PROMPTS[i % 4], max_tokens=SPREAD,
+                                                     temperature=0)
+        return raw.headers["x-replica"], started, time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(16)))
+    counts = collections.Counter(replica for replica, _, _ in results)
+    spans = sorted(span for _, *span in results)
+    overlap = max(sum(s <= start < e for s, e in spans) for start, _ in spans)  # requests in flight at once
+    print(f"\nreplicas answered {dict(counts)}; up to {overlap} requests in flight; "
+          f"{spans[-1][1] - spans[0][0]:.1f} s in all")
+    assert overlap >= 3, "the requests did not overlap: the load is not the one this test claims"
+    assert len(counts) == 2 and min(counts.values()) >= 4, f"one replica took (nearly) all: {dict(counts)}"
 
 
 def test_both_replicas_take_traffic_and_match_the_single_process_runtime(cluster, gen):
