@@ -7,15 +7,19 @@ In:  setup [--checkpoint CKPT] [--cache DIR]
      agreement --reference F32.gguf --model Q.gguf --ids-from ARTIFACT [--positions 256]
      eval --reference F32.gguf --model Q.gguf --ids-from ARTIFACT --text FILE [--window 512]
 Out: setup: the peer files under DIR/<checkpoint name>/, listed with their sizes in DIR/peers.json
-     (one `error:` line and exit 1 when a step fails; a failed genai build is recorded and skipped);
+     (one `error:` line on stderr and exit 1 when a step or a smoke run fails; a failed genai build is
+     recorded and skipped);
      worker: one JSON line with tools.bench's keys (ttft_s, prefill_tok_s, decode_tok_s, load_s, peak_rss_mb);
      agreement: one JSON line {top1_agreement, decisive_positions, top1_agreement_decisive, mean_kl, positions}
         of a quantized GGUF vs its own f32;
      eval: one JSON line with runtime.eval --compare's keys (perplexity, mean_kl, top1_agreement, ...).
 
-setup installs llama-cpp-python from a wheel cached in DIR/wheels (building one there only when none is:
-about 15 minutes on 2 cores) with its `server` extra (tools.bench_serve's peer), and takes llama.cpp's GGUF
-converter from the same version's sdist (the wheel lacks it). The converter reads ERNIE's vocabulary from
+setup installs llama-cpp-python from a wheel cached in DIR/wheels/<key> (building one there only when none is:
+about 15 minutes on 2 cores), built for this CPU's instruction sets with AMX off (tools.llama_build says why),
+with its `server` extra (tools.bench_serve's peer), and takes llama.cpp's GGUF converter from the same
+version's sdist (the wheel lacks it). Once the GGUF files exist, a short worker run of each quantized one must
+end normally: one killed by a signal (SIGILL: a build for instructions this CPU does not run) ends setup with
+one `error:` line saying what to rebuild. The converter reads ERNIE's vocabulary from
 a SentencePiece tokenizer.model, which our checkpoints (tokenizer.json only) lack, so setup makes a peer
 checkpoint of links to the weights and configs plus a small tokenizer.model trained on the repository's
 README; the converter pads the vocabulary to config vocab_size with [PADn] tokens, so every id keeps its
@@ -38,76 +42,19 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from runtime.core.errors import ErnieError
 from tools.bench import _prompts, peak_rss_mb
+from tools.llama_build import LLAMA_CPP, converter, install_llama_cpp, install_llama_server, sh, smoke
 
-LLAMA_CPP = "0.3.36"  # wheel and converter must come from the same llama.cpp
 GENAI = "onnxruntime-genai==0.18.0"
 QUANTS = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 LINKED = ("config.json", "generation_config.json", "tokenizer_config.json", "*.safetensors", "*.safetensors.index.json")
-
-
-def _sh(cmd: list, log: Path) -> None:
-    """Run cmd with its output in `log`; raise with the log's last line when it fails."""
-    with open(log, "w") as f:
-        rc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc:
-        last = (log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"{log.stem} failed: {last} (log: {log})")
-
-
-def install_llama_cpp(cache: Path) -> None:
-    try:
-        if importlib.metadata.version("llama-cpp-python") == LLAMA_CPP:
-            return
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    wheels = cache / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    found = sorted(wheels.glob(f"llama_cpp_python-{LLAMA_CPP}-*.whl"))
-    if not found:
-        print(f"building llama-cpp-python {LLAMA_CPP} (about 15 minutes on 2 cores)...", flush=True)
-        _sh([sys.executable, "-m", "pip", "wheel", "--no-deps", f"llama-cpp-python=={LLAMA_CPP}", "-w", wheels],
-            cache / "build.log")
-        found = sorted(wheels.glob(f"llama_cpp_python-{LLAMA_CPP}-*.whl"))
-    _sh([sys.executable, "-m", "pip", "install", found[-1]], cache / "install.log")
-
-
-def install_llama_server(cache: Path) -> None:
-    """llama.cpp's OpenAI-compatible server (tools.bench_serve's peer): the wheel's `server` extra, whose
-    packages are pure Python (pip takes them from the registry and keeps the installed wheel)."""
-    if importlib.util.find_spec("sse_starlette") is None or importlib.util.find_spec("starlette_context") is None:
-        _sh([sys.executable, "-m", "pip", "install", f"llama-cpp-python[server]=={LLAMA_CPP}"], cache / "server.log")
-
-
-def converter(cache: Path) -> Path:
-    """llama.cpp's convert_hf_to_gguf.py with its conversion/ and gguf-py/ (it puts gguf-py on sys.path itself)."""
-    root = cache / f"llama.cpp-{LLAMA_CPP}"
-    script = root / "convert_hf_to_gguf.py"
-    if script.exists():
-        return script
-    sdist = cache / "sdist" / f"llama_cpp_python-{LLAMA_CPP}.tar.gz"
-    if not sdist.exists():
-        _sh([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP}", "--no-binary", ":all:",
-             "--no-deps", "-d", sdist.parent], cache / "download.log")
-    prefix = f"llama_cpp_python-{LLAMA_CPP}/vendor/llama.cpp/"
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()
-                   and m.name[len(prefix):].partition("/")[0] in ("convert_hf_to_gguf.py", "conversion", "gguf-py")]
-        for m in members:
-            m.name = m.name[len(prefix):]
-        tmp = root.parent / f"{root.name}.part"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tar.extractall(tmp, members, filter="data")
-    tmp.rename(root)
-    return script
 
 
 def peer_checkpoint(checkpoint: Path, out: Path) -> Path:
@@ -135,7 +82,7 @@ def make_ggufs(peer: Path, work: Path, cache: Path) -> dict[str, Path]:
     files = {kind: work / f"{kind}.gguf" for kind in ("f32", *QUANTS)}
     if not files["f32"].exists():
         part = files["f32"].with_suffix(".part")
-        _sh([sys.executable, converter(cache), peer, "--outtype", "f32", "--outfile", part], work / "convert.log")
+        sh([sys.executable, converter(cache), peer, "--outtype", "f32", "--outfile", part], work / "convert.log")
         part.rename(files["f32"])
     import llama_cpp
 
@@ -169,14 +116,14 @@ def genai_python(cache: Path) -> Path:
         return python
     pin = f"onnxruntime=={importlib.metadata.version('onnxruntime')}"
     try:
-        _sh([sys.executable, "-m", "pip", "install", GENAI, pin], cache / "genai-install.log")
+        sh([sys.executable, "-m", "pip", "install", GENAI, pin], cache / "genai-install.log")
         return Path(sys.executable)
     except RuntimeError:
         pass
-    _sh([sys.executable, "-m", "venv", "--clear", venv], cache / "genai-venv.log")
+    sh([sys.executable, "-m", "venv", "--clear", venv], cache / "genai-venv.log")
     # torch first, pinned: a bare `torch` pulls several GB of CUDA packages
-    _sh([python, "-m", "pip", "install", "torch==2.13.0"], cache / "genai-torch.log")
-    _sh([python, "-m", "pip", "install", GENAI, "transformers", "safetensors"], cache / "genai-venv-install.log")
+    sh([python, "-m", "pip", "install", "torch==2.13.0"], cache / "genai-torch.log")
+    sh([python, "-m", "pip", "install", GENAI, "transformers", "safetensors"], cache / "genai-venv-install.log")
     (venv / ".installed").touch()
     return python
 
@@ -188,7 +135,7 @@ def make_genai(checkpoint: Path, work: Path, cache: Path) -> dict:
     if not (out / "genai_config.json").exists():
         part = out.with_suffix(".part")
         shutil.rmtree(part, ignore_errors=True)
-        _sh([python, "-m", "onnxruntime_genai.models.builder", "-i", checkpoint, "-o", part, "-p", "int4", "-e", "cpu",
+        sh([python, "-m", "onnxruntime_genai.models.builder", "-i", checkpoint, "-o", part, "-p", "int4", "-e", "cpu",
              "-c", work / "genai-build-cache"], work / "genai-build.log")
         part.rename(out)
     return {"path": str(out), "python": str(python), "mb": round(sum(f.stat().st_size for f in out.iterdir()) / 1e6)}
@@ -201,9 +148,11 @@ def setup(checkpoint: Path, cache: Path) -> dict:
     install_llama_server(cache)
     peer = peer_checkpoint(checkpoint, work / "checkpoint")
     listing = {"checkpoint": str(checkpoint.resolve()), "llama_cpp_python": LLAMA_CPP}
-    for kind, path in make_ggufs(peer, work, cache).items():
+    files = make_ggufs(peer, work, cache)
+    for kind, path in files.items():
         listing[kind] = {"path": str(path), "mb": round(path.stat().st_size / 1e6)}
         print(f"{path} ({listing[kind]['mb']} MB)", flush=True)
+    smoke({kind: files[kind] for kind in QUANTS}, cache, smoke_command)
     try:
         listing["genai_int4"] = make_genai(checkpoint, work, cache)
         print(f"{listing['genai_int4']['path']} ({listing['genai_int4']['mb']} MB)")
@@ -212,6 +161,12 @@ def setup(checkpoint: Path, cache: Path) -> dict:
         print(f"genai skipped: {e}")
     (cache / "peers.json").write_text(json.dumps(listing, indent=2) + "\n")
     return listing
+
+
+def smoke_command(gguf: Path) -> list:
+    """A short worker run of one GGUF file (from the repository root, like every worker)."""
+    return [sys.executable, "-m", "tools.peers", "--worker", "llama", "--model", gguf, "--len", "16",
+            "--new-tokens", "4"]
 
 
 def _llama(model: str, n_ctx: int, n_batch: int, threads: int | None, logits_all: bool = False):
@@ -367,12 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.command == "setup":
         if not (args.checkpoint / "config.json").exists() or not any(args.checkpoint.glob("*.safetensors")):
-            print(f"error: no checkpoint at {args.checkpoint} (config.json and *.safetensors expected)")
+            print(f"error: no checkpoint at {args.checkpoint} (config.json and *.safetensors expected)",
+                  file=sys.stderr)
             return 1
         try:
             setup(args.checkpoint, args.cache.expanduser())
+        except ErnieError as e:
+            print(e.cli_line(), file=sys.stderr)
+            return 1
         except (RuntimeError, OSError) as e:
-            print(f"error: {e}")
+            print(f"error: {e}", file=sys.stderr)
             return 1
     elif args.command == "eval":
         print(json.dumps(rolling(args.reference, args.model, args.ids_from, args.text, args.window, args.threads)))
