@@ -1,25 +1,22 @@
 """`python -m ernie_export --model <dir | hub id> --out artifacts/<name>`: export and verify.
 
-Only parses flags, calls `build.export_artifact`, and words its errors as one `error:` line
-(exit 1); `python -m ernie_export.artifact.verify` re-verifies a published artifact.
+Only parses flags and calls `build.export_artifact` through `runtime.core.errors.run_cli`: an error is one `error:`
+line and its kind's exit status (2 a flag, 3 the checkpoint, 1 a failed run; 130/143 interrupted, nothing written);
+`python -m ernie_export.artifact.verify` re-verifies a published artifact.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
-import sys
 
 from runtime.core.contract import KV_CACHE_KINDS
 
-from ernie_export.build import DEFAULT_MODEL, DEFAULT_OPSET, ExportOptionError, export_artifact
+from ernie_export.build import DEFAULT_MODEL, DEFAULT_OPSET, export_artifact
 from ernie_export.graph.quantize import (BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_TABLE_BITS, KV_BITS, MIN_STANDARD_OPSET, OPS,
                        QUANTIZATIONS, TABLE_BITS)
-from ernie_export.checkpoint.config import ConfigError
-from ernie_export.artifact.publish import OutputError, OutputExistsError, Terminated, interrupt_on_sigterm
+from ernie_export.artifact.publish import interrupt_on_sigterm
 from ernie_export.graph.trace import DTYPES
-from ernie_export.artifact.verify import VerificationError
-from ernie_export.checkpoint.weights import SourceError, WeightsError
+from runtime.core.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,31 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
     args = ap.parse_args(argv)
     interrupt_on_sigterm()
-    try:
-        export_artifact(args.model, args.out, dtype=args.dtype, opset=args.opset, full_logits=args.full_logits,
-                        run_verify=not args.no_verify, overwrite=args.overwrite, quantize=args.quantize,
-                        block_size=args.block_size, ops=args.ops, table_bits=args.table_bits, kv_cache=args.kv_cache,
-                        kv_bits=args.kv_bits)
-    except OutputExistsError as e:
-        print(f"error: {e}: pass --overwrite to replace it, or choose another --out", file=sys.stderr)
-        return 1
-    except ExportOptionError as e:
-        print(f"error: --{e}", file=sys.stderr)
-        return 1
-    except (OutputError, SourceError, ConfigError, WeightsError, VerificationError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            print(f"error: disk full while writing {args.out}; free space (the full float32 model needs ~1.5 GB) "
-                  "or choose another --out", file=sys.stderr)
-        else:
-            print(f"error: {e.strerror or e} ({getattr(e, 'filename', '')}); check the paths and permissions", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:
-        print(f"error: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing was written", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
-    return 0
+    return run_cli(lambda: export_artifact(
+        args.model, args.out, dtype=args.dtype, opset=args.opset, full_logits=args.full_logits,
+        run_verify=not args.no_verify, overwrite=args.overwrite, quantize=args.quantize, block_size=args.block_size,
+        ops=args.ops, table_bits=args.table_bits, kv_cache=args.kv_cache, kv_bits=args.kv_bits),
+        interrupted="; nothing was written")
 
 
 if __name__ == "__main__":

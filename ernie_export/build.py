@@ -129,12 +129,12 @@ def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opse
     `opset` None: 18, or 21 for quantized standard-op graphs (blocked DequantizeLinear)."""
     out = Path(out)
     if dtype not in DTYPES:
-        raise ExportOptionError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+        raise ExportOptionError(f"{dtype!r} is not supported: use one of {', '.join(DTYPES)}", "dtype")
     quantized = quantize != "none"
     kv_cache = kv_cache or default_kv_cache(ops, dtype)
     if kv_cache == SHARED_BUFFER_VT and dtype != "float32":
-        raise ExportOptionError(f"kv-cache {SHARED_BUFFER_VT} is for float32 graphs (the CPU profiles): use "
-                                f"--kv-cache {SHARED_BUFFER} with --dtype {dtype}")
+        raise ExportOptionError(f"{SHARED_BUFFER_VT} is for float32 graphs (the CPU profiles): use "
+                                f"--kv-cache {SHARED_BUFFER} with --dtype {dtype}", "kv_cache")
     profile = Profile(quantize, block_size if quantized else None, ops, table_bits if quantized else None, kv_cache,
                       kv_bits=kv_bits if quantized else None)
     if opset is None:
@@ -142,13 +142,13 @@ def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opse
     try:
         profile.check(opset)
     except QuantizeError as e:
-        raise ExportOptionError(str(e)) from None
+        raise ExportOptionError(e.problem, e.option) from None
     if profile.bits and dtype == "bfloat16":
-        raise ExportOptionError("dtype bfloat16 cannot be quantized (the scales would be bfloat16, which the CPU "
-                                "kernels lack): use --dtype float32 or float16 with --quantize")
+        raise ExportOptionError("bfloat16 cannot be quantized (the scales would be bfloat16, which the CPU "
+                                "kernels lack): use --dtype float32 or float16 with --quantize", "dtype")
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
-        raise ExportOptionError(f"opset {opset} is not supported: use {MIN_OPSET}..{onnx.defs.onnx_opset_version()} "
-                                f"(default {DEFAULT_OPSET})")
+        raise ExportOptionError(f"{opset} is not supported: use {MIN_OPSET}..{onnx.defs.onnx_opset_version()} "
+                                f"(default {DEFAULT_OPSET})", "opset")
     ckpt = resolve_checkpoint(model)
     t0 = time.perf_counter()
     try:

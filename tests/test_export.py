@@ -191,12 +191,12 @@ def test_failure_mid_export_keeps_existing_artifact(tiny_ckpt, tmp_path, monkeyp
 
 
 def test_existing_output_needs_overwrite(tiny_ckpt, tiny_artifact, capsys):
-    assert export_main(["--model", str(tiny_ckpt), "--out", str(tiny_artifact)]) == 1
+    assert export_main(["--model", str(tiny_ckpt), "--out", str(tiny_artifact)]) == 2
     assert "already exists: pass --overwrite" in capsys.readouterr().err
 
 
 def test_bad_model_path_message(tmp_path, capsys):
-    assert export_main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
+    assert export_main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 3
     assert "no such checkpoint directory" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 

@@ -42,7 +42,7 @@ def test_overwrite_refuses_a_directory_that_is_not_our_artifact(tiny_ckpt, tmp_p
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
     code, err = _export(tiny_ckpt, out, capsys, "--overwrite")
-    assert code == 1 and "refusing to replace" in err and "no readable manifest.json" in err
+    assert code == 2 and "refusing to replace" in err and "no readable manifest.json" in err
     assert (out / "thesis.tex").read_text() == "years of work"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
@@ -50,7 +50,7 @@ def test_overwrite_refuses_a_directory_that_is_not_our_artifact(tiny_ckpt, tmp_p
 def test_overwrite_refuses_an_artifact_holding_foreign_files(art, tiny_ckpt, capsys):
     (art / "notes.txt").write_text("keep me")
     code, err = _export(tiny_ckpt, art, capsys, "--overwrite")
-    assert code == 1 and "holds files the artifact does not list (notes.txt)" in err
+    assert code == 2 and "holds files the artifact does not list (notes.txt)" in err
     assert (art / "notes.txt").exists()
 
 
@@ -62,7 +62,7 @@ def test_output_may_not_touch_the_checkpoint(tmp_path, capsys, where):
     out = {"equal": ckpt, "inside": ckpt / "onnx", "contains": tmp_path / "outer"}[where]
     before = sorted(p.name for p in ckpt.iterdir())
     code, err = _export(ckpt, out, capsys, "--overwrite")
-    assert code == 1 and "checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "checkpoint" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in ckpt.iterdir()) == before
 
 
@@ -112,7 +112,7 @@ def test_second_export_to_the_same_output_is_refused(tiny_ckpt, tmp_path, capsys
     out = tmp_path / "art"
     with P.output_lock(out):
         code, err = _export(tiny_ckpt, out, capsys)
-    assert code == 1 and "another export to" in err and "is running" in err
+    assert code == 2 and "another export to" in err and "is running" in err
     assert not out.exists()
     assert _export(tiny_ckpt, out, capsys)[0] == 0, "the lock is released with its holder"
 
@@ -127,7 +127,7 @@ def test_concurrent_export_processes(tiny_ckpt, tmp_path, capsys):
     code, err = _export(tiny_ckpt, out, capsys)
     _, first_err = first.communicate(timeout=120)
     assert first.returncode == 0, first_err
-    assert code == 1 and "is running" in err
+    assert code == 2 and "is running" in err
     assert json.loads((out / "parity.json").read_text())["status"] == "passed", "the first export's artifact stands"
 
 
@@ -164,7 +164,7 @@ def test_config_refuses_bad_rope_theta(tmp_path, capsys):
     ckpt = write_checkpoint(tmp_path / "ckpt", "tiny")
     _edit_json("config.json", rope_parameters={"rope_type": "default", "rope_theta": -10000.0})(ckpt)
     code, err = _export(ckpt, tmp_path / "art", capsys)
-    assert code == 1 and "rope_theta must be a positive number, got -10000.0" in err
+    assert code == 3 and "rope_theta must be a positive number, got -10000.0" in err
 
 
 def test_nan_model_fails_verification(nan_ckpt, tmp_path, capsys):
@@ -191,7 +191,7 @@ def test_runtime_refuses_to_emit_tokens_from_non_finite_logits(nan_ckpt, tmp_pat
     export_artifact(str(nan_ckpt), out, run_verify=False, **QUIET)
     code = cli_main(["--model", str(out), "--prompt", "hello", "--max-new-tokens", "4", "--greedy"])
     cap = capsys.readouterr()
-    assert code == 2 and "non-finite logits" in cap.err and cap.out == ""
+    assert code == 1 and "non-finite logits" in cap.err and cap.out == ""
     assert cap.err.strip().splitlines()[-1].startswith("error: ")
 
 
@@ -230,7 +230,7 @@ def test_broken_checkpoint_files_are_one_line_errors(tiny_ckpt, tmp_path, capsys
     edit(ckpt)
     start = time.perf_counter()
     code, err = _export(ckpt, tmp_path / "art", capsys)
-    assert code == 1 and message in err and "Traceback" not in err
+    assert code == 3 and message in err and "Traceback" not in err
     assert [ln for ln in err.splitlines() if not ln.startswith("[export]")] == [err.strip().splitlines()[-1]]
     assert time.perf_counter() - start < 20 and not (tmp_path / "art").exists()
 
@@ -240,7 +240,7 @@ def test_opset_is_honoured_or_refused(tiny_ckpt, tmp_path, capsys):
     import onnx
 
     code, err = _export(tiny_ckpt, tmp_path / "old", capsys, "--opset", "17")
-    assert code == 1 and "--opset 17 is not supported: use 18.." in err
+    assert code == 2 and "--opset 17 is not supported: use 18.." in err
     manifest = export_artifact(str(tiny_ckpt), tmp_path / "o21", opset=21, **QUIET)
     assert manifest["onnx"]["opset"] == 21 and manifest["onnx"]["ir_version"] == 10, "IR 10 is the lowest for 21"
     for graph in ("prefill", "decode"):

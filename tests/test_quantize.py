@@ -178,7 +178,7 @@ def test_kv_bits_rule():
     assert P("int4", 32, "ort", 8, kv_bits=8, kv_block=64).kv_block_size(1024) == 64, "re-verifying: the recorded block"
     quantizer = Q.Quantizer(P("int4", 32, "ort", 8, kv_bits=8), np.dtype(np.float32))
     assert [quantizer.bits(f"model.layers.0.self_attn.{p}_proj.weight") for p in "qkvo"] == [4, 8, 8, 4]
-    with pytest.raises(Q.QuantizeError, match="kv-bits 6 is not supported"):
+    with pytest.raises(Q.QuantizeError, match="kv_bits 6 is not supported"):
         P("int4", 32, "ort", 8, kv_bits=6).check(21)
 
 
@@ -330,7 +330,7 @@ def test_scales_off_by_one_block_fail(tiny_ckpt, tmp_path, monkeypatch):
     (["--quantize", "int4", "--dtype", "bfloat16"], "cannot be quantized"),
 ])
 def test_option_errors(tiny_ckpt, tmp_path, capsys, argv, message):
-    assert export_main(["--model", str(tiny_ckpt), "--out", str(tmp_path / "x"), *argv]) == 1
+    assert export_main(["--model", str(tiny_ckpt), "--out", str(tmp_path / "x"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
 

@@ -79,7 +79,7 @@ def check_output(out: Path, ckpt: Path | None, overwrite: bool) -> None:
             raise OutputError(f"the source checkpoint {ckpt} is inside the output {out}; choose another output directory")
     if out.exists() or out.is_symlink():
         if not overwrite:
-            raise OutputExistsError(f"{out} already exists")
+            raise OutputExistsError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
         problem = replaceable_problem(out)
         if problem:
             raise OutputError(f"refusing to replace {out}: {problem}; only a complete artifact written by this "

@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -38,17 +37,17 @@ import torch
 
 from runtime.core.contract import (MANIFEST, PAST, SCORE, SHARED_KINDS, ArtifactError, cache_names, generation_graphs,
                               graphs_of, kv_cache_of, load_manifest)
-from runtime.core.session import PROVIDERS, ProviderError, open_model, resolve_provider
+from runtime.core.session import PROVIDERS, open_model, resolve_provider
 from runtime.core.step import KVCache, Model, StepError, decode_loop, left_pad
 
 from ernie_export.artifact.write import write_manifest
-from ernie_export.artifact.publish import OutputError, interrupt_on_sigterm, publish, staged
-from ernie_export.checkpoint.config import ConfigError, ErnieConfig, load_config
+from ernie_export.artifact.publish import interrupt_on_sigterm, publish, staged
+from ernie_export.checkpoint.config import ErnieConfig, load_config
 from ernie_export.graph.quantize import ACCURACY_LEVEL, Profile, Quantizer
 from ernie_export.artifact.golden import QUANTIZED_TOLERANCE, TOP_K, TOP_STEPS, golden_file, golden_prompts, quality_ids
 from ernie_export.model.dense import ErnieForCausalLM, build_model
-from ernie_export.checkpoint.weights import SourceError, WeightsError, load_weights, resolve_checkpoint
-from runtime.core.errors import Failure
+from ernie_export.checkpoint.weights import SourceError, load_weights, resolve_checkpoint
+from runtime.core.errors import Failure, run_cli
 
 FP32_TOL = 1e-4
 CHECKED_STEPS = 16
@@ -374,7 +373,7 @@ def _checkpoint_for(manifest: dict, checkpoint: str | None) -> tuple[Path, Ernie
     model = manifest["model"]
     if checkpoint is None and model.get("source_kind") != "hub":
         raise CheckpointNeeded(f"the artifact was exported from a local checkpoint ({model.get('source')}); "
-                               "give the directory of that checkpoint")
+                               "pass --checkpoint DIR, the directory of that checkpoint")
     ckpt = resolve_checkpoint(checkpoint or model["source"])
     cfg = load_config(ckpt)
     dims = model["dims"]
@@ -422,20 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
     args = ap.parse_args(argv)
     interrupt_on_sigterm()
-    try:
-        report = reverify(args.model, args.checkpoint, args.provider)
-    except CheckpointNeeded as e:
-        print(f"error: {e}: pass --checkpoint DIR", file=sys.stderr)
-        return 1
-    except (ArtifactError, OutputError, SourceError, ConfigError, WeightsError, VerificationError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ProviderError as e:
-        print(f"error: --provider {e.provider}: {e.problem}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; the artifact is unchanged", file=sys.stderr)
-        return 130
+    return run_cli(lambda: _reverify_and_report(args), interrupted="; the artifact is unchanged")
+
+
+def _reverify_and_report(args: argparse.Namespace) -> int:
+    report = reverify(args.model, args.checkpoint, args.provider)
     print(f"{args.model}: parity {report['status']} on {report.get('provider', 'no provider')} "
           f"(written to {PARITY_FILE} and {MANIFEST})")
     return 0 if report["status"] == "passed" else 1

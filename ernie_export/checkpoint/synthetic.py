@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from ernie_export.checkpoint.config import parse_config
 from ernie_export.checkpoint.weights import expected_shapes
+from runtime.core.errors import OptionError, run_cli
 
 RANDOM_WEIGHTS_NOTICE = "synthetic checkpoint with RANDOM weights: its output is noise, not ERNIE 4.5"
 
@@ -233,9 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    return run_cli(lambda: _write(args))
+
+
+def _write(args: argparse.Namespace) -> None:
+    if args.shards < 1:
+        raise OptionError("shards", f"must be >= 1, got {args.shards}")
     path = write_checkpoint(args.out, args.size, layout=args.layout, shards=args.shards, seed=args.seed)
     print(f"wrote {path}: {RANDOM_WEIGHTS_NOTICE}")
-    return 0
 
 
 if __name__ == "__main__":

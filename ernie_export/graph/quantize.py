@@ -109,23 +109,23 @@ class Profile:
 
     def check(self, opset: int) -> None:
         if self.quantization not in QUANTIZATIONS:
-            raise QuantizeError(f"quantize {self.quantization!r} is not supported: use one of {', '.join(QUANTIZATIONS)}")
+            raise QuantizeError(f"{self.quantization!r} is not supported: use one of {', '.join(QUANTIZATIONS)}", "quantize")
         if self.ops not in OPS:
-            raise QuantizeError(f"ops {self.ops!r} is not supported: use one of {', '.join(OPS)}")
+            raise QuantizeError(f"{self.ops!r} is not supported: use one of {', '.join(OPS)}", "ops")
         if self.kv_cache not in KV_CACHE_KINDS:
-            raise QuantizeError(f"kv-cache {self.kv_cache!r} is not supported: use one of {', '.join(KV_CACHE_KINDS)}")
+            raise QuantizeError(f"{self.kv_cache!r} is not supported: use one of {', '.join(KV_CACHE_KINDS)}", "kv_cache")
         if self.kv_cache in SHARED_KINDS and self.ops != "ort":
-            raise QuantizeError(f"kv-cache {self.kv_cache} needs --ops ort (onnxruntime's GroupQueryAttention writes it)")
+            raise QuantizeError(f"{self.kv_cache} needs --ops ort (onnxruntime's GroupQueryAttention writes it)", "kv_cache")
         if self.bits and self.kv_bits not in (None, *KV_BITS):
-            raise QuantizeError(f"kv-bits {self.kv_bits} is not supported: use one of {', '.join(map(str, KV_BITS))}")
+            raise QuantizeError(f"{self.kv_bits} is not supported: use one of {', '.join(map(str, KV_BITS))}", "kv_bits")
         if self.bits and self.table_bits not in TABLE_BITS:
-            raise QuantizeError(f"table-bits {self.table_bits} is not supported: use one of {', '.join(map(str, TABLE_BITS))}")
+            raise QuantizeError(f"{self.table_bits} is not supported: use one of {', '.join(map(str, TABLE_BITS))}", "table_bits")
         if self.bits and self.block_size not in BLOCK_SIZES:
-            raise QuantizeError(f"block-size {self.block_size} is not supported: use one of "
-                                f"{', '.join(map(str, BLOCK_SIZES))}")
+            raise QuantizeError(f"{self.block_size} is not supported: use one of "
+                                f"{', '.join(map(str, BLOCK_SIZES))}", "block_size")
         if self.bits and self.ops == "standard" and opset < MIN_STANDARD_OPSET:
-            raise QuantizeError(f"opset {opset} has no blocked DequantizeLinear: quantized standard-op graphs "
-                                f"need --opset >= {MIN_STANDARD_OPSET}")
+            raise QuantizeError(f"{opset} has no blocked DequantizeLinear: quantized standard-op graphs "
+                                f"need --opset >= {MIN_STANDARD_OPSET}", "opset")
 
     def table_block_size(self, hidden: int) -> int | None:
         """The embedding / LM-head table's block size: in the int4 profile an 8-bit table's is `wide_block`; else the
