@@ -24,6 +24,7 @@ from ernie_export.artifact.verify import VerificationError
 from runtime.generate import api as G
 from runtime.generate.chat import Chat
 from runtime.core.contract import load_manifest
+from runtime.core.kv_cache import SharedBuffer
 from tests.helpers import decode_logits_and_tokens, our_model
 
 PROMPTS = ["Hello world", "The capital of France is a", "def hello(name):"]
@@ -132,7 +133,7 @@ def test_buffer_growing_mid_generation_changes_nothing(gen, monkeypatch):
     prompts = [G.encode_prompt(gen, p) for p in PROMPTS]
     opts = gen.options(greedy=True, max_new_tokens=40, ignore_eos=True)
     roomy = [r.token_ids for r in G.generate(gen, prompts, opts)]
-    monkeypatch.setattr(type(gen.model), "RESERVE_STEP", 4)
+    monkeypatch.setattr(SharedBuffer, "RESERVE_STEP", 4)  # the kind of the int4 --ops ort buffer (a subclass)
     capacities = []
     advance = type(gen.model).advance
 
@@ -226,7 +227,7 @@ def test_grouped_attention_equals_the_fused_kernel(tiny_ckpt, tmp_path, monkeypa
     own; the buffer larger than the rows). Also when the runtime does not reserve (a buffer exactly the length
     of the cache, as onnxruntime-node's driver feeds it): every step then takes the kernel's branch. Negative
     control: with the mask off (the buffer's unwritten and padded slots visible), verification fails."""
-    import ernie_export.attention as A
+    import ernie_export.graph.attention as A
     from runtime.core import step as S
 
     quiet = dict(log=lambda m: None)

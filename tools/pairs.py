@@ -89,8 +89,7 @@ def pair(artifact: str, gguf: str, length: int, rounds: int, block: int, prefill
             if r:
                 our_prefill()
                 their_prefill()
-            if model.shared:
-                state["cache"] = model.reserve(state["cache"], length + RESTART * block + 1)
+            state["cache"] = model.reserve(state["cache"], length + RESTART * block + 1)  # a concat cache: unchanged
 
     def our_block():
         for _ in range(block):

@@ -102,13 +102,10 @@ def _max_diff(a: np.ndarray, b: torch.Tensor) -> float:
 
 
 def _cache_diff(cache: KVCache, name: str, eager: torch.Tensor) -> float:
-    """A graph's cache tensor vs eager's [B, KV, T, D] (left padded); a shared buffer holds row b's n_b
-    tokens at 0..n_b-1 of its capacity (shared_buffer_vt's values transposed: [B, KV, D, capacity])."""
-    values = cache.values[name].numpy()
-    values = values.swapaxes(2, 3) if cache.axis(name) == 3 else values
-    if not cache.shared:
-        return _max_diff(values, eager)
-    return max(_max_diff(values[b, :, :n], eager[b, :, eager.shape[2] - n:]) for b, n in enumerate(cache.mask.sum(-1)))
+    """A graph's cache tensor vs eager's [B, KV, T, D] (left padded), compared where the cache's kind keeps
+    each row's tokens (runtime.core.kv_cache: Kind.beside_left_padded)."""
+    pairs = cache.kind.beside_left_padded(cache, name, eager.float().numpy())
+    return max(float(np.abs(ours.astype(np.float32) - theirs).max()) for ours, theirs in pairs)
 
 
 def _leads(logits: torch.Tensor) -> torch.Tensor:

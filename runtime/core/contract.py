@@ -70,9 +70,15 @@ def kv_cache_of(manifest: dict) -> str:
     return manifest["profile"]["kv_cache"]
 
 
+# Per KV-cache kind, the axis of each cache tensor's length (its capacity, for a shared buffer) in the
+# [batch, kv_heads, length, head_dim] layout: shared_buffer_vt's values are [batch, kv_heads, head_dim, length].
+LENGTH_AXES = {CONCAT: {"key": 2, "value": 2}, SHARED_BUFFER: {"key": 2, "value": 2},
+               SHARED_BUFFER_VT: {"key": 2, "value": 3}}
+
+
 def length_axis(kv_cache: str, name: str) -> int:
-    """The axis of a cache tensor's length (its capacity, for a shared buffer): 2, or 3 for shared_buffer_vt values."""
-    return 3 if kv_cache == SHARED_BUFFER_VT and name.endswith(".value") else 2
+    """The axis of cache tensor `name`'s length (`{prefix}.{layer}.key` / `.value`) in a `kv_cache` artifact."""
+    return LENGTH_AXES[kv_cache][name.rsplit(".", 1)[-1]]
 
 
 def cache_names(n_layers: int, prefix: str) -> list[str]:

@@ -19,8 +19,9 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.core import hugepages
-from runtime.core.contract import (KV_CACHE_KINDS, SCORE, SHARED_KINDS, ArtifactError, GraphIO, check_cache_pairing,
-                       external_tensors, generation_graphs, graphs_of, kv_cache_of)
+from runtime.core.contract import (SCORE, ArtifactError, GraphIO, check_cache_pairing, external_tensors, graphs_of,
+                                   kv_cache_of)
+from runtime.core.kv_cache import Kind, kind_of
 from runtime.core.errors import OptionError
 from runtime.core.step import Model, Step
 from runtime.core.errors import UsageError
@@ -139,9 +140,6 @@ def check_profile(manifest: dict) -> None:
     if unknown:
         raise ArtifactError(f"this artifact ({what}) uses op domains {unknown} that this runtime cannot run; "
                             f"export it with --ops standard")
-    if profile["kv_cache"] not in KV_CACHE_KINDS:
-        raise ArtifactError(f"this artifact's KV cache kind {profile['kv_cache']!r} is not supported by this runtime "
-                            f"(supported: {', '.join(KV_CACHE_KINDS)}); upgrade the runtime or re-export")
 
 
 def prepacked(manifest: dict) -> bool:
@@ -157,11 +155,13 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
     prompts are fed to it with an empty past (the contract: decode with past length 0 equals prefill).
     Verification opens every generation graph. A shared-buffer artifact has the decode graph only.
     The score graph, where the artifact has one, is opened at the first `Model.score` call.
+    The KV-cache kind is chosen here, once (kv_cache.kind_of); every graph's declared cache shapes must
+    follow its layout.
     """
     directory = Path(directory)
     check_profile(manifest)
-    kv_cache = kv_cache_of(manifest)
-    graphs = graphs or (("decode",) if prepacked(manifest) else generation_graphs(kv_cache))
+    kind = kind_of(kv_cache_of(manifest))
+    graphs = graphs or (("decode",) if prepacked(manifest) else kind.graphs)
     config = manifest["session_options"]["config"]
     records = {graph: external_tensors(directory, manifest, graph) for graph in graphs}
     # numpy has no bfloat16 OrtValues; CUDA copies the weights to the device anyway.
@@ -174,16 +174,18 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
         records[SCORE] = external_tensors(directory, manifest, SCORE)
     shared = map_weights(directory, records) if mapped else {}
     dims = manifest["model"]["dims"]
-    cache_device = host_cache_device(provider, kv_cache, manifest["dtype"])
+    cache_device = kind.cache_device(provider, manifest["dtype"])
+    in_place = kind.writes_in_place(provider, manifest["dtype"])
 
     def step(graph: str, weights: dict | None) -> Step:
         io = GraphIO.from_manifest(manifest, graph)
         path = directory / manifest["files"][graph]["path"]
         session = open_session(path, provider, threads, weights, config)
         io.check_session(session, path)
+        check_cache_layout(kind, session, io, dims, path.name)
         every = graph == SCORE
         return Step(session, io, cache_device, dims["vocab_size"], dims["max_position_embeddings"],
-                    manifest["full_logits"] or every, every, in_place=cache_device == provider)
+                    manifest["full_logits"] or every, every, kind=kind, in_place=in_place)
 
     # Huge pages for the packed weights: measured faster for float32 only (runtime.hugepages).
     huge = hugepages.wanted(provider == "cpu" and prepacked(manifest) and manifest["profile"]["quantization"] == "none")
@@ -195,22 +197,25 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
         check_cache_pairing(steps["prefill"].io, steps["decode"].io)
     shape = {k: dims[k] for k in ("num_attention_heads", "num_hidden_layers", "num_key_value_heads", "head_dim")}
     return Model(steps.get("prefill"), steps["decode"], shape=shape,
-                 cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared, kv_cache=kv_cache,
+                 cache_itemsize=4 if manifest["dtype"] == "float32" else 2, weights=shared,
                  run_tokens=None if provider == "cuda" else Model.run_tokens,
                  open_score=(lambda: step(SCORE, shared.get(SCORE))) if SCORE in graphs_of(manifest) else None)
 
 
-def host_cache_device(provider: str, kv_cache: str, dtype: str) -> str:
-    """Where the KV cache lives. On CUDA, the device, except for a float32 shared buffer (the int8/int4 `--ops ort`
-    profiles): onnxruntime's CUDA GroupQueryAttention takes float16/bfloat16 only, so that graph's attention runs
-    on the CPU provider, and the buffer it writes must be host memory. Kept on the device, the writes were lost
-    (onnxruntime-gpu 1.31.1 on an H100: greedy tokens agreed with the CPU run on 1 position in 16).
+def check_cache_layout(kind: Kind, session: ort.InferenceSession, io: GraphIO, dims: dict, name: str) -> None:
+    """ArtifactError unless the graph's cache tensors, as the graph itself and the manifest declare them, follow
+    `kind`'s layout (a manifest whose kv_cache was edited, or a graph exported for another kind)."""
+    names = (*io.past, *io.present)
+    graph = {v.name: v.shape for v in (*session.get_inputs(), *session.get_outputs())}
+    manifest = {n: spec["shape"] for n, spec in (*io.inputs.items(), *io.outputs.items())}
+    for shapes, where in ((graph, name), (manifest, f"the manifest's {io.graph} graph")):
+        kind.check_layout(shapes, names, dims["num_key_value_heads"], dims["head_dim"], where)
 
-    Where this differs from the provider, the step does not write in place either (`Step.in_place`): inside each
-    layer's If (ernie_export.attention), placed on CUDA, onnxruntime hands the CPU kernel a copy of the host buffer,
-    and the in-place writes were lost again (1 position in 16 on an H100). Fresh presents cost a copy per step on
-    this fallback path only."""
-    return "cpu" if provider == "cuda" and kv_cache in SHARED_KINDS and dtype == "float32" else provider
+
+def host_cache_device(provider: str, kv_cache: str, dtype: str) -> str:
+    """Where a `kv_cache` artifact's cache lives on `provider` (kv_cache.SharedBuffer.cache_device: under CUDA a
+    float32 buffer stays on the host)."""
+    return kind_of(kv_cache).cache_device(provider, dtype)
 
 
 def available_memory() -> int | None:

@@ -8,18 +8,9 @@ Out: last-position logits [B, V] as a host numpy array and a `KVCache` whose val
 `decode_loop()` is the only generation loop in the project: the runtime's `generate()`, the
 exporter's verification (teacher-forced against eager PyTorch) and the benchmark all run it.
 
-The feeding rules (the contract other drivers follow), for the "concat" cache: prompts are left
-padded; the attention mask is 1 for real tokens and 0 for padding and covers the cache plus the new
-tokens; a token's position counts the real tokens before it. The cache grows with the sequence: it
-is never preallocated to the model's full context.
-
-For the "shared_buffer" cache (onnxruntime's GroupQueryAttention): one preallocated buffer per cache
-tensor is bound as both past and present, so a step writes its keys and values in place instead of
-copying the cache. Rows are RIGHT padded: row b holds its n_b tokens at 0..n_b-1, and the mask is 1
-at its first n_b positions (n_b counting the new tokens), T = max n_b wide; positions follow from it.
-More than one new token per row after a non-empty cache is batch 1 only (the kernel's rule), so such
-rows are fed one by one and merged. The buffer grows (a copy, 256 positions at a time) when a sequence outgrows it.
-The "shared_buffer_vt" cache is the same with the value buffers transposed, [B, KV, D, capacity].
+How prompts are padded and fed, the mask of an appended token, how the cache grows, merges and
+keeps rows: the cache's kind decides (kv_cache.py, chosen once when the model opens); this module
+never asks which kind it runs.
 """
 
 from __future__ import annotations
@@ -30,16 +21,14 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from runtime.core.contract import (ATTENTION_MASK, CONCAT, INPUT_IDS, LOGITS, POSITION_IDS, SHARED_KINDS, GraphIO, length_axis)
+from runtime.core.contract import ATTENTION_MASK, CONCAT, INPUT_IDS, LOGITS, POSITION_IDS, GraphIO
 from runtime.core.errors import Failure, UsageError
+# KVCache, FeedError and left_pad are the step's types: its callers may import them from here.
+from runtime.core.kv_cache import FeedError, Kind, KVCache, kind_of, left_pad  # noqa: F401
 
 
 class StepError(Failure, RuntimeError):
     """ONNX Runtime failed while running a graph (the message carries its first line)."""
-
-
-# The manifest's cache dtypes as ONNX Runtime element types (numpy has no bfloat16; 16 is ONNX's BFLOAT16).
-CACHE_TYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": 16}
 
 
 class ScoreUnavailable(UsageError, RuntimeError):
@@ -48,17 +37,11 @@ class ScoreUnavailable(UsageError, RuntimeError):
                "log-probabilities; re-export it with this version")
 
 
-class FeedError(UsageError, ValueError):
-    """Inputs that break the feeding contract, caught before ONNX Runtime sees them (it would fail with
-    an opaque broadcast error, or, for positions, silently compute the wrong thing)."""
-
-
 def check_feeds(ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache: "KVCache | None",
                 max_positions: int) -> None:
     """The contract's shape rules, stated in the error when broken."""
-    if cache is not None and cache.shared and mask.shape[1] > cache.capacity:
-        raise FeedError(f"attention_mask covers {mask.shape[1]} positions but the shared cache buffer holds "
-                        f"{cache.capacity}; grow the buffer first (Model.reserve)")
+    if cache is not None:
+        cache.kind.check_room(cache, mask.shape[1])
     if ids.ndim != 2 or mask.ndim != 2 or pos.shape != ids.shape:
         raise FeedError(f"input_ids {ids.shape} and position_ids {pos.shape} must both be [batch, new tokens], "
                         f"attention_mask [batch, past + new]; got attention_mask {mask.shape}")
@@ -74,63 +57,6 @@ def check_feeds(ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache: "KVCa
                         f"{int(pos.min())}..{int(pos.max())}")
 
 
-def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Token lists -> (input_ids [B, S], attention_mask [B, S], position_ids [B, S]), int64.
-
-    Left padding keeps every row's last token real; positions count real tokens only.
-    """
-    width = max(map(len, prompts))
-    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), width), dtype=np.int64)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = p
-        mask[row, width - len(p):] = 1
-    return ids, mask, np.maximum(mask.cumsum(-1) - 1, 0)
-
-
-def right_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The shared buffer's layout: (input_ids, attention_mask, position_ids) [B, S] with each row from 0."""
-    width = max(map(len, prompts))
-    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
-    for row, p in enumerate(prompts):
-        ids[row, :len(p)] = p
-    mask = (np.arange(width)[None] < np.array([len(p) for p in prompts])[:, None]).astype(np.int64)
-    return ids, mask, np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape).copy()
-
-
-@dataclass(frozen=True)
-class KVCache:
-    """What the model has seen: per cache input name, [B, KV, T, D] values; and its mask [B, T].
-
-    `kind`: the manifest's KV-cache kind. A shared buffer's values are [B, KV, capacity, D] buffers that the next
-    step writes IN PLACE (this cache object is then stale: keep only the newest), rows right padded, T = the
-    longest row; "shared_buffer_vt" stores the value buffers transposed, [B, KV, D, capacity]."""
-    values: dict[str, ort.OrtValue]  # keyed by the decode graph's past input names
-    mask: np.ndarray  # int64 [B, T]: 1 where the cached position holds a real token
-    kind: str = CONCAT
-
-    @property
-    def shared(self) -> bool:
-        return self.kind in SHARED_KINDS
-
-    def axis(self, name: str) -> int:
-        """The axis of `name`'s length (capacity)."""
-        return length_axis(self.kind, name)
-
-    @property
-    def length(self) -> int:
-        return self.mask.shape[1]
-
-    @property
-    def capacity(self) -> int:
-        name = next(iter(self.values))
-        return self.values[name].shape()[self.axis(name)]
-
-    def next_positions(self) -> np.ndarray:
-        """[B, 1]: the position of a token appended now (the number of real tokens cached)."""
-        return self.mask.sum(-1, keepdims=True)
-
-
 @dataclass
 class Step:
     """One graph run with IO binding: logits land in a reused host buffer, presents stay on the device.
@@ -140,15 +66,14 @@ class Step:
     """
     session: ort.InferenceSession
     io: GraphIO
-    device: str  # where the cache lives: "cpu" or "cuda" (session.host_cache_device)
+    device: str  # where the cache lives: "cpu" or "cuda" (the kind's cache_device, set at open)
     vocab: int
     max_positions: int
     full_logits: bool = False  # the graph's logits are [B, S, V] (the score graph; --full-logits artifacts)
     every_position: bool = False  # return them all (the score graph), not only the last position's
-    # A shared buffer is written in place (bound as its own present) unless the cache lives off the provider's
-    # device (session.host_cache_device): then each step binds fresh presents of the buffer's shape, which the
-    # kernel fills with the past plus the new tokens, and they become the next buffer.
-    in_place: bool = True
+    kind: Kind = field(default_factory=lambda: kind_of(CONCAT))  # the cache kind it reads and writes
+    # The cache is bound as its own present, written in place (the kind's `writes_in_place`, set at open).
+    in_place: bool = False
     _logits: ort.OrtValue | None = None  # host buffer reused across steps of the same batch size
     # A shared buffer's binding (cache values, IOBinding, logits buffer), reused while the same buffer is fed:
     # only input_ids and attention_mask change between its steps (saves ~2 x layers bind calls a step).
@@ -156,10 +81,10 @@ class Step:
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray,
                  cache: KVCache | None) -> tuple[np.ndarray, KVCache]:
+        self.kind.own(cache)
         check_feeds(ids, mask, pos, cache, self.max_positions)
         batch = ids.shape[0]
-        shared = cache is not None and cache.shared
-        in_place = shared and self.in_place
+        in_place = cache is not None and self.in_place
         reuse = in_place and self._bound is not None and self._bound[0] is cache.values
         io = self._bound[1] if reuse else self.session.io_binding()
         for name, array in ((INPUT_IDS, ids), (ATTENTION_MASK, mask), (POSITION_IDS, pos)):
@@ -179,7 +104,7 @@ class Step:
             values = dict(zip((LOGITS, *self.io.present), io.get_outputs()))  # in binding order
             presents = cache.values if in_place else {self.io.feeds[name]: values[name] for name in self.io.present}
             logits = values[LOGITS].numpy()
-        return (logits if self.every_position else logits[:, -1]), KVCache(presents, mask, CONCAT if cache is None else cache.kind)
+        return (logits if self.every_position else logits[:, -1]), KVCache(presents, mask, self.kind)
 
     def _bind_cache_and_logits(self, io, batch: int, cache: KVCache | None, in_place: bool) -> None:
         for name in self.io.past:
@@ -190,7 +115,7 @@ class Step:
             if self._logits is None or self._logits.shape()[0] != batch:
                 self._logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, 1, self.vocab], np.float32, "cpu")
             io.bind_ortvalue_output(LOGITS, self._logits)
-        for name in self.io.present:  # a shared buffer is its own present: written in place
+        for name in self.io.present:  # bound in place: the cache is its own present
             if in_place:
                 io.bind_ortvalue_output(name, cache.values[self.io.feeds[name]])
             else:
@@ -219,7 +144,6 @@ class Model:
     shape: dict  # from the manifest's dims: num_attention_heads, num_hidden_layers, num_key_value_heads, head_dim
     cache_itemsize: int = 4  # bytes per cache element (float32; 2 for float16/bfloat16)
     weights: dict = field(default_factory=dict, repr=False)  # mapped weights the sessions use: keep alive
-    kv_cache: str = CONCAT  # the manifest's KV-cache kind (the decode graph's cache: a shared buffer or concat)
     open_score: Callable[[], "Step"] | None = field(default=None, repr=False)  # None: the artifact has no score graph
     _score: "Step | None" = field(default=None, repr=False)
     # New tokens per run, all rows together (None: bounded by SCORE_BUDGET only). open_model sets None on
@@ -227,9 +151,14 @@ class Model:
     run_tokens: int | None = 256
 
     @property
+    def kind(self) -> Kind:
+        """The KV-cache kind of the decode graph (chosen when the model opened; every cache fed must be of it)."""
+        return self.decode.kind
+
+    @property
     def shared(self) -> bool:
-        """The decode graph's cache is a shared buffer (KV-cache kinds "shared_buffer", "shared_buffer_vt")."""
-        return self.kv_cache in SHARED_KINDS
+        """The decode graph's cache is one buffer written in place (descriptive; the model asks its kind)."""
+        return self.kind.one_buffer
 
     SCORE_BUDGET = 256 << 20  # bytes of float32 attention scores per run; the graph holds ~3 such arrays
 
@@ -243,26 +172,23 @@ class Model:
 
     def memory_needed(self, batch: int, total: int) -> int:
         """Bytes a sequence of `total` tokens needs beyond the weights: the cache twice (a step reads
-        the old and writes the grown one; once for a shared buffer written in place) plus the attention
+        the old and writes the grown one; once for a buffer written in place) plus the attention
         temporaries of one chunk."""
         d = self.shape
         cache = batch * total * d["num_hidden_layers"] * 2 * d["num_key_value_heads"] * d["head_dim"] * self.cache_itemsize
         chunk = min(self.chunk_length(batch, total), total)
-        return (1 if self.shared and self.decode.in_place else 2) * cache + 3 * 4 * batch * d["num_attention_heads"] * chunk * total
+        return (1 if self.decode.in_place else 2) * cache + 3 * 4 * batch * d["num_attention_heads"] * chunk * total
 
     def start(self, prompts: list[list[int]], pad_id: int, cache: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
-        """Feed left-padded prompts after `cache` (None: from scratch), in chunks when they are long.
-
-        A shared buffer takes a batch from scratch in one right-padded run when it fits one chunk; otherwise
-        its rows go one by one (the kernel takes several new tokens after a cache for batch 1 only), merged.
-        A single row needs no padding either way, so it shares the chunked loop below."""
+        """Feed prompts after `cache` (None: from scratch), padded as the cache's kind says, in chunks when they
+        are long. Where the kind cannot take the batch together (a shared buffer after a cache, or over several
+        runs), the rows go one by one and their caches are merged."""
+        self.kind.own(cache)
         longest = max(map(len, prompts)) + (cache.length if cache is not None else 0)
         chunk = self.chunk_length(len(prompts), longest)
-        if self.shared and len(prompts) > 1:
-            if cache is None and longest <= chunk:
-                return self.decode(*right_pad(prompts, pad_id), self.reserve(self.empty_cache(len(prompts)), longest))
+        if not self.kind.together(len(prompts), cache is not None, -(-max(map(len, prompts)) // chunk)):
             return self._start_rows(prompts, pad_id, cache)
-        ids, mask, pos = left_pad(prompts, pad_id)
+        ids, mask, pos = self.kind.pad(prompts, pad_id)
         base = cache.next_positions() if cache is not None else 0  # positions continue the cached sequence
         if cache is None and self.prefill is None:
             cache = self.empty_cache(len(prompts))
@@ -281,28 +207,27 @@ class Model:
         """`start` row by row, the rows' caches merged."""
         logits, merged = [], None
         for i, p in enumerate(prompts):
-            last, row = self.start([p], pad_id, None if cache is None else select_rows(cache, [i], self.decode.device))
+            last, row = self.start([p], pad_id, None if cache is None else self.select_rows(cache, [i]))
             logits.append(last.copy())  # a view of the step's logits buffer, which the next row overwrites
-            merged = row if merged is None else merge_caches(merged, row, self.decode.device)
+            merged = row if merged is None else self.merge_caches(merged, row)
         return np.concatenate(logits), merged
 
-    RESERVE_STEP = 256  # a shared buffer's capacity is the next multiple of this that holds the sequence
-    # (a quarter of it up to twice it)
-
     def reserve(self, cache: KVCache, total: int) -> KVCache:
-        """`cache` with room for `total` positions (a shared buffer only; a concat cache grows by itself).
-        Growing copies the buffer, RESERVE_STEP positions at a time: at a 4096-token context that is one copy
-        of the buffer per 256 steps, each of which reads the whole cache anyway (under 1% more traffic), while
-        the grouped decode attention (ernie_export.attention) reads the whole capacity, so a buffer grown
-        by half was measured 8-12% slower there (full-size int4 at 1024 / 4096 tokens). Short sequences grow a
-        quarter step at a time, a copy of a small buffer: at a 128-token context the products then read 192
-        positions instead of 256 (full-size fast int4, in-process A/B: decode +2.1% and +2.7% in two runs)."""
-        if not cache.shared or total <= cache.capacity:
-            return cache
-        step = self.RESERVE_STEP if total > 2 * self.RESERVE_STEP else max(1, self.RESERVE_STEP // 4)
-        capacity = -(-total // step) * step
-        return KVCache({name: _to_device(_pad_to(v.numpy(), capacity, cache.axis(name)), self.decode.device)
-                        for name, v in cache.values.items()}, cache.mask, cache.kind)
+        """`cache` with room for `total` positions (a buffer grows by a copy: kv_cache.SharedBuffer.reserve)."""
+        self.kind.own(cache)
+        return self.kind.reserve(cache, total, self.decode.device)
+
+    def merge_caches(self, a: KVCache, b: KVCache) -> KVCache:
+        """Two caches' rows stacked into one batch (rows joining a running batch), each row still attending to
+        exactly its own tokens."""
+        self.kind.own(a)
+        self.kind.own(b)
+        return self.kind.merge(a, b, self.decode.device)
+
+    def select_rows(self, cache: KVCache, rows: list[int]) -> KVCache:
+        """Only `rows` of the batch, without the positions none of them attends to."""
+        self.kind.own(cache)
+        return self.kind.select(cache, rows, self.decode.device)
 
     def score(self, prompt: list[int], each: Callable[[np.ndarray, int], None]) -> tuple[np.ndarray, KVCache]:
         """Feed one prompt through the score graph (opened at first use: ordinary requests never pay for
@@ -326,24 +251,15 @@ class Model:
         return logits[:, -1], cache
 
     def empty_cache(self, batch: int) -> KVCache:
-        """Past length 0, in the cache dtype the decode graph declares (bfloat16 too, which numpy lacks);
-        a shared buffer of capacity 0 (`reserve` makes room)."""
-        def shape(name: str) -> list[int]:  # the manifest's, batch_size given and the length (capacity) 0
-            return [batch if d == "batch_size" else 0 if isinstance(d, str) else d
-                    for d in self.decode.io.inputs[name]["shape"]]
-        return KVCache({name: ort.OrtValue.ortvalue_from_shape_and_type(
-                            shape(name), CACHE_TYPES[self.decode.io.inputs[name]["dtype"]], self.decode.device, 0)
-                        for name in self.decode.io.past}, np.zeros((batch, 0), np.int64), self.kv_cache)
+        """Past length 0 in the decode graph's cache dtype and layout (kv_cache.Kind.empty)."""
+        return self.kind.empty(self.decode.io, batch, self.decode.device)
 
     def advance(self, tokens: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
-        """Feed one token per row ([B] int64) after `cache`."""
+        """Feed one token per row ([B] int64) after `cache`, each at its row's next position."""
+        self.kind.own(cache)
         lengths = cache.next_positions()  # [B, 1]
-        if cache.shared:  # each row's token goes right after its own tokens
-            cache = self.reserve(cache, int(lengths.max()) + 1)
-            mask = (np.arange(int(lengths.max()) + 1)[None] <= lengths).astype(np.int64)
-        else:
-            mask = np.concatenate([cache.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
-        return self.decode(tokens.reshape(-1, 1), mask, lengths, cache)
+        cache = self.reserve(cache, int(lengths.max()) + 1)
+        return self.decode(tokens.reshape(-1, 1), self.kind.append_mask(cache), lengths, cache)
 
 
 Pick = Callable[[np.ndarray, KVCache], tuple[np.ndarray, bool]]
@@ -364,42 +280,3 @@ def decode_loop(model: Model, prompts: list[list[int]], pick: Pick, *, pad_id: i
         logits, cache = model.advance(tokens, cache)
         if done:
             return cache
-
-
-def _to_device(array: np.ndarray, device: str) -> ort.OrtValue:
-    """An ONNX Runtime-owned copy of `array` on `device` (a CPU OrtValue made from numpy would borrow it)."""
-    if device != "cpu":
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
-    value = ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), array.dtype, "cpu")
-    value.numpy()[...] = array
-    return value
-
-
-def _pad_to(x: np.ndarray, size: int, axis: int, left: bool = False) -> np.ndarray:
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (size - x.shape[axis], 0) if left else (0, size - x.shape[axis])
-    return np.pad(x, widths)
-
-
-def merge_caches(a: KVCache, b: KVCache, device: str) -> KVCache:
-    """Stack two caches along the batch, left padding the shorter to the longer (mask 0 there), so every
-    row still attends to exactly its own tokens. For rows joining a running batch. Shared buffers
-    (right padded) pad on the right, to the larger capacity."""
-    length = max(a.length, b.length)
-    size, left = (max(a.capacity, b.capacity), False) if a.shared else (length, True)
-    values = {name: _to_device(np.concatenate([_pad_to(c.values[name].numpy(), size, a.axis(name), left)
-                                               for c in (a, b)]), device)
-              for name in a.values}
-    return KVCache(values, np.concatenate([_pad_to(c.mask, length, 1, left) for c in (a, b)]), a.kind)
-
-
-def select_rows(cache: KVCache, rows: list[int], device: str) -> KVCache:
-    """Keep only `rows` of the batch, and drop leading positions that none of them attends to (trailing
-    ones for a shared buffer, whose capacity stays)."""
-    mask = cache.mask[rows]
-    if cache.shared:
-        values = {name: _to_device(v.numpy()[rows], device) for name, v in cache.values.items()}
-        return KVCache(values, mask[:, :int(mask.sum(-1).max())], cache.kind)
-    start = int(np.argmax(mask.any(axis=0))) if mask.any() else 0
-    values = {name: _to_device(v.numpy()[rows][:, :, start:], device) for name, v in cache.values.items()}
-    return KVCache(values, mask[:, start:])

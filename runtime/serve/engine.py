@@ -29,7 +29,7 @@ import numpy as np
 from runtime.core.contract import ArtifactError
 from runtime.generate.api import Generator, check_request, score_prompt
 from runtime.generate.request import ModelOutputError, Options, Row
-from runtime.core.step import KVCache, ScoreUnavailable, StepError, merge_caches, select_rows
+from runtime.core.step import KVCache, ScoreUnavailable, StepError
 from runtime.core.errors import BUSY, TIMEOUT, ErnieError, Failure
 
 Emit = Callable[[str, object], None]
@@ -191,8 +191,8 @@ class Engine:
         going_on = [i for i, request in enumerate(fresh) if self._choose(request, logits[i])]
         if not going_on:
             return
-        cache = cache if len(going_on) == len(fresh) else select_rows(cache, going_on, self.gen.provider)
-        self._cache = merge_caches(self._cache, cache, self.gen.provider) if self._running else cache
+        cache = cache if len(going_on) == len(fresh) else self.gen.model.select_rows(cache, going_on)
+        self._cache = self.gen.model.merge_caches(self._cache, cache) if self._running else cache
         self._running += [fresh[i] for i in going_on]
         self.counters["peak_batch"] = max(self.counters["peak_batch"], len(self._running))
 
@@ -232,7 +232,7 @@ class Engine:
             if not keep:
                 self._cache = None
                 return
-            self._cache = select_rows(self._cache, keep, self.gen.provider)
+            self._cache = self.gen.model.select_rows(self._cache, keep)
         tokens = np.array([r.pending for r in self._running], dtype=np.int64)
         try:
             logits, self._cache = self.gen.model.advance(tokens, self._cache)
@@ -244,7 +244,7 @@ class Engine:
         going_on = [i for i, request in enumerate(self._running) if self._choose(request, logits[i])]
         if len(going_on) < len(self._running):
             self._running = [self._running[i] for i in going_on]
-            self._cache = select_rows(self._cache, going_on, self.gen.provider) if going_on else None
+            self._cache = self.gen.model.select_rows(self._cache, going_on) if going_on else None
 
     def _finish(self, request: Request, kind: str, error: ErnieError | None, outcome: str) -> None:
         self.counters[f"requests_{outcome}"] += 1
