@@ -3,9 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MODEL  ?= baidu/ERNIE-4.5-0.3B-PT
 OUT    ?= artifacts/ernie-4.5-0.3b
-DTYPE  ?= float32
-QUANT  ?= none
-OPS    ?= standard
+PROFILE ?= reference
 SYNTH  ?= checkpoints/synthetic-full
 DEMO   ?= artifacts/synthetic-full
 PROMPT ?= Hello from ERNIE
@@ -40,9 +38,8 @@ demo: install  ## offline main job: synthetic full-size checkpoint -> verified O
 	$(PY) -m runtime.generate --model $(DEMO) --prompt "$(PROMPT)" --max-new-tokens 32 --greedy --stream
 	@echo "(random weights: the text is noise; the timings are real)"
 
-export: install  ## make export MODEL=<dir|hub id> OUT=artifacts/<name> [DTYPE=float16] [QUANT=int8|int4 OPS=standard|ort] [BLOCK=128 KV_BITS=8] [KV=concat]
-	$(PY) -m ernie_export --model $(MODEL) --out $(OUT) --dtype $(DTYPE) --quantize $(QUANT) --ops $(OPS) $(if $(KV),--kv-cache $(KV)) \
-	  $(if $(BLOCK),--block-size $(BLOCK)) $(if $(KV_BITS),--kv-bits $(KV_BITS))
+export: install  ## make export MODEL=<dir|hub id> OUT=artifacts/<name> PROFILE=cpu|cpu-int8|cpu-float32|portable|gpu|reference [FLAGS="--block-size 64"]
+	$(PY) -m ernie_export --model $(MODEL) --out $(OUT) --profile $(PROFILE) $(FLAGS)
 
 generate: install
 	$(PY) -m runtime.generate --model $(OUT) --prompt "$(PROMPT)"
@@ -58,18 +55,16 @@ serve-ray: install  ## N replicas behind Ray Serve's proxy on 127.0.0.1:8000 (ma
 bench-serve: install  ## aggregate tokens/s and TTFT at 1, 4, 8 concurrent clients on the demo artifact (+ llama.cpp's server once make bench-peers has set it up)
 	$(PY) -m tools.bench_serve --model $(DEMO) $(if $(wildcard $(PEERS)/peers.json),--peers $(PEERS)/peers.json --peer f32)
 
-# <quantize>-<ops>[-b<block size>][-kv<k/v bits>]; none-ort: float32 with onnxruntime's fused attention
-# (GroupQueryAttention, shared KV buffer); int4-ort-b128-kv8: int4 in blocks of 128 with 8-bit k/v, the fast CPU profile
-PROFILES ?= none-ort int8-ort int4-ort int4-ort-b128-kv8 int4-standard
+# The presets of runtime/core/profile.py (python -m ernie_export --help lists them); the demo artifact is `reference`.
+# gpu is left out on CPU hosts: its float16 graphs are verified on CUDA.
+PROFILES ?= cpu cpu-int8 cpu-float32 portable
 ARTIFACTS = $(DEMO) $(foreach p,$(PROFILES),$(DEMO)-$(p))
 PEERS    ?= $(HOME)/.cache/ernie-peers
-profiles: install  ## export the synthetic checkpoint in float32 and each profile of PROFILES (skips existing ones)
+profiles: install  ## export the synthetic checkpoint with the reference preset and each preset of PROFILES (skips existing ones)
 	test -f $(SYNTH)/config.json || $(PY) -m ernie_export.checkpoint.synthetic --size full --out $(SYNTH)
 	test -f $(DEMO)/manifest.json || $(PY) -m ernie_export --model $(SYNTH) --out $(DEMO)
-	for p in $(PROFILES); do test -f $(DEMO)-$$p/manifest.json && continue; set -- $$(echo $$p | tr - ' '); \
-	  q=$$1; o=$$2; shift 2; extra=""; for x in "$$@"; do case $$x in b*) extra="$$extra --block-size $${x#b}";; \
-	  kv*) extra="$$extra --kv-bits $${x#kv}";; esac; done; \
-	  $(PY) -m ernie_export --model $(SYNTH) --out $(DEMO)-$$p --quantize $$q --ops $$o $$extra || exit 1; done
+	for p in $(PROFILES); do test -f $(DEMO)-$$p/manifest.json && continue; \
+	  $(PY) -m ernie_export --model $(SYNTH) --out $(DEMO)-$$p --profile $$p || exit 1; done
 
 bench: profiles  ## our float32 and quantized profiles beside transformers' eager model, one table
 	$(PY) -m tools.bench --model $(ARTIFACTS) --checkpoint $(SYNTH)
@@ -77,7 +72,7 @@ bench: profiles  ## our float32 and quantized profiles beside transformers' eage
 EVAL_TEXT ?= README.md
 PEER_DIR = $(PEERS)/$(notdir $(SYNTH))
 eval: profiles  ## rolling perplexity of the int8 and int4 exports vs float32 on EVAL_TEXT (python -m runtime.eval); llama.cpp's too once make bench-peers has built its files
-	for p in int8-ort int4-ort int4-ort-b128-kv8; do $(PY) -m runtime.eval --model $(DEMO)-$$p --compare $(DEMO) --text $(EVAL_TEXT) || exit 1; done
+	for p in cpu-int8 cpu portable; do $(PY) -m runtime.eval --model $(DEMO)-$$p --compare $(DEMO) --text $(EVAL_TEXT) || exit 1; done
 	if [ -f $(PEER_DIR)/f32.gguf ]; then for q in q8_0 q4_0; do $(PY) -m tools.peers eval --reference $(PEER_DIR)/f32.gguf \
 	  --model $(PEER_DIR)/$$q.gguf --ids-from $(DEMO) --text $(EVAL_TEXT) || exit 1; done; fi
 

@@ -12,11 +12,10 @@ import argparse
 from runtime.core.contract import KV_CACHE_KINDS
 
 from ernie_export.build import DEFAULT_MODEL, DEFAULT_OPSET, export_artifact
-from ernie_export.graph.quantize import (BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_TABLE_BITS, KV_BITS, MIN_STANDARD_OPSET, OPS,
-                       QUANTIZATIONS, TABLE_BITS)
-from ernie_export.artifact.publish import interrupt_on_sigterm
-from ernie_export.graph.trace import DTYPES
+from ernie_export.graph.quantize import MIN_STANDARD_OPSET
 from runtime.core.errors import run_cli
+from runtime.core.profile import BLOCK_SIZES, DTYPES, KV_BITS, OPS, PRESETS, QUANTIZATIONS, TABLE_BITS
+from ernie_export.artifact.publish import interrupt_on_sigterm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,21 +24,24 @@ def main(argv: list[str] | None = None) -> int:
                                  allow_abbrev=False)  # --op must not silently mean --opset or --ops
     ap.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or hub id (default: %(default)s)")
     ap.add_argument("--out", required=True, help="artifact directory to create, e.g. artifacts/ernie-4.5-0.3b")
-    ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    ap.add_argument("--profile", choices=list(PRESETS), default="reference",
+                    help="what to build, by target (default %(default)s); the flags below override its fields: "
+                         + "; ".join(f"{name}: {p.target}" for name, p in PRESETS.items()))
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="weight and activation dtype (float32)")
     ap.add_argument("--opset", type=int, default=None,
                     help=f"ONNX opset (default {DEFAULT_OPSET}; {MIN_STANDARD_OPSET} for quantized standard-op graphs)")
-    ap.add_argument("--quantize", choices=list(QUANTIZATIONS), default="none",
+    ap.add_argument("--quantize", choices=list(QUANTIZATIONS), default=None,
                     help="weight-only block quantization of every linear layer and the embedding / LM-head table")
-    ap.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, choices=BLOCK_SIZES,
-                    help="inputs per quantization scale (default %(default)s)")
-    ap.add_argument("--table-bits", type=int, choices=TABLE_BITS, default=DEFAULT_TABLE_BITS,
-                    help="bits of the quantized embedding / LM-head table (default %(default)s, as llama.cpp keeps "
-                         "its q4_0 table at 6; 4 gives the smallest file)")
+    ap.add_argument("--block-size", type=int, default=None, choices=BLOCK_SIZES,
+                    help="inputs per quantization scale (32; a layer whose inputs it does not divide takes the largest "
+                         "that does)")
+    ap.add_argument("--table-bits", type=int, choices=TABLE_BITS, default=None,
+                    help="bits of the quantized embedding / LM-head table (8, as llama.cpp keeps its q4_0 table at 6; "
+                         "4 gives the smallest file)")
     ap.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
                     help="bits of the key and value projections (default: --quantize's); 8 in the int4 profile: "
-                         "25%% lower mean KL from float32 for 1.5%% more weight bytes; with --block-size 128, the "
-                         "fast CPU profile")
-    ap.add_argument("--ops", choices=OPS, default="standard",
+                         "25%% lower mean KL from float32 for 1.5%% more weight bytes (the cpu preset)")
+    ap.add_argument("--ops", choices=OPS, default=None,
                     help="standard: ai.onnx ops only, runs on any ONNX runtime; ort: onnxruntime's contrib "
                          "kernels (MatMulNBits, GatherBlockQuantized, GroupQueryAttention), faster on ONNX Runtime")
     ap.add_argument("--kv-cache", choices=KV_CACHE_KINDS, default=None,
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     interrupt_on_sigterm()
     return run_cli(lambda: export_artifact(
-        args.model, args.out, dtype=args.dtype, opset=args.opset, full_logits=args.full_logits,
+        args.model, args.out, profile=args.profile, dtype=args.dtype, opset=args.opset, full_logits=args.full_logits,
         run_verify=not args.no_verify, overwrite=args.overwrite, quantize=args.quantize, block_size=args.block_size,
         ops=args.ops, table_bits=args.table_bits, kv_cache=args.kv_cache, kv_bits=args.kv_bits),
         interrupted="; nothing was written")

@@ -18,15 +18,15 @@ import onnx
 import torch
 
 from runtime.core.contract import SCORE, SHARED_BUFFER, SHARED_BUFFER_VT, generation_graphs
+from runtime.core.profile import Profile
 
-from ernie_export.artifact.write import WEIGHTS_FILE, describe, prepacks, save_graphs, write_manifest
+from ernie_export.artifact.write import WEIGHTS_FILE, describe, save_graphs, write_manifest
 from ernie_export.graph.attention import group_attention
 from ernie_export.checkpoint.config import load_config
 from ernie_export.graph.lm_head import split_lm_head
 from ernie_export.model.dense import build_model
 from ernie_export.artifact.publish import publish, staged
-from ernie_export.graph.quantize import (DEFAULT_BLOCK_SIZE, DEFAULT_TABLE_BITS, MIN_STANDARD_OPSET, Profile, QuantizeError, Quantizer,
-                       default_kv_cache)
+from ernie_export.graph.quantize import MIN_STANDARD_OPSET, Quantizer
 from ernie_export.checkpoint.tokenizer import read_text_files, write_text_files
 from ernie_export.graph.trace import DTYPES, trace
 from ernie_export.artifact.verify import reference_model, verify, write_parity
@@ -59,11 +59,12 @@ def source_of(model: str) -> dict:
     return {"source": Path(model).expanduser().resolve().name, "source_kind": "local"}
 
 
-def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logits: bool, run_verify: bool,
+def _build(ckpt: Path, cfg, model: str, tmp: Path, opset: int, full_logits: bool, run_verify: bool,
            profile: Profile, log) -> tuple[dict, dict]:
     """Every stage, written into the staging directory `tmp`; returns (manifest, parity report)."""
+    dtype = profile.dtype
+    log(f"[export] profile {profile.label(cfg.hidden_size)}: {profile}")
     with stage(f"loading {ckpt}", log):
-        cfg = load_config(ckpt)
         text_files = read_text_files(ckpt, cfg)
         log(f"[export] tokenizer: {text_files.tokenizer_origin}"
             + ("" if text_files.template else "; no chat template (the artifact will have none)"))
@@ -88,7 +89,7 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
             quantizer = Quantizer(profile, np.dtype(dtype))
             for graph in graphs.values():
                 quantizer.rewrite(graph)
-    if prepacks(profile, dtype):
+    if profile.prepacks:
         with stage("splitting the LM head into row ranges of the table (peak memory while ONNX Runtime packs it)", log):
             for graph in graphs.values():
                 split_lm_head(graph.graph)
@@ -102,8 +103,8 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
         roles = {graph: f"{graph}.onnx" for graph in names} | {"weights": WEIGHTS_FILE}
         roles.update(write_text_files(text_files, tmp))
         roles["parity"] = "parity.json"
-        manifest = describe(cfg, dtype, opset, full_logits, source_of(model), roles, weights_index,
-                            text_files.tokens, profile)
+        manifest = describe(cfg, profile, opset, full_logits, source_of(model), roles, weights_index,
+                            text_files.tokens)
     if run_verify:
         with stage("verifying against eager PyTorch (onnx.checker, ONNX Runtime parity)", log):
             reference = reference_model(cfg, eager32, manifest, quantizer)
@@ -119,41 +120,35 @@ def _build(ckpt: Path, model: str, tmp: Path, dtype: str, opset: int, full_logit
     return manifest, report
 
 
-def export_artifact(model: str, out: str | Path, *, dtype: str = "float32", opset: int | None = None,
+def export_artifact(model: str, out: str | Path, *, profile: str | Profile = "reference", opset: int | None = None,
                     full_logits: bool = False, run_verify: bool = True, overwrite: bool = False,
-                    quantize: str = "none", block_size: int = DEFAULT_BLOCK_SIZE, ops: str = "standard",
-                    table_bits: int = DEFAULT_TABLE_BITS, kv_cache: str | None = None, kv_bits: int | None = None,
-                    log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+                    dtype: str | None = None, quantize: str | None = None, block_size: int | None = None,
+                    ops: str | None = None, table_bits: int | None = None, kv_cache: str | None = None,
+                    kv_bits: int | None = None, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
     """Export, verify and publish; returns the manifest. Nothing is left behind on failure.
 
-    `opset` None: 18, or 21 for quantized standard-op graphs (blocked DequantizeLinear)."""
+    `profile`: a preset name (runtime.core.profile.PRESETS) or a Profile; the other profile arguments, where not
+    None, override its fields. `opset` None: 18, or 21 for quantized standard-op graphs (blocked DequantizeLinear)."""
     out = Path(out)
-    if dtype not in DTYPES:
-        raise ExportOptionError(f"{dtype!r} is not supported: use one of {', '.join(DTYPES)}", "dtype")
-    quantized = quantize != "none"
-    kv_cache = kv_cache or default_kv_cache(ops, dtype)
-    if kv_cache == SHARED_BUFFER_VT and dtype != "float32":
-        raise ExportOptionError(f"{SHARED_BUFFER_VT} is for float32 graphs (the CPU profiles): use "
-                                f"--kv-cache {SHARED_BUFFER} with --dtype {dtype}", "kv_cache")
-    profile = Profile(quantize, block_size if quantized else None, ops, table_bits if quantized else None, kv_cache,
-                      kv_bits=kv_bits if quantized else None)
+    base = Profile.preset(profile) if isinstance(profile, str) else profile
+    wanted = base.override(dtype=dtype, quantization=quantize, block_size=block_size, ops=ops, table_bits=table_bits,
+                           kv_cache=kv_cache, kv_bits=kv_bits)
+    wanted.check()
     if opset is None:
-        opset = MIN_STANDARD_OPSET if profile.bits and ops == "standard" else DEFAULT_OPSET
-    try:
-        profile.check(opset)
-    except QuantizeError as e:
-        raise ExportOptionError(e.problem, e.option) from None
-    if profile.bits and dtype == "bfloat16":
-        raise ExportOptionError("bfloat16 cannot be quantized (the scales would be bfloat16, which the CPU "
-                                "kernels lack): use --dtype float32 or float16 with --quantize", "dtype")
+        opset = MIN_STANDARD_OPSET if wanted.bits and wanted.ops == "standard" else DEFAULT_OPSET
+    if wanted.bits and wanted.ops == "standard" and opset < MIN_STANDARD_OPSET:
+        raise ExportOptionError(f"{opset} has no blocked DequantizeLinear: quantized standard-op graphs need "
+                                f"--opset >= {MIN_STANDARD_OPSET}", "opset")
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ExportOptionError(f"{opset} is not supported: use {MIN_OPSET}..{onnx.defs.onnx_opset_version()} "
                                 f"(default {DEFAULT_OPSET})", "opset")
     ckpt = resolve_checkpoint(model)
+    cfg = load_config(ckpt)
+    resolved = wanted.resolved(cfg.hidden_size)
     t0 = time.perf_counter()
     try:
         with staged(out, ckpt, overwrite, log) as tmp:
-            manifest, report = _build(ckpt, model, tmp, dtype, opset, full_logits, run_verify, profile, log)
+            manifest, report = _build(ckpt, cfg, model, tmp, opset, full_logits, run_verify, resolved, log)
             publish(tmp, out)
     except BaseException as e:
         if getattr(e, "report", None):

@@ -32,6 +32,8 @@ from tests.helpers import demo_args, eager_greedy, our_model, readable
 QUIET = dict(log=lambda m: None)
 GREEDY = G.Options(max_new_tokens=32, sampling=SamplingParams(), ignore_eos=True)
 PROMPTS = ["Hello world", "The capital of France is", "def hello(name):"]
+# The varied-output guard also tries what a user types first (issue 31: "Hello" alone gave `herher...`, 4 ids in 32).
+GUARD_PROMPTS = PROMPTS + ["Hello", "你好", "Once upon a time", "a"]
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +125,10 @@ def references(gen, tiny_ckpt):
 def test_fixture_greedy_output_is_varied(gen, references):
     """Guard: a fixture whose greedy output repeats a token cannot tell right positions from wrong."""
     prompts, expected = references
-    for prompt, tokens in zip(prompts, expected):
-        assert len(set(tokens)) >= 8, f"only {len(set(tokens))} distinct ids in 32: the fixture is too weak"
     assert [r.token_ids for r in G.generate(gen, prompts, GREEDY)] == expected
+    for text in GUARD_PROMPTS:
+        [r] = G.generate(gen, [G.encode_prompt(gen, text)], GREEDY)
+        assert len(set(r.token_ids)) >= 8, f"{text!r}: only {len(set(r.token_ids))} distinct ids in 32: the fixture is too weak"
 
 
 def _wrong_positions(self, tokens, cache):

@@ -116,20 +116,15 @@ def _size_mb(path: Path) -> float:
 def systems(models: list[str], checkpoint: str | None, peers: str | None) -> list[dict]:
     """[{name, kind, target, format, size_mb[, python]}]: llama.cpp / genai first (ratios need them measured
     before ours), then our artifacts, then eager."""
-    from ernie_export.graph.quantize import DEFAULT_BLOCK_SIZE, QUANTIZATIONS
+    from runtime.core.profile import Profile
 
     out, ours = [], []
     for model in models:
         m = json.loads((Path(model) / "manifest.json").read_text())
-        p = m["profile"]
-        q = p["quantization"]
-        fmt = m["dtype"] if q == "none" else q
-        ops = p["ops"] + (" concat" if p["ops"] == "ort" and p["kv_cache"] == "concat" else "")
-        if q != "none" and p["block_size"] != DEFAULT_BLOCK_SIZE:
-            ops += f" b{p['block_size']}"
-        if q != "none" and p.get("kv_bits", QUANTIZATIONS[q]) != QUANTIZATIONS[q]:
-            ops += f" kv{p['kv_bits']}"
-        ours.append({"name": f"ours {fmt}" + ("" if q == "none" and ops == "standard" else f" {ops}"), "kind": "ort",
+        profile = Profile.from_manifest(m)
+        fmt = profile.quantization if profile.bits else profile.dtype
+        label = profile.label(m["model"]["dims"]["hidden_size"])
+        ours.append({"name": f"ours {label}", "kind": "ort",
                      "target": model, "format": fmt, "size_mb": _size_mb(Path(model))})
     if peers:
         listing = json.loads(Path(peers).expanduser().read_text())

@@ -256,17 +256,19 @@ def _log_probs(model: str, ids: list[int], threads: int | None) -> np.ndarray:
 
 
 def agreement(reference: str, model: str, artifact: Path, positions: int, threads: int | None) -> dict:
-    """Teacher-forced over the ids verification scores (ernie_export.artifact.verify.quality): after QUALITY_PROMPT
+    """Teacher-forced over the ids verification scores (ernie_export.artifact.quality): after QUALITY_PROMPT
     tokens of context, the next `positions` predictions of `model` vs `reference` (both with llama.cpp's
     default f16 KV cache, so only the weights differ)."""
     from ernie_export.artifact.golden import quality_ids
-    from ernie_export.artifact.verify import INT8_MARGIN, QUALITY_PROMPT
+    import torch
+
+    from ernie_export.artifact.quality import QUALITY_PROMPT, decisive as is_decisive
 
     ids = quality_ids(artifact, json.loads((artifact / "manifest.json").read_text()), QUALITY_PROMPT + positions)
     ref, got = (_log_probs(m, ids[:-1], threads)[QUALITY_PROMPT - 1:] for m in (reference, model))
     kl = (np.exp(ref) * (ref - got)).sum(-1)
-    same, best2 = ref.argmax(-1) == got.argmax(-1), np.sort(ref, -1)[:, -2:]
-    decisive = best2[:, 1] - best2[:, 0] > INT8_MARGIN  # where the reference leads clearly (verify's int8 gate)
+    same = ref.argmax(-1) == got.argmax(-1)
+    decisive = is_decisive(torch.from_numpy(ref)).numpy()  # where the reference leads clearly (verify's rule)
     return {"top1_agreement": round(float(same.mean()), 4), "decisive_positions": int(decisive.sum()),
             "top1_agreement_decisive": round(float(same[decisive].mean()), 4) if decisive.any() else None,
             "mean_kl": float(f"{kl.mean():.4g}"), "positions": len(kl)}

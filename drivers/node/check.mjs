@@ -7,9 +7,13 @@
 import { parseArgs } from 'node:util';
 import { argmax, openArtifact, readListed } from './driver.mjs';
 
-const MIN_AGREEMENT = 0.99; // non-float32 artifacts: the top-1 agreement the export's verification demands
 
 /** Teacher-forced: at step k count argmax == greedy_ids[row][k], then feed greedy_ids[:, k]. */
+function requireFloor(golden) {
+  // golden.json carries its own agreement floor (version 2); older ones left it to each driver
+  if (golden.min_agreement === undefined) throw new Error('golden.json records no min_agreement: re-verify the artifact');
+}
+
 async function checkCase(model, kase, golden) {
   const greedy = kase.greedy_ids, rows = greedy.length, picked = greedy.map(() => []);
   let agree = 0, worst = 0;
@@ -29,14 +33,15 @@ async function checkCase(model, kase, golden) {
 }
 
 export async function check(model, golden) {
+  requireFloor(golden);
   const cases = [];
   for (const kase of golden.cases) cases.push(await checkCase(model, kase, golden));
   const rows = cases.reduce((n, c) => n + c.rows, 0);
   const agreement = cases.reduce((n, c) => n + c.agreement * c.rows, 0) / rows;
   const worst = Math.max(...cases.map((c) => c.max_abs_logit_diff));
-  const passed = worst <= golden.tolerance && (golden.exact ? agreement === 1 : agreement >= (golden.min_agreement ?? MIN_AGREEMENT));
+  const passed = worst <= golden.tolerance && (golden.exact ? agreement === 1 : agreement >= golden.min_agreement);
   return { passed, agreement, max_abs_logit_diff: worst, tolerance: golden.tolerance, exact: golden.exact,
-    min_agreement: golden.min_agreement ?? MIN_AGREEMENT, cases };
+    min_agreement: golden.min_agreement, cases };
 }
 
 /** Python's `{:.2e}`: two exponent digits at least (3.81e-06). */

@@ -8,7 +8,6 @@
 // equals prefill: only one graph is ever loaded, which keeps the wasm memory down.
 import * as ort from './node_modules/onnxruntime-web/dist/ort.wasm.min.mjs';
 
-const MIN_AGREEMENT = 0.99; // non-float32 artifacts, as runtime/check.py
 const LEVELS = { ORT_DISABLE_ALL: 'disabled', ORT_ENABLE_BASIC: 'basic', ORT_ENABLE_EXTENDED: 'extended',
   ORT_ENABLE_LAYOUT: 'layout', ORT_ENABLE_ALL: 'all' };
 const CACHE_TYPES = { float32: Float32Array, float16: Uint16Array };
@@ -94,6 +93,7 @@ async function main() {
   }
   if (!manifest.files.golden) throw new Error('the artifact has no golden vectors; re-export with verification on');
   const golden = await (await fetchOk(new URL(manifest.files.golden.path, base))).json();
+  if (golden.min_agreement === undefined) throw new Error('golden.json records no min_agreement: re-verify the artifact');
   ort.env.wasm.wasmPaths = new URL('./node_modules/onnxruntime-web/dist/', import.meta.url).href; // served here, no CDN
   ort.env.wasm.numThreads = self.crossOriginIsolated ? navigator.hardwareConcurrency : 1;
   show(`loading ${manifest.files.decode.path} and ${manifest.files.weights.path} ...`);
@@ -111,13 +111,13 @@ async function main() {
   const rows = cases.reduce((n, c) => n + c.rows, 0);
   const agreement = cases.reduce((n, c) => n + c.agreement * c.rows, 0) / rows;
   const worst = Math.max(...cases.map((c) => c.max_abs_logit_diff));
-  const passed = worst <= golden.tolerance && (golden.exact ? agreement === 1 : agreement >= (golden.min_agreement ?? MIN_AGREEMENT));
+  const passed = worst <= golden.tolerance && (golden.exact ? agreement === 1 : agreement >= golden.min_agreement);
   const seconds = (performance.now() - t0) / 1000;
   window.result = { passed, agreement, max_abs_logit_diff: worst, tolerance: golden.tolerance, exact: golden.exact,
     cases, driver: 'onnxruntime-web', load_seconds: loaded, seconds };
   const verdict = passed ? 'passed' : 'failed';
   show(`${verdict}: top-1 agreement ${(100 * agreement).toFixed(2)}%, max |logit diff| ${worst.toExponential(2)} ` +
-    `(tolerance ${golden.tolerance}, ${golden.exact ? 'exact' : `agreement >= ${golden.min_agreement ?? MIN_AGREEMENT}`}); load ${loaded.toFixed(1)} s, ` +
+    `(tolerance ${golden.tolerance}, ${golden.exact ? 'exact' : `agreement >= ${golden.min_agreement}`}); load ${loaded.toFixed(1)} s, ` +
     `total ${seconds.toFixed(1)} s`);
   document.title = verdict;
 }

@@ -28,7 +28,8 @@ from runtime.core.session import version_tuple
 
 from ernie_export.checkpoint.config import ErnieConfig
 from ernie_export.graph.lm_head import VIEW
-from ernie_export.graph.quantize import ACCURACY_LEVEL, STANDARD_SESSION_CONFIG, Profile
+from ernie_export.graph.quantize import ACCURACY_LEVEL, STANDARD_SESSION_CONFIG
+from runtime.core.profile import Profile
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 1 << 16  # tensors of at least this size: the mmap granularity on every OS (Windows: 64 KiB)
@@ -111,24 +112,15 @@ def onnxruntime_versions(profile: Profile) -> dict:
     return {"minimum": min(tested.values(), key=version_tuple), "tested": tested}
 
 
-def prepacks(profile: Profile, dtype: str) -> bool:
-    """Whether ONNX Runtime prepacks the graphs' weights at load. Each session then keeps its own packed copy, so
-    the runtime opens the decode session only. Quantized weights must be: MatMulNBits decodes ~60x slower
-    unpacked (1.9 vs 115 steps/s measured, full-size int4). Float32 shared-buffer graphs (decode only anyway)
-    decode faster packed: 36.0 vs 30.6 tok/s (in-process A/B, full size, 16-step blocks interleaved; 29.8 vs
-    26.5 in separate processes), the split LM head (lm_head.py) keeping peak RSS at 1.08x the weights (1.03x
-    unpacked). A float32 concat artifact keeps its two sessions over one mapped copy of the weights (prepacking
-    off), and float16 / bfloat16 graphs are the GPU's."""
-    return bool(profile.bits) or (dtype == "float32" and profile.kv_cache in SHARED_KINDS)
-
-
-def session_options(profile: Profile, dtype: str) -> dict:
+def session_options(profile: Profile) -> dict:
     """What verification used and the runtime applies (runtime.session)."""
-    config = {"session.disable_prepacking": "0" if prepacks(profile, dtype) else "1"}
+    config = {"session.disable_prepacking": "0" if profile.prepacks else "1"}
     if profile.bits and profile.ops == "standard":  # the MatMulNBits kernels ONNX Runtime fuses them into
         config["session.qdq_matmulnbits_accuracy_level"] = str(ACCURACY_LEVEL)
         config.update(STANDARD_SESSION_CONFIG)
     return {"graph_optimization_level": "ORT_ENABLE_ALL", "config": config}
+
+
 FEEDING = {
     "padding_side": "left",
     "attention_mask": "int64 [batch, past + new]: 1 for a real token, 0 for padding; covers the cached tokens too",
@@ -168,9 +160,10 @@ SHARED_VT_FEEDING = {**SHARED_FEEDING, "loop": SHARED_LOOP.format(
 FEEDINGS = {CONCAT: FEEDING, SHARED_BUFFER: SHARED_FEEDING, SHARED_BUFFER_VT: SHARED_VT_FEEDING}
 
 
-def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source: dict,
-             roles: dict[str, str], weights_index: dict, tokens: dict, profile: Profile = Profile()) -> dict:
+def describe(cfg: ErnieConfig, profile: Profile, opset: int, full_logits: bool, source: dict,
+             roles: dict[str, str], weights_index: dict, tokens: dict) -> dict:
     """The manifest, with file paths but not yet their sizes and hashes (`write_manifest` adds them).
+    `profile`: resolved (runtime.core.profile); it writes its own fields.
 
     Verification runs the staged graphs through this dict exactly as the runtime will read it.
     """
@@ -183,18 +176,13 @@ def describe(cfg: ErnieConfig, dtype: str, opset: int, full_logits: bool, source
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": {"type": "ernie4_5", **source, "synthetic": cfg.synthetic, "dims": dims},
-        "dtype": dtype,
+        "dtype": profile.dtype,
         "full_logits": full_logits,
         "onnx": {"ir_version": lowest_ir_version(opset), "opset": opset, "op_domains": profile.op_domains},
         "onnxruntime": onnxruntime_versions(profile),
-        "profile": {"quantization": profile.quantization, "block_size": profile.block_size,
-                    "table_bits": profile.table_bits,
-                    "table_block_size": profile.table_block_size(cfg.hidden_size) if profile.bits else None,
-                    "kv_bits": (profile.kv_bits or profile.bits) if profile.bits else None,
-                    "kv_block_size": profile.kv_block_size(cfg.hidden_size) if profile.bits else None,
-                    "ops": profile.ops, "kv_cache": profile.kv_cache},
-        "session_options": session_options(profile, dtype),
-        "graphs": io_contract(dims, dtype, full_logits, profile.kv_cache),
+        "profile": profile.to_manifest(),
+        "session_options": session_options(profile),
+        "graphs": io_contract(dims, profile.dtype, full_logits, profile.kv_cache),
         "cache": {"pairs": cache_pairs(cfg.num_hidden_layers)},
         "feeding": FEEDINGS[profile.kv_cache],
         "tokens": tokens,

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import numpy as np
 import onnx_ir as ir
 
-from ernie_export.graph.quantize import ORT_DOMAIN, constant
+from ernie_export.graph.ops import ORT_DOMAIN, constant
 
 GQA = "GroupQueryAttention"
 MASKED = -1e9  # additive mask; every row sees key 0, so none is all masked

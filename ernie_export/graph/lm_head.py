@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ernie_export.graph.quantize import ORT_DOMAIN, TABLE_NAMES
+from ernie_export.graph.ops import ORT_DOMAIN
+from ernie_export.graph.quantize import TABLE_NAMES
 
 PARTS = 4
 ROW_ALIGN = 64  # range boundaries at multiples of this many rows (a float32 row is 4 KiB at hidden 1024)

@@ -26,15 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from runtime.core.contract import CONCAT, KV_CACHE_KINDS, SHARED_BUFFER, SHARED_BUFFER_VT, SHARED_KINDS
+from ernie_export.graph.ops import ORT_DOMAIN, constant, initializer
+from runtime.core.profile import BLOCK_SIZES, Profile
 from runtime.core.errors import UsageError
 
-QUANTIZATIONS = {"none": None, "int8": 8, "int4": 4}
-OPS = ("standard", "ort")
-BLOCK_SIZES = (16, 32, 64, 128, 256)
-DEFAULT_BLOCK_SIZE = 32
 MIN_STANDARD_OPSET = 21  # blocked DequantizeLinear
-ORT_DOMAIN = "com.microsoft"
 # int4 scale search: the block's largest-magnitude value maps to -(one of these), clipped to -8 (llama.cpp's
 # q4_0 uses 8 alone); the candidate with the least squared error wins. Measured on normal(0, 0.05) weights
 # in blocks of 32: 7..8 gives 3.8% lower weight MSE than 8 alone, 7..9 10.4%, 6..8.5 in steps of 0.1 10.5%
@@ -44,13 +40,13 @@ INT4_DIVISORS = tuple(7.0 + 0.25 * i for i in range(9))
 # 0.80x that of llama.cpp q8_0's amax / 127 (124..128 in halves: 0.82x; 120..128 in quarters, 4x the time: 0.77x).
 INT8_DIVISORS = tuple(float(c) for c in range(120, 129))
 DIVISORS = {4: INT4_DIVISORS, 8: INT8_DIVISORS}
+ROUND_TO_NEAREST = {4: (8.0,), 8: (127.0,)}  # amax / 127 (q8_0); the signed extreme / -8 (q4_0)
 ROWS_PER_CHUNK = 4096
 # The embedding / LM-head table stays 8-bit by default in the int4 profile too, as llama.cpp keeps its
 # q4_0 files' table at 6 bits (Q6_K). Measured on the full-size synthetic checkpoint (mean KL from float32
 # over 256 positions, float32 math): int4 everything 0.00535, int4 layers + int8 table 0.00430;
 # llama.cpp q4_0 vs its f32 on the same checkpoint and positions: 0.00467.
-TABLE_BITS = (4, 8)
-DEFAULT_TABLE_BITS = 8
+# (TABLE_BITS, DEFAULT_TABLE_BITS: runtime.core.profile)
 # In the int4 profile the 8-bit table is quantized in blocks of 128 inputs, whatever the layers' block size: ONNX
 # Runtime's int8-activation kernel packs each block with a float32 scale and a float32 block sum (8 bytes), so
 # blocks of 32 make the table a quarter larger to read per step than blocks of 128 (1.25 vs 1.06 bytes per weight).
@@ -59,9 +55,9 @@ DEFAULT_TABLE_BITS = 8
 # Only where the layers are 4-bit: in the int8 profile the table's error is a large share of the total (before the
 # int8 scale search: KL 4.11e-5 at 128 vs 3.81e-5 at 32, where llama.cpp q8_0 has 3.79e-5), so its table keeps the
 # layers' block.
-TABLE_BLOCK_8BIT = 128
+# (the rule: runtime.core.profile.wide_block, WIDE_BLOCK_8BIT = 128)
 TABLE_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
-KV_BITS = (4, 8)
+# (KV_BITS: runtime.core.profile)
 # The key and value projections (k_proj, v_proj) may take their own bits (`--kv-bits`, as llama.cpp's k-quant mixes keep
 # attn_v above the rest): each of their errors reaches all the query heads of a KV head. Measured on the full-size
 # synthetic checkpoint (eager, float32 math over the dequantized weights, mean KL from float32 over 256 positions,
@@ -81,80 +77,13 @@ class QuantizeError(UsageError, ValueError):
     """A quantization option or graph the quantizer cannot handle."""
 
 
-def default_kv_cache(ops: str, dtype: str) -> str:
-    """The KV-cache kind when none is asked for. `--ops ort` attends with onnxruntime's GroupQueryAttention over a
-    shared, preallocated buffer: no cache copy per step. In float32 (the CPU profiles) its values are stored
-    transposed and decode steps attend grouped (ernie_export.attention); float16 / bfloat16 (the GPU's) keep the
-    kernel alone. Standard ops: the growing concat cache."""
-    if ops != "ort":
-        return CONCAT
-    return SHARED_BUFFER_VT if dtype == "float32" else SHARED_BUFFER
-
-
-@dataclass(frozen=True)
-class Profile:
-    """What the manifest's `profile` records about the graphs' weights and ops."""
-    quantization: str = "none"
-    block_size: int | None = None
-    ops: str = "standard"
-    table_bits: int | None = None  # the embedding / LM-head table's bits (None: not quantized)
-    kv_cache: str = CONCAT  # the manifest's KV-cache kind (export_artifact: default_kv_cache unless told)
-    table_block: int | None = None  # None: the rule (table_block_size); an artifact's recorded value when re-verified
-    kv_bits: int | None = None  # the k/v projections' bits (None: the layers')
-    kv_block: int | None = None  # None: the rule (kv_block_size); an artifact's recorded value when re-verified
-
-    @property
-    def bits(self) -> int | None:
-        return QUANTIZATIONS[self.quantization]
-
-    def check(self, opset: int) -> None:
-        if self.quantization not in QUANTIZATIONS:
-            raise QuantizeError(f"{self.quantization!r} is not supported: use one of {', '.join(QUANTIZATIONS)}", "quantize")
-        if self.ops not in OPS:
-            raise QuantizeError(f"{self.ops!r} is not supported: use one of {', '.join(OPS)}", "ops")
-        if self.kv_cache not in KV_CACHE_KINDS:
-            raise QuantizeError(f"{self.kv_cache!r} is not supported: use one of {', '.join(KV_CACHE_KINDS)}", "kv_cache")
-        if self.kv_cache in SHARED_KINDS and self.ops != "ort":
-            raise QuantizeError(f"{self.kv_cache} needs --ops ort (onnxruntime's GroupQueryAttention writes it)", "kv_cache")
-        if self.bits and self.kv_bits not in (None, *KV_BITS):
-            raise QuantizeError(f"{self.kv_bits} is not supported: use one of {', '.join(map(str, KV_BITS))}", "kv_bits")
-        if self.bits and self.table_bits not in TABLE_BITS:
-            raise QuantizeError(f"{self.table_bits} is not supported: use one of {', '.join(map(str, TABLE_BITS))}", "table_bits")
-        if self.bits and self.block_size not in BLOCK_SIZES:
-            raise QuantizeError(f"{self.block_size} is not supported: use one of "
-                                f"{', '.join(map(str, BLOCK_SIZES))}", "block_size")
-        if self.bits and self.ops == "standard" and opset < MIN_STANDARD_OPSET:
-            raise QuantizeError(f"{opset} has no blocked DequantizeLinear: quantized standard-op graphs "
-                                f"need --opset >= {MIN_STANDARD_OPSET}", "opset")
-
-    def table_block_size(self, hidden: int) -> int | None:
-        """The embedding / LM-head table's block size: in the int4 profile an 8-bit table's is `wide_block`; else the
-        layers'."""
-        if self.table_block is not None or self.table_bits != 8 or self.bits != 4:
-            return self.table_block or self.block_size
-        return self.wide_block(hidden)
-
-    def kv_block_size(self, inputs: int) -> int | None:
-        """The k/v projections' block size: `wide_block` when they are 8-bit in the int4 profile, else the layers'."""
-        if self.kv_block is not None:
-            return self.kv_block
-        return self.wide_block(inputs) if self.bits == 4 and self.kv_bits == 8 else self.block_size
-
-    def wide_block(self, inputs: int) -> int:
-        """An 8-bit weight's block size in the int4 profile: the largest block size up to TABLE_BLOCK_8BIT (or the
-        layers', if larger) that divides its input size."""
-        return max(b for b in BLOCK_SIZES if b <= max(TABLE_BLOCK_8BIT, self.block_size) and inputs % b == 0)
-
-    @property
-    def op_domains(self) -> list[str]:
-        return ["ai.onnx", ORT_DOMAIN] if self.ops == "ort" else ["ai.onnx"]
-
-
-def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+def quantize_blocks(w: np.ndarray, bits: int, block: int,
+                    divisors: tuple[float, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """w [N, K] float -> (q int8 [N, K] in [-2^(bits-1), 2^(bits-1) - 1], scales float32 [N, K / block]).
 
     Symmetric, blocks of `block` consecutive inputs of one output row: w ~= q * scale. Each block's scale is the
-    one of DIVISORS[bits] with the least squared error (the largest-magnitude value maps to -divisor).
+    one of `divisors` (default DIVISORS[bits]) with the least squared error (the largest-magnitude value maps to
+    -divisor). ROUND_TO_NEAREST's single divisors are llama.cpp's q8_0 / q4_0 scale rules (the quality reference).
     """
     n, k = w.shape
     if k % block:
@@ -167,7 +96,7 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, n
         idx = np.abs(x).argmax(-1)[..., None]
         extreme = np.take_along_axis(x, idx, -1)  # signed value of largest magnitude
         best_d, best_err = None, None
-        for c in DIVISORS[bits]:
+        for c in divisors or DIVISORS[bits]:
             d = extreme / -c
             safe = np.where(d == 0, 1, d)
             err = ((np.clip(np.rint(x / safe), lo, hi) * d - x) ** 2).sum(-1, keepdims=True)
@@ -236,30 +165,12 @@ def _pack_qkv(graph: ir.Graph, gqa: ir.Node) -> None:
         graph.initializers.pop(sizes.name)
 
 
-def _const(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None,
-           shape: list[int] | None = None) -> ir.Value:
-    """An initializer (registered once per graph) holding `array`'s bytes, optionally as another dtype/shape."""
-    if name in graph.initializers:
-        return graph.initializers[name]
-    if dtype in (ir.DataType.INT4, ir.DataType.UINT4):
-        tensor = ir.PackedTensor(array, dtype, shape=ir.Shape(shape))
-    else:
-        tensor = ir.tensor(array.reshape(shape) if shape else array, dtype=dtype)
-    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
-def constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """A small initializer of `graph` (registered once per name), e.g. a shape or a scalar."""
-    return _const(graph, name, np.asarray(array))
-
-
 class Quantizer:
     """Rewrites graphs for one profile; each weight is quantized once, whichever graphs use it."""
 
-    def __init__(self, profile: Profile, dtype: np.dtype):
+    def __init__(self, profile: Profile, dtype: np.dtype, round_to_nearest: bool = False):
         self.profile, self.block = profile, profile.block_size
+        self.round_to_nearest = round_to_nearest  # the plain scale rule of the quality reference, not the search
         self.dtype = dtype  # the float type of activations (scales are cast to it in the graph)
         self.cache: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
         self.reference: dict[str, np.ndarray] = {}  # name -> dequantized float32 [N, K] (the eager reference)
@@ -270,16 +181,26 @@ class Quantizer:
         return self.profile.kv_bits if self.profile.kv_bits and is_kv_projection(name) else self.profile.bits
 
     def block_of(self, name: str, inputs: int) -> int:
-        """The block size of the weight `name` with `inputs` inputs (the table's and the k/v projections' may differ)."""
-        if name in TABLE_NAMES:
-            return self.profile.table_block_size(inputs)
-        return self.profile.kv_block_size(inputs) if is_kv_projection(name) else self.block
+        """The block size of the weight `name` with `inputs` inputs: the profile's (the table's and the k/v
+        projections' may differ), or, where that does not divide `inputs` (a fine-tuned model with other head
+        counts: o_proj of 6 heads x 24 has 144 inputs), the largest supported block size below it that does.
+        The rule depends on the profile and the shapes only, so re-verification derives the same blocks; each
+        MatMulNBits / DequantizeLinear node carries its own block size, so drivers need nothing more."""
+        p = self.profile
+        block = p.table_block if name in TABLE_NAMES else p.kv_block if is_kv_projection(name) else self.block
+        if inputs % block == 0:
+            return block
+        fits = [b for b in BLOCK_SIZES if b < block and inputs % b == 0]
+        if not fits:
+            raise QuantizeError(f"{name} has {inputs} inputs, which no supported block size "
+                                f"({', '.join(map(str, BLOCK_SIZES))}) divides: export it with --quantize none")
+        return fits[-1]
 
     def blocks(self, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """(q [N, K] int8, scales [N, K / block] as stored, bits) for the weight `name`, quantized once."""
         if name not in self.cache:
             bits, block = self.bits(name), self.block_of(name, w.shape[1])
-            q, scales = quantize_blocks(w, bits, block)
+            q, scales = quantize_blocks(w, bits, block, ROUND_TO_NEAREST[bits] if self.round_to_nearest else None)
             scales = scales.astype(SCALE_DTYPE)
             self.cache[name] = (q, scales, bits)
             self.reference[name] = dequantize_blocks(q, scales.astype(np.float32), block)
@@ -299,7 +220,7 @@ class Quantizer:
 
     def _scales(self, graph: ir.Graph, name: str, scales: np.ndarray) -> tuple[ir.Value, list[ir.Node]]:
         """The stored (float16) scales as the compute dtype: a Cast node unless they already are."""
-        stored = _const(graph, name, scales)
+        stored = initializer(graph, name, scales)
         if np.dtype(self.dtype) == scales.dtype:
             return stored, []
         cast = ir.node("Cast", [stored], {"to": self._ir_dtype()})
@@ -352,7 +273,7 @@ class Quantizer:
         if self.profile.ops == "ort":
             packed = pack(q, bits, unsigned=True).reshape(n, k // block, -1)
             scale, new = self._scales(graph, f"{name}.scales", scales)
-            inputs = [a, _const(graph, f"{name}.q", packed), scale]
+            inputs = [a, initializer(graph, f"{name}.q", packed), scale]
             new.append(ir.node("MatMulNBits", inputs + ([None, None, bias] if bias is not None else []),
                                {"K": k, "N": n, "bits": bits, "block_size": block,
                                 "accuracy_level": ACCURACY_LEVEL}, domain=ORT_DOMAIN, name=f"{name}.MatMulNBits"))
@@ -360,7 +281,7 @@ class Quantizer:
             dtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
             qt = np.ascontiguousarray(q.T)  # [K, N]: the pattern ONNX Runtime fuses
             scale, new = self._scales(graph, f"{name}.scalesT", np.ascontiguousarray(scales.T))
-            dq = ir.node("DequantizeLinear", [_const(graph, f"{name}.qT", pack(qt, bits, unsigned=False), dtype, [k, n]),
+            dq = ir.node("DequantizeLinear", [initializer(graph, f"{name}.qT", pack(qt, bits, unsigned=False), dtype, [k, n]),
                                               scale], {"axis": 0, "block_size": block}, name=f"{name}.Dequantize")
             mm = ir.node("MatMul", [a, dq.outputs[0]], name=f"{name}.MatMul")
             new += [dq, mm]
@@ -383,7 +304,7 @@ class Quantizer:
         if self.profile.ops == "ort":
             # The same bytes as the LM head's MatMulNBits input, viewed [V, K * bits / 8].
             scale, new = self._scales(graph, f"{name}.scales", scales)
-            new.append(ir.node("GatherBlockQuantized", [_const(graph, f"{name}.q.rows", pack(q, bits, unsigned=True)),
+            new.append(ir.node("GatherBlockQuantized", [initializer(graph, f"{name}.q.rows", pack(q, bits, unsigned=True)),
                                                         ids, scale],
                                {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block_of(name, q.shape[1]), "bits": bits},
                                domain=ORT_DOMAIN, name=f"{name}.GatherBlockQuantized"))
@@ -407,11 +328,11 @@ class Quantizer:
 
         if bits == 8:
             # int8 [K, V], the LM head's bytes under their own name (the fusion wants a weight read by it alone)
-            raw = _const(graph, f"{name}.qT.rows", pack(np.ascontiguousarray(q.T), 8, unsigned=False))
+            raw = initializer(graph, f"{name}.qT.rows", pack(np.ascontiguousarray(q.T), 8, unsigned=False))
             values = op("Cast", [op("Gather", [raw, ids], axis=1)], to=self._ir_dtype())
         else:
             packed_t = pack(np.ascontiguousarray(q.T), 4, unsigned=False)  # [K, V/2]: the bytes of int4 [K, V]
-            raw = _const(graph, f"{name}.qT.bytes", packed_t)  # uint8 view of the LM head's int4 [K, V]
+            raw = initializer(graph, f"{name}.qT.bytes", packed_t)  # uint8 view of the LM head's int4 [K, V]
             two = constant(graph, "quant.two", np.array(2, np.int64))
             byte = op("Gather", [raw, op("Div", [ids, two])], axis=1)  # [K, B, S]
             shift = op("Cast", [op("Mul", [op("Mod", [ids, two]), constant(graph, "quant.four", np.array(4, np.int64))])],

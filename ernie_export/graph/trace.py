@@ -23,7 +23,7 @@ from torch import nn
 from runtime.core.contract import ATTENTION_MASK, CONCAT, INPUT_IDS, POSITION_IDS, SCORE, SHARED_BUFFER, io_contract
 
 from ernie_export.model.dense import ErnieForCausalLM
-from ernie_export.graph.quantize import ORT_DOMAIN
+from ernie_export.graph.ops import ORT_DOMAIN
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notices

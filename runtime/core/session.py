@@ -22,6 +22,7 @@ from runtime.core import hugepages
 from runtime.core.contract import (SCORE, ArtifactError, GraphIO, check_cache_pairing, external_tensors, graphs_of,
                                    kv_cache_of)
 from runtime.core.kv_cache import Kind, kind_of
+from runtime.core.profile import Profile
 from runtime.core.errors import OptionError
 from runtime.core.step import Model, Step
 from runtime.core.errors import UsageError
@@ -143,7 +144,8 @@ def check_profile(manifest: dict) -> None:
 
 
 def prepacked(manifest: dict) -> bool:
-    return manifest["session_options"]["config"].get("session.disable_prepacking", "1") == "0"
+    """Whether ONNX Runtime prepacks this artifact's weights (the profile's rule, runtime.core.profile)."""
+    return Profile.from_manifest(manifest).prepacks
 
 
 def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", threads: int | None = None,

@@ -28,6 +28,7 @@ import numpy as np
 from runtime.core.errors import OptionError, run_cli
 from runtime.generate.api import Generator, InputError, check_utf8, load
 from runtime.generate.logprobs import log_softmax
+from runtime.core.session import PROVIDERS
 
 DEFAULT_WINDOW = 512
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="tokens per window, lm-eval's rolling windows: the first is fed the prefix token (the "
                          "artifact's BOS id, else its first EOS id), a later one the tokens before it "
                          "(default %(default)s)")
-    ap.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--provider", choices=["auto", *PROVIDERS], default="auto")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = ap.parse_args(argv)
     return run_cli(lambda: report(args))

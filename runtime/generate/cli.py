@@ -19,6 +19,7 @@ from pathlib import Path
 from runtime.core.errors import ErnieError, OptionError, run_cli
 from runtime.generate.api import Generator, InputError, Options, Result, encode_prompt, generate, load
 from runtime.generate.chat import Chat
+from runtime.core.session import PROVIDERS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--greedy", action="store_true", help="greedy decoding whatever the artifact's defaults say")
     ap.add_argument("--ignore-eos", action="store_true", help="decode exactly --max-new-tokens tokens")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not part of the output")
-    ap.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--provider", choices=["auto", *PROVIDERS], default="auto")
     ap.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's choice)")
     ap.add_argument("--stream", action="store_true", help="print text as it is generated")
     ap.add_argument("--json", action="store_true", help="one JSON object per prompt: ids, text, finish_reason, timings")

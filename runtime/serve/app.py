@@ -29,6 +29,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from runtime.core.session import PROVIDERS
+from runtime.serve import limits
 from runtime.serve.engine import Engine
 from runtime.generate.api import Generator, InputError, check_utf8, load
 from runtime.generate.logprobs import MAX_ALTERNATIVES, completion_logprobs
@@ -149,8 +151,8 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_s: float = 300.0,
-               max_body: int = 1 << 20) -> FastAPI:
+def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_s: float = limits.default("timeout"),
+               max_body: int = limits.default("max_body")) -> FastAPI:
     """The HTTP API over an engine (`get_engine()` returns it: one per process, or per Ray replica)."""
     app = FastAPI(title="ERNIE 4.5 ONNX server", docs_url=None, redoc_url=None)
     key = api_key.encode() if api_key else None
@@ -310,13 +312,10 @@ async def _sse(events: asyncio.Queue, engine: Engine, handle, ident: str, create
 
 def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
     """The limits and options one engine (one server, or one Ray replica) takes."""
-    ap.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
-    ap.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch; more get 429")
-    ap.add_argument("--timeout", type=float, default=300.0, help="time budget per request, seconds")
-    ap.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
+    limits.add_arguments(ap)
     ap.add_argument("--api-key", default=os.environ.get("ERNIE_API_KEY"), help="require this bearer key "
                     "(default: $ERNIE_API_KEY; none: open)")
-    ap.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--provider", choices=["auto", *PROVIDERS], default="auto")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -338,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace, run_server) -> None:
     """Load the artifact, start the engine and serve until the server stops (`run_server`: uvicorn.run)."""
+    limits.check(vars(args))
     gen = load(args.model, args.provider, args.threads)
     engine = Engine(gen, args.max_batch, args.max_queue)
     for w in gen.warnings:

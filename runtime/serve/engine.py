@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from runtime.core.contract import ArtifactError
+from runtime.serve import limits
 from runtime.generate.api import Generator, check_request, score_prompt
 from runtime.generate.request import ModelOutputError, Options, Row
 from runtime.core.step import KVCache, ScoreUnavailable, StepError
@@ -80,7 +81,8 @@ class Request:
 
 class Engine:
     RATE_WINDOW_S = 10.0  # tokens/s in /metrics is over this window
-    def __init__(self, gen: Generator, max_batch: int = 8, max_queue: int = 32):
+    def __init__(self, gen: Generator, max_batch: int = limits.default("max_batch"),
+                 max_queue: int = limits.default("max_queue")):
         if gen.manifest["dtype"] == "bfloat16":  # merging rows reads the cache on the host
             raise ArtifactError("the serving engine cannot batch a bfloat16 artifact (numpy cannot hold its cache "
                                 "to merge rows); serve a float16 export on CUDA (--dtype float16)")

@@ -35,6 +35,7 @@ from ray.serve.config import RequestRouterConfig
 from runtime.core.errors import ErnieError, Failure, OptionError, SourceProblem, UsageError, run_cli
 from runtime.serve.engine import Engine
 from runtime.generate.api import load
+from runtime.serve import limits
 from runtime.serve.app import BodyLimit, add_engine_arguments, create_app
 from runtime.serve.routing import SpreadRouter
 
@@ -45,10 +46,7 @@ OPTIONS: dict[str, tuple[object, type]] = {
     "model": (None, str),
     "name": (None, str),          # the model id /v1/models reports (default: the artifact folder's name)
     "replicas": (1, int),
-    "max_batch": (8, int),
-    "max_queue": (32, int),
-    "timeout": (300.0, float),
-    "max_body": (1 << 20, int),
+    **{name: (value, kind) for name, (value, kind, _) in limits.LIMITS.items()},
     "api_key": (None, str),       # default: $ERNIE_API_KEY where build_app runs; none: open
     "provider": ("auto", str),
     "threads": (None, int),       # ONNX Runtime intra-op threads per replica (default: num_cpus)
@@ -70,11 +68,12 @@ def settings(args: dict) -> dict:
     cfg["api_key"] = cfg["api_key"] or os.environ.get("ERNIE_API_KEY") or None
     if cfg["threads"] is None:
         cfg["threads"] = max(1, int(cfg["num_cpus"]))
-    for key in ("replicas", "max_batch"):
-        if cfg[key] < 1:
-            raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
-    if cfg["max_queue"] < 0:
-        raise ValueError(f"max_queue must be >= 0, got {cfg['max_queue']}")
+    if cfg["replicas"] < 1:
+        raise ValueError(f"replicas must be >= 1, got {cfg['replicas']}")
+    try:
+        limits.check(cfg)
+    except OptionError as e:
+        raise ValueError(str(e)) from None
     return cfg
 
 
