@@ -1,6 +1,7 @@
 """Write a synthetic ERNIE 4.5 checkpoint in the real file layout — RANDOM WEIGHTS.
 
-In:  an output directory and a size ("tiny" for tests, "full" for the real 0.36B shapes).
+In:  an output directory and a size ("tiny" for tests, "full" for the real 0.36B shapes); `--arch moe` writes the
+     MoE family instead (synthetic_moe.py: the 21B-A3B shapes, three layouts, shard by shard).
 Out: config.json, model.safetensors (or shards + index), generation_config.json, tokenizer.json
      (a small byte-level BPE trained here with `tokenizers`, with ERNIE's special tokens) and
      tokenizer_config.json carrying the published ERNIE 4.5 chat template.
@@ -137,18 +138,29 @@ def random_weights(raw: dict, visible: list[int], seed: int = DEFAULT_SEED, dtyp
     weights never ends early with an empty text (it runs to max_new_tokens).
     """
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.ones(raw["vocab_size"], dtype=torch.bool)  # [V]
+    hidden = hidden_rows(raw["vocab_size"], visible)
+    return {name: random_tensor(name, shape, gen, std, hidden, dtype)
+            for name, shape in expected_shapes(parse_config(raw)).items()}
+
+
+def hidden_rows(vocab_size: int, visible: list[int]) -> torch.Tensor:
+    """[V] bool: the ids whose embedding / LM-head rows are scaled down (not in `visible`)."""
+    hidden = torch.ones(vocab_size, dtype=torch.bool)
     hidden[visible] = False
-    out = {}
-    for name, shape in expected_shapes(parse_config(raw)).items():
-        if name.endswith("norm.weight"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-        else:
-            t = std * torch.randn(shape, generator=gen)
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            t[hidden] *= HIDDEN_ROW_SCALE
-        out[name] = t.to(torch.bfloat16).to(dtype)  # same values whatever the storage dtype
-    return out
+    return hidden
+
+
+def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, std: float, hidden: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """One random tensor by its canonical name: norms 1 + 0.1 N(0, 1), the rest std N(0, 1), the rows of `hidden`
+    ids scaled by HIDDEN_ROW_SCALE; values rounded to bfloat16 (the same whatever the storage dtype)."""
+    if name.endswith("norm.weight"):
+        t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    else:
+        t = std * torch.randn(shape, generator=gen)
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        t[hidden] *= HIDDEN_ROW_SCALE
+    return t.to(torch.bfloat16).to(dtype)
 
 
 def to_original_layout(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -235,19 +247,39 @@ def write_checkpoint(out: str | Path, size: str = "tiny", *, layout: str = "curr
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ernie_export.checkpoint.synthetic", description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=["dense", "moe"], default="dense",
+                    help="dense: ERNIE 4.5 0.3B shapes; moe: ERNIE 4.5 21B-A3B shapes (synthetic_moe.py)")
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--layout", choices=["current", "original"], default="current")
-    ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--layout", choices=["current", "original", "fused", "paddle"], default="current",
+                    help="dense: current or original; moe: current (per-expert -PT names), fused or paddle")
+    ap.add_argument("--shards", type=int, default=None, help="dense: number of shards (1); moe: one per layer at "
+                                                             "full size, a single file at tiny size unless > 1")
+    ap.add_argument("--layers", type=int, default=None, help="moe: only the first N layers (a full-width cut)")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     args = ap.parse_args(argv)
     return run_cli(lambda: _write(args))
 
 
 def _write(args: argparse.Namespace) -> None:
-    if args.shards < 1:
+    if args.shards is not None and args.shards < 1:
         raise OptionError("shards", f"must be >= 1, got {args.shards}")
-    path = write_checkpoint(args.out, args.size, layout=args.layout, shards=args.shards, seed=args.seed)
+    if args.arch == "moe":
+        from ernie_export.checkpoint.synthetic_moe import MOE_LAYOUTS, write_moe_checkpoint
+
+        if args.layout not in MOE_LAYOUTS:
+            raise OptionError("layout", f"{args.layout} is a dense layout: with --arch moe use one of {', '.join(MOE_LAYOUTS)}")
+        if args.layers is not None and args.layers < 2:
+            raise OptionError("layers", f"must be >= 2 (layer 0 is dense, MoE layers start at 1), got {args.layers}")
+        sharded = None if args.shards is None else args.shards > 1
+        path = write_moe_checkpoint(args.out, args.size, layout=args.layout, layers=args.layers, seed=args.seed,
+                                    sharded=sharded)
+    else:
+        if args.layout not in ("current", "original"):
+            raise OptionError("layout", f"{args.layout} is an MoE layout: with --arch dense use current or original")
+        if args.layers is not None:
+            raise OptionError("layers", "cuts MoE checkpoints only: use it with --arch moe")
+        path = write_checkpoint(args.out, args.size, layout=args.layout, shards=args.shards or 1, seed=args.seed)
     print(f"wrote {path}: {RANDOM_WEIGHTS_NOTICE}")
 
 

@@ -2,21 +2,25 @@
 
 In:  a local directory or a hub id (`resolve_checkpoint`); a checkpoint directory with `model.safetensors` or a sharded `model.safetensors.index.json`;
      tensors in bfloat16, float16 or float32; names either `model.*` or the original release's
-     `ernie.*` with fused `qkv_proj` / `up_gate_proj`; `lm_head.weight` optional when tied.
+     `ernie.*` with fused `qkv_proj` / `up_gate_proj`; `lm_head.weight` optional when tied. MoE checkpoints in
+     any of their three layouts (moe_weights: per-expert `-PT`, transformers' fused experts, Paddle's).
 Out: {canonical name: tensor} checked against the config — every missing, unexpected and
      mis-shaped tensor is reported together in one `WeightsError`. Never unpickles anything.
+     `load_weights`: the whole model; `load_layer` / `load_globals`: one layer / the rest, reading only those tensors.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from ernie_export.checkpoint.config import ErnieConfig
+from ernie_export.checkpoint.moe_weights import ROUTER, from_paddle, is_mtp, is_paddle, moe_mlp_shapes, split_experts
 from runtime.core.errors import SourceProblem
 
 
@@ -52,27 +56,43 @@ def resolve_checkpoint(model: str) -> Path:
                           "(e.g. /path/to/ERNIE-4.5-0.3B-PT)") from None
 
 
-def expected_shapes(cfg: ErnieConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical tensor name -> shape for this config (lm_head only when untied)."""
+def layer_shapes(cfg: ErnieConfig, n: int) -> dict[str, tuple[int, ...]]:
+    """Canonical tensor name -> shape for layer n: attention, norms, and the dense MLP or (MoE layers) the experts."""
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
-    for n in range(cfg.num_hidden_layers):
-        p = f"model.layers.{n}."
-        linears = {
-            "self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q),
-            "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i),
-        }
-        for name, shape in linears.items():
-            shapes[p + name + ".weight"] = shape
-            if cfg.use_bias:
-                shapes[p + name + ".bias"] = (shape[0],)
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    p = f"model.layers.{n}."
+    linears = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+               "self_attn.o_proj": (h, q)}
+    moe = cfg.is_moe and cfg.is_moe_layer(n)
+    if not moe:
+        linears |= {"mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+    shapes = {}
+    for name, shape in linears.items():
+        shapes[p + name + ".weight"] = shape
+        if cfg.use_bias:
+            shapes[p + name + ".bias"] = (shape[0],)
+    if moe:
+        shapes |= moe_mlp_shapes(cfg, p + "mlp.")
+    shapes[p + "input_layernorm.weight"] = (h,)
+    shapes[p + "post_attention_layernorm.weight"] = (h,)
     return shapes
+
+
+def global_shapes(cfg: ErnieConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors outside the layers: embedding, final norm, and the LM head when untied."""
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": (cfg.hidden_size,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    return shapes
+
+
+def expected_shapes(cfg: ErnieConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical tensor name -> shape for this config (lm_head only when untied)."""
+    shapes = global_shapes(cfg)
+    lm = shapes.pop("lm_head.weight", None)
+    for n in range(cfg.num_hidden_layers):
+        shapes |= layer_shapes(cfg, n)
+    return shapes if lm is None else shapes | {"lm_head.weight": lm}
 
 
 def weight_files(ckpt: Path) -> list[Path]:
@@ -100,12 +120,20 @@ def weight_files(ckpt: Path) -> list[Path]:
 
 _FUSED_QKV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)qkv_proj\.(weight|bias)$")
 _FUSED_UP_GATE = re.compile(r"^(model\.layers\.\d+\.mlp\.)up_gate_proj\.(weight|bias)$")
+_LAYER = re.compile(r"^(?:model|ernie)\.layers\.(\d+)\.")
 
 
-def canonicalize(name: str, tensor: torch.Tensor, cfg: ErnieConfig) -> list[tuple[str, torch.Tensor]]:
-    """The one name map: original release names -> canonical names (splitting fused projections)."""
+def canonicalize(name: str, tensor: torch.Tensor, cfg: ErnieConfig, paddle: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """The one name map: original release names -> canonical names (splitting fused projections).
+
+    `paddle` (MoE checkpoints only, see moe_weights): the checkpoint is Paddle's, Linear weights stored [in, out].
+    A dense `ernie.` checkpoint keeps the original -PT release's [out, in] (no transposition)."""
+    if paddle:
+        name, tensor = from_paddle(name, tensor, cfg)
     if name.startswith("ernie."):
         name = "model." + name[len("ernie."):]
+    if cfg.is_moe and (parts := split_experts(name, tensor, cfg)) is not None:
+        return parts
     if m := _FUSED_QKV.match(name):
         q = cfg.num_attention_heads * cfg.head_dim
         kv = cfg.num_key_value_heads * cfg.head_dim
@@ -121,26 +149,74 @@ def canonicalize(name: str, tensor: torch.Tensor, cfg: ErnieConfig) -> list[tupl
     return [(name, tensor)]
 
 
-def load_weights(ckpt: str | Path, cfg: ErnieConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Read, rename, check and cast every tensor of a checkpoint."""
-    ckpt = Path(ckpt)
+def layer_of(name: str) -> int | None:
+    """The layer a stored tensor belongs to (either prefix), None for the embedding, final norm, LM head, mtp_*."""
+    m = _LAYER.match(name)
+    return int(m[1]) if m else None
+
+
+def tensor_files(ckpt: Path) -> dict[str, Path]:
+    """Stored tensor name -> the file holding it: the index's weight_map, else each file's header (no data read)."""
+    files = weight_files(ckpt)
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: ckpt / shard for name, shard in json.loads(index.read_text())["weight_map"].items()}
+    out = {}
+    for file in files:
+        with _opened(file) as f:
+            out |= {name: file for name in f.keys()}
+    return out
+
+
+@contextmanager
+def _opened(file: Path):
+    """safe_open, its damaged-file errors (truncated, garbage header, bad offsets) one WeightsError naming the file."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise WeightsError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+                           "re-download the checkpoint") from None
+
+
+def _read(ckpt: Path, cfg: ErnieConfig, keep, notes: list[str] | None) -> dict[str, torch.Tensor]:
+    """Read and rename the stored tensors whose name `keep` accepts, one file open at a time."""
+    files = tensor_files(ckpt)
+    paddle = cfg.is_moe and is_paddle(files)
+    skipped = [n for n in files if cfg.is_moe and is_mtp(n)]
+    if skipped and notes is not None:
+        notes.append(f"ignored {len(skipped)} mtp_* tensors (multi-token prediction, used only for speculative "
+                     "decoding; inference does not read them)")
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        if keep(name) and name not in skipped:
+            by_file.setdefault(file, []).append(name)
     tensors: dict[str, torch.Tensor] = {}
-    for file in weight_files(ckpt):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for raw_name in f.keys():
-                    for name, t in canonicalize(raw_name, f.get_tensor(raw_name), cfg):
-                        tensors[name] = t
-        except SafetensorError as e:  # truncated, garbage header, bad offsets
-            raise WeightsError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]}); "
-                               "re-download the checkpoint") from None
+    for file, names in by_file.items():
+        with _opened(file) as f:
+            absent = sorted(set(names) - set(f.keys()))
+            if absent:
+                raise WeightsError(f"model.safetensors.index.json places {absent[0]} in {file.name}, which does not "
+                                   "hold it; re-download the checkpoint")
+            for raw_name in names:
+                tensors |= dict(canonicalize(raw_name, f.get_tensor(raw_name), cfg, paddle))
+    return tensors
+
+
+def _untie(tensors: dict[str, torch.Tensor], cfg: ErnieConfig) -> None:
+    """A tied checkpoint may still store lm_head.weight: drop it, refusing one that differs from the embedding."""
     if cfg.tie_word_embeddings:
         lm = tensors.pop("lm_head.weight", None)
         emb = tensors.get("model.embed_tokens.weight")
         if lm is not None and emb is not None and lm.shape == emb.shape and not torch.equal(lm, emb):
             raise WeightsError("tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight; "
                                "set tie_word_embeddings to false in config.json")
-    want = expected_shapes(cfg)
+
+
+def _checked(tensors: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], ckpt: Path, cfg: ErnieConfig,
+             dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every missing, unexpected, mis-shaped and badly typed tensor in one WeightsError; else the tensors cast to
+    `dtype` (the MoE router stays float32, moe_weights.ROUTER)."""
     missing = sorted(set(want) - set(tensors))
     unexpected = sorted(set(tensors) - set(want))
     wrong = sorted(f"{n} {tuple(tensors[n].shape)} (expected {want[n]})"
@@ -155,4 +231,34 @@ def load_weights(ckpt: str | Path, cfg: ErnieConfig, dtype: torch.dtype = torch.
                 shown = ", ".join(items[:8]) + (f" … (+{len(items) - 8} more)" if len(items) > 8 else "")
                 parts.append(f"{len(items)} {label}: {shown}")
         raise WeightsError(f"checkpoint {ckpt} does not match its config.json — " + "; ".join(parts))
-    return {n: t.to(dtype) for n, t in tensors.items()}
+    router = cfg.is_moe
+    return {n: t.float() if router and n.endswith(ROUTER) else t.to(dtype) for n, t in tensors.items()}
+
+
+def load_weights(ckpt: str | Path, cfg: ErnieConfig, dtype: torch.dtype = torch.float32,
+                 notes: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Read, rename, check and cast every tensor of a checkpoint (the whole model in memory: small models).
+    `notes`, if given, receives what was deliberately not loaded (an MoE checkpoint's mtp_* tensors)."""
+    ckpt = Path(ckpt)
+    tensors = _read(ckpt, cfg, lambda name: True, notes)
+    _untie(tensors, cfg)
+    return _checked(tensors, expected_shapes(cfg), ckpt, cfg, dtype)
+
+
+def load_layer(ckpt: str | Path, cfg: ErnieConfig, i: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The canonical tensors of layer i only (`model.layers.{i}.*`), reading nothing else: with an index, only the
+    shards holding that layer are opened, and of them only its tensors are read (memory: one layer)."""
+    if not 0 <= i < cfg.num_hidden_layers:
+        raise IndexError(f"layer {i} out of range: the model has {cfg.num_hidden_layers} layers")
+    ckpt = Path(ckpt)
+    return _checked(_read(ckpt, cfg, lambda name: layer_of(name) == i, None), layer_shapes(cfg, i), ckpt, cfg, dtype)
+
+
+def load_globals(ckpt: str | Path, cfg: ErnieConfig, dtype: torch.dtype = torch.float32,
+                 notes: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors outside the layers (embedding, final norm, an untied LM head); with `load_layer`, the whole model
+    one part at a time."""
+    ckpt = Path(ckpt)
+    tensors = _read(ckpt, cfg, lambda name: layer_of(name) is None, notes)
+    _untie(tensors, cfg)
+    return _checked(tensors, global_shapes(cfg), ckpt, cfg, dtype)

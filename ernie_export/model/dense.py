@@ -145,11 +145,12 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ErnieConfig):
+    def __init__(self, cfg: ErnieConfig, width: int | None = None):  # width: cfg.intermediate_size unless given
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.use_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.use_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.use_bias)
+        width = width or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.use_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.use_bias)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=cfg.use_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -188,10 +189,10 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ErnieConfig):
+    def __init__(self, cfg: ErnieConfig, mlp: nn.Module):
         super().__init__()
         self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = mlp  # x [B*S, hidden] -> [B*S, hidden]: the dense MLP, or moe.py's SparseMoeBlock
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -204,10 +205,10 @@ class DecoderLayer(nn.Module):
 
 
 class ErnieModel(nn.Module):
-    def __init__(self, cfg: ErnieConfig):
+    def __init__(self, cfg: ErnieConfig, mlp_of):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, mlp_of(cfg, i)) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -215,10 +216,15 @@ class ErnieForCausalLM(nn.Module):
     def __init__(self, cfg: ErnieConfig):
         super().__init__()
         self.config = cfg
-        self.model = ErnieModel(cfg)
+        self.model = ErnieModel(cfg, self.mlp_of)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @staticmethod
+    def mlp_of(cfg: ErnieConfig, i: int) -> nn.Module:
+        """Layer i's feed-forward block: the dense MLP in every layer (moe.py's model overrides this)."""
+        return MLP(cfg)
 
     def lm_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
@@ -275,10 +281,15 @@ class ErnieForCausalLM(nn.Module):
 
 
 def build_model(cfg: ErnieConfig, weights: dict[str, torch.Tensor]) -> ErnieForCausalLM:
-    """An eval-mode model holding `weights` (dtype taken from the tensors)."""
+    """An eval-mode model holding `weights` (dtype taken from the tensors): the dense model, or for an MoE config
+    (cfg.is_moe) moe.py's ErnieMoeForCausalLM, whose router keeps the float32 tensors it is given."""
     dtype = weights["model.embed_tokens.weight"].dtype
+    if cfg.is_moe:
+        from ernie_export.model.moe import ErnieMoeForCausalLM as model_class  # late: moe.py builds on this module
+    else:
+        model_class = ErnieForCausalLM
     with torch.device("meta"):
-        model = ErnieForCausalLM(cfg)
+        model = model_class(cfg)
     model = model.to_empty(device="cpu").to(dtype)
     model.load_state_dict(weights, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(cfg)  # float32 always, recomputed after to_empty
