@@ -152,7 +152,8 @@ class Kind:
             if declared != expected:
                 show = lambda s: "[" + ", ".join("?" if d is None else str(d) for d in s) + "]"  # noqa: E731
                 raise ArtifactError(f"{where} declares {name} as {show(declared)} but a {self.name} cache is "
-                                    f"{show(expected)}: the manifest's kv_cache disagrees with the graph; re-run the export")
+                                    f"{show(expected)}: the manifest's kv_cache disagrees with the graph; "
+                                    "re-run the export")
 
     def own(self, cache: KVCache | None) -> None:
         """FeedError unless `cache` (None: none yet) is of this kind: refused at entry, before any step runs."""
