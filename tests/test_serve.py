@@ -195,7 +195,7 @@ def test_time_budget_is_a_clear_error(gen):
     ({"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
     ({"prompt": "hi", "max_tokens": 10**6}, 400, "exceeds the model's context"),
     ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "user", "content": ""}]}, 400, "content"),
     ({"prompt": "x" * 70000}, 413, "exceeds 65536 bytes"),

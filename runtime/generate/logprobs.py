@@ -1,9 +1,12 @@
-"""Log-probabilities of tokens, as the legacy completions API returns them (`logprobs`, `echo`).
+"""Log-probabilities of tokens, as OpenAI's APIs return them: legacy completions (`logprobs`, `echo`) and chat
+completions (`logprobs`, `top_logprobs`), whole or streamed.
 
 In:  logits [n, V] (float32, straight from the graphs: before any sampling transform), the ids
      that were fed or chosen, and how many alternatives to list per position.
 Out: per token, its log-probability and its top alternatives (`Entry`); `completion_logprobs()` turns
-     a completion's entries into the API's {tokens, token_logprobs, top_logprobs, text_offset}.
+     a completion's entries into the API's {tokens, token_logprobs, top_logprobs, text_offset};
+     `chat_logprobs()` a chat choice's into {content: [{token, logprob, bytes, top_logprobs}]}, and
+     `ChatLogprobStream` the same chunk by chunk while a chat choice streams.
 
 Log-probabilities are of the model's own distribution (log-softmax of the raw logits), whatever
 temperature, top-k/top-p or repetition penalty chose the token: what lm-evaluation-harness scores.
@@ -110,25 +113,36 @@ def spell_decoded(ids: list[int], text: str, decode: Callable[[list[int]], str])
     leading space, cancel out); the part of a character a token starts waits (up to MAX_HELD tokens) for
     the token that completes it. If those pieces do not spell `text` (a decoder with longer-range effects),
     the exact O(n^2) fallback cuts `text` where each prefix's decode stops agreeing with it."""
-    pieces, first, read, sent = [], 0, 0, 0  # ids[first:read]: the window, spelled; sent: of what follows
-    for k in range(1, len(ids) + 1):
-        before, after = decode(ids[first:read]), decode(ids[first:k])
-        last = k == len(ids)
-        if not after.startswith(before) and not last:
-            pieces.append("")
-            continue
-        new = after[len(before):]
-        if new.endswith("\ufffd") and k - read < MAX_HELD and not last:  # the rest of a character is to come
-            ready = max(sent, len(new.rstrip("\ufffd")))
-            pieces.append(new[sent:ready])
-            sent = ready
-            continue
-        pieces.append(new[sent:])
-        first, read, sent = read, k, 0
+    speller = Speller(decode)
+    pieces = [speller.push(token, last=k == len(ids) - 1) for k, token in enumerate(ids)]
     joined = "".join(pieces)
     if joined.startswith(text):
         return _cut(text, _ends(pieces))
     return _cut(text, [len(commonprefix([decode(ids[:k]), text])) for k in range(1, len(ids) + 1)])
+
+
+class Speller:
+    """`spell_decoded`'s running decode, one token at a time: `push(token)` returns the text the token adds."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode, self.ids = decode, []
+        self.first = self.read = self.sent = 0  # ids[first:read]: the window, spelled; sent: of what follows
+
+    def push(self, token: int, last: bool = False) -> str:
+        """The token's piece; `last`: no token follows, so nothing is held back for one."""
+        self.ids.append(token)
+        k = len(self.ids)
+        before, after = self.decode(self.ids[self.first:self.read]), self.decode(self.ids[self.first:k])
+        if not after.startswith(before) and not last:
+            return ""
+        new = after[len(before):]
+        if new.endswith("\ufffd") and k - self.read < MAX_HELD and not last:  # the rest of a character is to come
+            ready = max(self.sent, len(new.rstrip("\ufffd")))
+            piece, self.sent = new[self.sent:ready], ready
+            return piece
+        piece = new[self.sent:]
+        self.first, self.read, self.sent = self.read, k, 0
+        return piece
 
 
 def _ends(pieces: list[str]) -> list[int]:
@@ -167,3 +181,66 @@ def _top_dict(entry: Entry, piece_of: Callable[[int], str]) -> dict[str, float]:
     for token, logprob in entry.top:
         out.setdefault(piece_of(token), logprob)
     return out
+
+
+# ---- chat completions: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]} ----------
+
+def _chat_entry(piece: str, entry: Entry, name: Callable[[int], str]) -> dict:
+    """One token of a chat choice's `logprobs.content`; `bytes` are the UTF-8 of the token's text as shown."""
+    return {"token": piece, "logprob": entry.logprob, "bytes": list(piece.encode("utf-8")),
+            "top_logprobs": [{"token": (alt := name(token)), "logprob": logprob, "bytes": list(alt.encode("utf-8"))}
+                             for token, logprob in entry.top]}
+
+
+def _content_tokens(result) -> int:
+    """How many of a chat choice's generated tokens are content: all but the end-of-sequence token that ended it
+    (OpenAI lists the message's tokens, not the end marker)."""
+    return len(result.token_ids) - (result.stop_token_id is not None)
+
+
+def chat_logprobs(text, result) -> dict:
+    """A chat choice's `logprobs` ({content: [...]}) from `result` (a `Result` with logprobs): the tokens spell
+    `result.text` exactly (cut as `completion_logprobs` cuts them), alternatives named after the token before."""
+    n = _content_tokens(result)
+    ids, scored = list(result.token_ids[:n]), list(result.logprobs[:n])
+    pieces = spell_decoded(ids, result.text, text.decode) if ids else []
+    name = _namer(ids, {0}, lambda part: text.decode(part, skip_special_tokens=False))
+    return {"content": [_chat_entry(piece, e, lambda t, i=i: name(i, t))
+                        for i, (piece, e) in enumerate(zip(pieces, scored))]}
+
+
+class ChatLogprobStream:
+    """A streamed chat choice's `logprobs`, chunk by chunk. Each text chunk carries the tokens generated up to it
+    (`Row.chunk_ends`); their pieces are cut from that chunk's text where the running decode puts each token, so
+    the tokens of all chunks spell the streamed content. The final chunk carries what is left (tokens that added
+    no text), never the end-of-sequence token."""
+
+    def __init__(self, text, eos_ids: frozenset[int] = frozenset()):
+        self.text, self.speller, self.eos = text, Speller(text.decode), eos_ids
+        self.sent = 0  # tokens sent so far
+        self.at = 0  # characters of content sent so far
+        self.end = 0  # where the running decode has reached, in characters of content
+
+    def chunk(self, piece_text: str, ids: list[int], scored: list[Entry]) -> dict:
+        """{content: [...]} for a text chunk, given every token and entry generated up to it."""
+        if ids and ids[-1] in self.eos:  # the token that ended the choice (its flushed text goes to those before)
+            ids = ids[:-1]
+        ends = []
+        for token in ids[self.sent:]:
+            self.end += len(self.speller.push(token))
+            ends.append(self.end - self.at)
+        self.at += len(piece_text)
+        return self._entries(ids, scored, _cut(piece_text, ends) if ends else [])
+
+    def finish(self, result) -> dict | None:
+        """{content: [...]} for the tokens no chunk carried (None if there are none), given the finished `Result`."""
+        n = _content_tokens(result)
+        if n <= self.sent:
+            return None
+        return self._entries(result.token_ids[:n], result.logprobs, [""] * (n - self.sent))
+
+    def _entries(self, ids: list[int], scored: list[Entry], pieces: list[str]) -> dict:
+        name = _namer(list(ids), {0}, lambda part: self.text.decode(part, skip_special_tokens=False))
+        first, self.sent = self.sent, self.sent + len(pieces)
+        return {"content": [_chat_entry(piece, scored[i], lambda t, i=i: name(i, t))
+                            for i, piece in enumerate(pieces, first)]}

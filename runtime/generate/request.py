@@ -44,23 +44,38 @@ class Options:
     @classmethod
     def from_artifact(cls, generation: dict, *, max_new_tokens: int | None = None, temperature: float | None = None,
                       top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+                      presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                      logit_bias: dict[int, float] | None = None,
                       greedy: bool = False, seed: int | None = None, stop: tuple[str, ...] | list[str] | None = None,
                       ignore_eos: bool = False, logprobs: int | None = None,
                       echo_logprobs: bool = False, source: str = "the artifact's generation.json") -> "Options":
         """The artifact's defaults, then the given overrides (None keeps the default).
 
         Giving temperature, top_k or top_p turns sampling on; `greedy` turns it off whatever else is set.
-        A bad default is the artifact's fault (ArtifactError naming `source`, the file, and its field); a bad
-        override is the caller's (OptionError naming the option).
+        The penalties and `logit_bias` (token id -> bias) apply whether sampling or not (OpenAI's meanings:
+        see `sampling`). A bad default is the artifact's fault (ArtifactError naming `source`, the file, and its
+        field); a bad override is the caller's (OptionError naming the option).
         """
         base, default_tokens = _artifact_defaults(generation, source)
+        bias = None if logit_bias is None else tuple(sorted((int(t), float(b)) for t, b in logit_bias.items()))
         given = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                                       repetition_penalty=repetition_penalty).items() if v is not None}
+                                       repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                       frequency_penalty=frequency_penalty, logit_bias=bias).items()
+                 if v is not None}
         do_sample = False if greedy else base.do_sample or bool(given.keys() & {"temperature", "top_k", "top_p"})
         opts = cls(default_tokens if max_new_tokens is None else max_new_tokens,
                    replace(base, do_sample=do_sample, **given), tuple(stop or ()), seed, ignore_eos,
                    logprobs, echo_logprobs)
         return opts.validate()
+
+    def for_choice(self, index: int) -> "Options":
+        """The options of choice `index` of several asked for at once (OpenAI's `n`): choice 0 is this request
+        as asked; a seeded request gives each other choice its own seed derived from (seed, index), so the choices
+        differ when sampling and repeat run after run. Greedy choices are all the same, as they should be."""
+        if index == 0 or self.seed is None:
+            return self
+        derived = np.random.SeedSequence([self.seed % 2**64, index]).generate_state(2, np.uint64)
+        return replace(self, seed=int(derived[0]) << 64 | int(derived[1]))
 
     def validate(self) -> "Options":
         self.sampling.validate()
@@ -118,7 +133,7 @@ class Row:
     def __init__(self, opts: Options, prompt: list[int], text: Text, eos_ids: frozenset[int],
                  on_text: Callable[[str], None] | None = None):
         self.opts, self.prompt, self.on_text = opts, list(prompt), on_text
-        self.rng = np.random.default_rng(opts.seed)
+        self.rng = np.random.default_rng(None if opts.seed is None else opts.seed % 2**128)  # any int, negative too
         self.eos = frozenset() if opts.ignore_eos else eos_ids
         self.stream = StreamText(text, list(opts.stop), live=on_text is not None)
         self.seen = list(prompt)
@@ -126,6 +141,7 @@ class Row:
         self.finish_reason: str | None = None  # eos | stop | length (or set by a server: cancelled, timeout)
         self.logprobs: list[Entry] | None = None if opts.logprobs is None else []
         self.prompt_logprobs: list[Entry] | None = None  # set by whoever scored the prompt
+        self.chunk_ends: list[int] = []  # len(out) when each text chunk was passed to on_text (streamed log-probs)
 
     def step(self, logits: np.ndarray) -> int:
         """Choose the next token from this row's logits [V]; record it, stream it, decide whether to stop."""
@@ -133,7 +149,7 @@ class Row:
             raise ModelOutputError(f"the model produced non-finite logits (NaN/inf) for generated token "
                                    f"{len(self.out) + 1}; the artifact computes garbage: re-export it with "
                                    "verification on, or re-verify it (python -m ernie_export.artifact.verify)")
-        token = int(choose(logits[None], [self.seen], self.opts.sampling, self.rng)[0])
+        token = int(choose(logits[None], [self.seen], self.opts.sampling, self.rng, [self.out])[0])
         if self.logprobs is not None:
             self.logprobs += entries(logits[None], [token], self.opts.logprobs)
         self.out.append(token)
@@ -149,6 +165,7 @@ class Row:
                 self.finish_reason = "length"
                 chunk += self.stream.flush()
         if chunk and self.on_text:
+            self.chunk_ends.append(len(self.out))  # before the chunk goes out: a reader of the chunk finds its end
             self.on_text(chunk)
         return token
 

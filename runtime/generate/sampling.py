@@ -1,8 +1,8 @@
 """Next-token choice from last-position logits, in numpy.
 
 In:  logits [B, V] float32, the ids seen so far per row, `SamplingParams`, a numpy Generator.
-Out: next ids [B] int64. Order as transformers applies it: repetition penalty -> temperature ->
-     top-k -> top-p -> draw. Greedy when `do_sample` is false or temperature is 0; any positive
+Out: next ids [B] int64. Order as transformers applies it: repetition penalty (then OpenAI's presence /
+     frequency penalties and logit bias) -> temperature -> top-k -> top-p -> draw. Greedy when `do_sample` is false or temperature is 0; any positive
      temperature, down to the smallest float64 (5e-324), samples without overflow (see `choose`), and
      one below the gap between the best two logits is, in effect, greedy.
 """
@@ -15,6 +15,9 @@ import numpy as np
 
 from runtime.core.errors import OptionError
 
+PENALTY_LIMIT = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
+BIAS_LIMIT = 100.0  # OpenAI's range for logit_bias values: [-100, 100]; -100 bans the token
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -25,6 +28,9 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off
+    presence_penalty: float = 0.0  # OpenAI's: minus this from every token already generated; 0.0: off
+    frequency_penalty: float = 0.0  # OpenAI's: minus this x how often a token was generated; 0.0: off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to its logit; -100 bans it
 
     def validate(self) -> "SamplingParams":
         if not self.temperature >= 0:
@@ -35,6 +41,12 @@ class SamplingParams:
             raise OptionError("top_k", f"must be >= 0, got {self.top_k}")
         if not self.repetition_penalty > 0:
             raise OptionError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -PENALTY_LIMIT <= getattr(self, name) <= PENALTY_LIMIT:
+                raise OptionError(name, f"must be in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}], got {getattr(self, name)}")
+        bad = next((b for _, b in self.logit_bias if not -BIAS_LIMIT <= b <= BIAS_LIMIT), None)
+        if bad is not None:
+            raise OptionError("logit_bias", f"values must be in [-{BIAS_LIMIT:g}, {BIAS_LIMIT:g}], got {bad}")
         return self
 
     @property
@@ -50,6 +62,29 @@ def apply_repetition_penalty(logits: np.ndarray, seen: list[list[int]], penalty:
         idx = np.unique(np.asarray(ids, dtype=np.int64))
         vals = logits[row, idx]
         logits[row, idx] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
+def apply_penalties(logits: np.ndarray, generated: list[list[int]], presence: float, frequency: float) -> np.ndarray:
+    """OpenAI's presence and frequency penalties: for each token generated so far (the prompt does not count),
+    logit -= frequency * count + presence * (count > 0)."""
+    if presence == 0 and frequency == 0:
+        return logits
+    logits = logits.copy()
+    for row, ids in enumerate(generated):
+        if ids:
+            idx, count = np.unique(np.asarray(ids, dtype=np.int64), return_counts=True)
+            logits[row, idx] -= frequency * count + presence
+    return logits
+
+
+def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) -> np.ndarray:
+    """Add each (token, bias) to that token's logit in every row; a bias of -100 (OpenAI's floor) bans the token."""
+    if not bias:
+        return logits
+    logits = logits.copy()
+    for token, b in bias:
+        logits[:, token] = -np.inf if b <= -BIAS_LIMIT else logits[:, token] + b
     return logits
 
 
@@ -70,8 +105,13 @@ def filter_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarr
     return logits
 
 
-def choose(logits: np.ndarray, seen: list[list[int]], params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
+def choose(logits: np.ndarray, seen: list[list[int]], params: SamplingParams, rng: np.random.Generator,
+           generated: list[list[int]] | None = None) -> np.ndarray:
+    """Next ids [B]; `seen`: each row's prompt and generated ids (repetition penalty), `generated`: its generated
+    ids only (presence / frequency penalties; None: nothing generated yet)."""
     logits = apply_repetition_penalty(logits.astype(np.float32, copy=False), seen, params.repetition_penalty)
+    logits = apply_penalties(logits, generated or [], params.presence_penalty, params.frequency_penalty)
+    logits = apply_logit_bias(logits, params.logit_bias)
     if params.greedy:
         return logits.argmax(-1).astype(np.int64)
     # Every positive temperature is representable here, so none needs a floor: the logits are shifted so

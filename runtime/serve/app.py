@@ -2,77 +2,38 @@
 
 In:  an artifact, limits (batch, queue, body size, time budget), an optional API key (flag or
      ERNIE_API_KEY), host (127.0.0.1 unless told otherwise) and port.
-Out: POST /v1/chat/completions and /v1/completions (stream or not; completions also take token-id and
-     several prompts, `logprobs` and `echo` as the legacy API returns them), GET /v1/models, /health and
-     /metrics (Prometheus text). Errors are OpenAI-style objects whose status, `type` and `param` come from the
-     error's kind and option (`error_response`; the option's request field from OPENAI_FIELDS).
+Out: POST /v1/chat/completions and /v1/completions (stream or not, `n` choices per prompt; completions also take
+     token-id and several prompts, `logprobs` and `echo` as the legacy API returns them; chat `logprobs` /
+     `top_logprobs` in the chat shape), GET /v1/models, /health and /metrics (Prometheus text). Errors are
+     OpenAI-style objects whose status, `type` and `param` come from the error's kind and option
+     (`error_response`; the option's request field from OPENAI_FIELDS).
 
-This layer only validates requests and maps them onto `Options`; the engine owns the model. Chat
-messages go through the artifact's sandboxed template as data, never as template source. Sampling
-extensions are named as other OpenAI-compatible servers name them (`top_k`, `repetition_penalty`).
+This layer only validates requests and maps them onto `Options`; the engine owns the model. Every request field is
+honoured or refused with a 400 naming it, never ignored (`openai_schema`: the two tables); the answer's shape is
+`responses`. Chat messages go through the artifact's sandboxed template as data, never as template source.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hmac
-import json
 import os
 import sys
-import time
-import uuid
-from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, PlainTextResponse
 
+from runtime.core.errors import ErnieError, run_cli
 from runtime.core.session import PROVIDERS
+from runtime.core.step import ScoreUnavailable
+from runtime.generate.api import Generator, InputError, check_utf8, load
+from runtime.generate.request import Options
 from runtime.serve import limits
 from runtime.serve.engine import Engine
-from runtime.generate.api import Generator, InputError, check_utf8, load
-from runtime.generate.logprobs import MAX_ALTERNATIVES, completion_logprobs
-from runtime.generate.request import Options
-from runtime.core.errors import BUSY, ErnieError, run_cli
-from runtime.core.step import ScoreUnavailable
-from runtime.generate.text import ChatTemplateError
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(min_length=1)
-
-
-class ChatBody(_Body):
-    messages: list[Message] = Field(min_length=1)
-
-
-class CompletionBody(_Body):
-    # OpenAI's four forms: a string, strings (one choice each), token ids, lists of token ids.
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo + logprobs (scoring the prompt)
-    echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_ALTERNATIVES)
-
-
-# The library's option names (runtime.generate.request.Options) that OpenAI's request body spells differently;
-# every other option is its own request field. The one place an error's `option` becomes its `param`.
-OPENAI_FIELDS = {"max_new_tokens": "max_tokens", "echo_logprobs": "echo"}
+from runtime.serve.openai_schema import (CHAT, OPENAI_FIELDS, TEXT, ChatBody, CompletionBody,  # noqa: F401
+                                         RequestBody, check_fields, openai_error)
+from runtime.serve.responses import Reply, error_response, respond
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
@@ -80,26 +41,9 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
 
-def openai_error(e: ErnieError, field: str | None = None) -> dict:
-    """The OpenAI error object for one of our errors: `type` from its kind, `param` the request field of its option
-    (else `field`, the part of the request it was raised about), the message naming that field as the API does."""
-    param = OPENAI_FIELDS.get(e.option, e.option) if e.option else field
-    message = f"{param} {e.problem}" if e.option else e.problem
-    return {"message": message, "type": e.kind.openai_type, "param": param, "code": None}
-
-
-def error_response(e: ErnieError, field: str | None = None) -> JSONResponse:
-    """`openai_error` with the kind's HTTP status; a busy answer carries Retry-After."""
-    return JSONResponse({"error": openai_error(e, field)}, e.kind.http_status,
-                        headers={"Retry-After": "1"} if e.kind is BUSY else None)
-
-
-def options_for(gen: Generator, body: _Body) -> Options:
-    stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    logprobs = getattr(body, "logprobs", None)
-    return gen.options(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                       top_k=body.top_k, repetition_penalty=body.repetition_penalty, seed=body.seed, stop=stop,
-                       logprobs=logprobs, echo_logprobs=getattr(body, "echo", False) and logprobs is not None)
+def options_for(gen: Generator, body: RequestBody) -> Options:
+    """The request's generation options (the artifact's defaults, then the request's fields)."""
+    return gen.options(**body.overrides(gen.manifest["model"]["dims"]["vocab_size"]))
 
 
 def prompts_of(gen: Generator, prompt) -> list[tuple[str, list[int]]]:
@@ -168,7 +112,7 @@ def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"] if p != "body").lstrip(".")
         return error(400, f"{where or 'body'}: {first['msg']}", param=where or None)
 
     @app.get("/health")
@@ -187,29 +131,29 @@ def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_
     async def completions(body: CompletionBody):
         engine = get_engine()
         try:
+            check_fields(body, TEXT)
             prompts = prompts_of(engine.gen, body.prompt)
-        except InputError as e:
-            return error_response(e, "prompt")
+            opts = options_for(engine.gen, body)
+        except ErnieError as e:  # a refused or unknown field, a bad prompt or option
+            return error_response(e, "prompt", body)
         if body.echo and body.logprobs is not None and engine.gen.model.open_score is None:
             return error_response(ScoreUnavailable(ScoreUnavailable.MESSAGE), "echo")
-        if body.stream and (len(prompts) > 1 or body.logprobs is not None):
-            return error(400, "stream supports one prompt and no logprobs; send stream: false for those",
+        if body.stream and body.logprobs is not None:
+            return error(400, "stream does not take logprobs on /v1/completions; send stream: false for those",
                          param="stream")
-        if len(prompts) == 1:
-            return await respond(engine, body, prompts[0][1], "text", model_name, timeout_s, prompts[0][0])
-        answers = await asyncio.gather(*(respond(engine, body, ids, "text", model_name, timeout_s, text)
-                                         for text, ids in prompts))
-        failed = next((a for a in answers if isinstance(a, JSONResponse)), None)
-        return failed or _merge_choices(answers)
+        return await respond(engine, Reply(TEXT, body, engine.gen, prompts, model_name), opts, timeout_s)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
         engine = get_engine()
         try:
-            rendered = engine.gen.text.render([m.model_dump() for m in body.messages])
-        except ChatTemplateError as e:
-            return error_response(e, "messages")
-        return await respond(engine, body, engine.gen.text.encode(rendered), "chat", model_name, timeout_s)
+            check_fields(body, CHAT)
+            rendered = engine.gen.text.render(body.conversation())
+            opts = options_for(engine.gen, body)
+        except ErnieError as e:  # a refused or unknown field, a message part, the template, an option
+            return error_response(e, "messages", body)
+        prompts = [("", engine.gen.text.encode(rendered))]
+        return await respond(engine, Reply(CHAT, body, engine.gen, prompts, model_name), opts, timeout_s)
 
     return app
 
@@ -218,96 +162,6 @@ def prometheus(values: dict) -> str:
     counters = ("requests", "tokens_generated", "rejected")
     return "".join(f"# TYPE ernie_{name} {'counter' if name.startswith(counters) else 'gauge'}\nernie_{name} {value}\n"
                    for name, value in values.items())
-
-
-async def respond(engine: Engine, body: _Body, prompt: list[int], kind: str, model_name: str, timeout_s: float,
-                  prompt_text: str = ""):
-    """Submit to the engine; answer with the whole completion, a stream of events, or an error object."""
-    loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    emit = lambda k, payload: loop.call_soon_threadsafe(events.put_nowait, (k, payload))  # noqa: E731
-    try:
-        handle = engine.submit(prompt, options_for(engine.gen, body), emit, timeout_s)
-    except ErnieError as e:  # an option out of range, a request too long, a full queue
-        return error_response(e)
-    ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
-    if body.stream:
-        return StreamingResponse(_sse(events, engine, handle, ident, created, model_name, kind),
-                                 media_type="text/event-stream")
-    try:
-        while True:
-            event, payload = await events.get()
-            if event == "done":
-                return _final(payload, ident, created, model_name, kind, engine.gen, body, prompt_text)
-            if event == "error":
-                return error_response(payload)
-    except asyncio.CancelledError:  # the client went away: free its row
-        engine.cancel(handle)
-        raise
-
-
-def _usage(result) -> dict:
-    n_prompt, n_out = len(result.prompt_token_ids), len(result.token_ids)
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
-
-
-def _final(result, ident: str, created: int, model: str, kind: str, gen: Generator, body: _Body,
-           prompt_text: str) -> dict:
-    reason = "stop" if result.finish_reason in ("eos", "stop") else "length"
-    if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": reason}
-    else:
-        echo = getattr(body, "echo", False)
-        choice = {"index": 0, "text": (prompt_text if echo else "") + result.text, "finish_reason": reason,
-                  "logprobs": None if result.logprobs is None else
-                  completion_logprobs(gen.text, result, prompt_text if echo else None)}
-    return {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
-            "model": model, "choices": [choice], "usage": _usage(result)}
-
-
-def _merge_choices(answers: list[dict]) -> dict:
-    """One response for several prompts: their choices in prompt order, usage summed."""
-    merged = {**answers[0], "choices": [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]}
-    merged["usage"] = {k: sum(a["usage"][k] for a in answers) for k in answers[0]["usage"]}
-    return merged
-
-
-async def _sse(events: asyncio.Queue, engine: Engine, handle, ident: str, created: int, model: str, kind: str):
-    """Server-sent events: one chunk per UTF-8-safe text piece, a final chunk with finish_reason, [DONE]."""
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-    def chunk(text: str | None, reason: str | None, usage: dict | None = None) -> str:
-        if kind == "chat":
-            delta = {} if text is None else {"content": text}
-            choice = {"index": 0, "delta": delta, "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
-        body = {"id": ident, "object": obj, "created": created, "model": model, "choices": [choice]}
-        if usage:
-            body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-    try:
-        if kind == "chat":
-            yield f"data: {json.dumps({'id': ident, 'object': obj, 'created': created, 'model': model, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n"
-        sent = False
-        while True:
-            event, payload = await events.get()
-            if event == "first_token":
-                if not sent and kind == "text":
-                    yield chunk("", None)  # the first token's time, even if its text is still held back
-            elif event == "text":
-                sent = True
-                yield chunk(payload, None)
-            elif event == "done":
-                reason = "stop" if payload.finish_reason in ("eos", "stop") else "length"
-                yield chunk(None, reason, _usage(payload))
-                break
-            else:
-                failed = openai_error(payload)
-                yield f"data: {json.dumps({'error': {'message': failed['message'], 'type': failed['type']}})}\n\n"
-                break
-        yield "data: [DONE]\n\n"
-    finally:  # the client went away (the generator is closed early): free its row
-        engine.cancel(handle)
 
 
 def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
