@@ -22,7 +22,7 @@ from runtime.core.profile import Profile
 
 from ernie_export.artifact.write import WEIGHTS_FILE, describe, save_graphs, write_manifest
 from ernie_export.graph.attention import group_attention
-from ernie_export.checkpoint.config import load_config
+from ernie_export.checkpoint.config import ConfigError, load_config
 from ernie_export.graph.lm_head import split_lm_head
 from ernie_export.model.dense import build_model
 from ernie_export.artifact.publish import publish, staged
@@ -144,6 +144,9 @@ def export_artifact(model: str, out: str | Path, *, profile: str | Profile = "re
                                 f"(default {DEFAULT_OPSET})", "opset")
     ckpt = resolve_checkpoint(model)
     cfg = load_config(ckpt)
+    if cfg.is_moe:  # before any weight is read: model/moe.py exists, its export is issue 28's next stage
+        raise ConfigError(f"{ckpt.name} is an ERNIE 4.5 MoE checkpoint (ernie4_5_moe): MoE export is not yet "
+                          "supported; export a dense ERNIE 4.5 checkpoint")
     resolved = wanted.resolved(cfg.hidden_size)
     t0 = time.perf_counter()
     try:
