@@ -112,7 +112,7 @@ def test_negative_controls_fail_the_comparison(gen, tiny_ckpt, reference, monkey
     want, bound = reference(ctx, cont), PER_TOKEN * len(cont)
     with serving(gen) as (url, _):
         assert abs(lm_eval_loglikelihood(url, ctx, cont) - want) <= bound  # the real server passes
-        monkeypatch.setattr("runtime.serve.options_for", _without_echo())
+        monkeypatch.setattr("runtime.serve.app.options_for", _without_echo())
         assert abs(lm_eval_loglikelihood(url, ctx, cont) - want) > 100 * bound
     monkeypatch.undo()
 
@@ -124,13 +124,13 @@ def test_negative_controls_fail_the_comparison(gen, tiny_ckpt, reference, monkey
         row.prompt_logprobs = [e.__class__(e.token, lp[min(i + 1, len(lp) - 1)], e.top)
                                for i, e in enumerate(row.prompt_logprobs)]
         return last, cache
-    monkeypatch.setattr("runtime.engine.score_prompt", wrong_position)
+    monkeypatch.setattr("runtime.serve.engine.score_prompt", wrong_position)
     with serving(gen) as (url, _):
         assert abs(lm_eval_loglikelihood(url, ctx, cont) - want) > 100 * bound
 
 
 def _without_echo():
-    import runtime.serve as S
+    import runtime.serve.app as S
 
     real = S.options_for
 

@@ -1,9 +1,13 @@
 """Log-probabilities in /v1/completions (`logprobs`, `echo`): what lm-evaluation-harness's
 `local-completions` asks for. float32 values equal transformers' eager log-softmax within 1e-4 at
 the right positions; the score graph is used only for echo requests; chunked scoring equals whole;
-`tokens` spell the choice's text and `text_offset` indexes it (issue 31, item 2)."""
+`tokens` spell the choice's text and `text_offset` indexes it (issue 31, item 2). Chat completions'
+`logprobs` / `top_logprobs` in OpenAI's chat shape, whole and streamed per chunk, equal eager log-softmax within
+1e-4 and spell the content (issue 30, item 4)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -323,3 +327,113 @@ def test_server_echo_tokens_spell_the_text(metaspace_server, as_ids):
     assert len(lp["tokens"]) == len(ids) + generated and generated >= 1
     old = "".join(_per_id(other.text, ids))  # negative control: the old per-id decode, same ids
     assert old != SENTENCE
+
+
+# ---- chat completions: logprobs / top_logprobs (issue 30, item 4) ------------------------------------------------
+
+CHAT = [{"role": "user", "content": "The capital of France is"}]
+
+
+def chat_post(url, **body):
+    return httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT, "temperature": 0, **body}, timeout=60)
+
+
+def _chat_reference(gen, eager_lsm, n):
+    """The chat prompt's ids, the greedy tokens after it and eager log-softmax at each generated position."""
+    ids = gen.text.encode(gen.text.render(CHAT))
+    out = G.generate(gen, [ids], gen.options(max_new_tokens=n, temperature=0))[0].token_ids
+    ref = eager_lsm(ids + out)
+    return out, ref[len(ids) - 1:len(ids) - 1 + len(out)]
+
+
+def _check_content(content, out, ref, k):
+    got = np.array([e["logprob"] for e in content])
+    assert len(content) == len(out) and np.abs(got - ref[np.arange(len(out)), out]).max() <= TOL
+    # negative control: each token scored under the next position's distribution differs by far more
+    assert np.abs(got[:-1] - ref[np.arange(1, len(out)), out[:-1]]).max() > 100 * TOL
+    for e, row in zip(content, ref):
+        tops = [t["logprob"] for t in e["top_logprobs"]]
+        assert len(tops) == k and tops == sorted(tops, reverse=True) and abs(tops[0] - row.max()) <= TOL
+        assert e["bytes"] == list(e["token"].encode()) and all(t["bytes"] == list(t["token"].encode())
+                                                                for t in e["top_logprobs"])
+
+
+def test_chat_logprobs_equal_eager_log_softmax(server, gen, eager_lsm):
+    """Guards: chat `logprobs: true` ignored (the issue: none came back), or scored at the wrong position."""
+    url, _ = server
+    out, ref = _chat_reference(gen, eager_lsm, 8)
+    choice = chat_post(url, max_tokens=8, logprobs=True, top_logprobs=3).json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    _check_content(content, out, ref, 3)
+    assert "".join(e["token"] for e in content) == choice["message"]["content"]
+    assert chat_post(url, max_tokens=2).json()["choices"][0]["logprobs"] is None  # not asked: null, as OpenAI
+    plain = chat_post(url, max_tokens=2, logprobs=True).json()["choices"][0]["logprobs"]["content"]
+    assert [e["top_logprobs"] for e in plain] == [[], []]  # top_logprobs defaults to 0
+
+
+def test_chat_logprobs_streamed_per_chunk(server, gen, eager_lsm):
+    url, _ = server
+    out, ref = _chat_reference(gen, eager_lsm, 8)
+    body = {"messages": CHAT, "temperature": 0, "max_tokens": 8, "logprobs": True, "top_logprobs": 2, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    deltas = [c["choices"][0] for c in chunks if c["choices"][0]["delta"].get("content")]
+    assert all(d["logprobs"]["content"] for d in deltas), "every content chunk carries its tokens"
+    for d in deltas:  # each chunk's tokens spell that chunk's text
+        assert "".join(e["token"] for e in d["logprobs"]["content"]) == d["delta"]["content"]
+    content = [e for c in chunks for e in (c["choices"][0]["logprobs"] or {}).get("content", [])]
+    _check_content(content, out, ref, 2)
+
+
+def test_openai_client_reads_chat_logprobs(server):
+    from tests.test_serve import client
+
+    url, _ = server
+    r = client(url).chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3 and len(content[0].top_logprobs) == 2 and content[0].logprob <= 0
+
+
+def _drive(text, target, stops=(), eos=frozenset()):
+    """A Row fed logits that force `target`; its chunks through ChatLogprobStream as the server streams them."""
+    from runtime.generate.logprobs import ChatLogprobStream
+    from runtime.generate.request import Options
+    from runtime.generate.sampling import SamplingParams
+
+    chunks = []
+    row = Row(Options(len(target), SamplingParams(), tuple(stops), logprobs=2), [1], text, eos, chunks.append)
+    for token in target:
+        logits = np.zeros(text.tokenizer.get_vocab_size(), np.float32)
+        logits[token] = 10.0
+        row.step(logits)
+        if row.finish_reason:
+            break
+    result, stream, content = row.result({}), ChatLogprobStream(text, eos), []
+    for k, chunk in enumerate(chunks):
+        end = row.chunk_ends[k]
+        content += stream.chunk(chunk, row.out[:end], row.logprobs[:end])["content"]
+    content += (stream.finish(result) or {"content": []})["content"]
+    return result, "".join(chunks), content
+
+
+@pytest.mark.parametrize("tokenizer, sentence", [("metaspace", SENTENCE),
+                                                 ("bytelevel", "caf\u00e9 \u65e5\u672c\u8a9e \u2713 ok")])
+def test_streamed_chat_tokens_spell_the_content(tokenizer, sentence, request):
+    """Space-only tokens (Metaspace) and characters split over tokens (byte-level): streamed, with a stop string
+    holding text back, and ended by an end-of-sequence token, the tokens still spell the content exactly."""
+    from runtime.generate.logprobs import chat_logprobs
+
+    text = request.getfixturevalue(tokenizer)
+    ids = text.encode(sentence)
+    result, streamed, content = _drive(text, ids)
+    whole = chat_logprobs(text, result)["content"]
+    assert streamed == result.text == sentence and [e["token"] for e in content] == [e["token"] for e in whole]
+    assert "".join(e["token"] for e in whole) == sentence and len(whole) == len(ids)
+    stop = sentence[len(sentence) // 2:len(sentence) // 2 + 3]
+    result, streamed, content = _drive(text, ids, stops=[stop])
+    assert result.finish_reason == "stop" and streamed == result.text == sentence[:sentence.index(stop)]
+    assert "".join(e["token"] for e in content) == result.text
+    eos = frozenset({2})
+    result, streamed, content = _drive(text, ids + [2], eos=eos)
+    assert result.finish_reason == "eos" and len(content) == len(ids) == len(chat_logprobs(text, result)["content"])
+    assert "".join(e["token"] for e in content) == sentence, "the end-of-sequence token is not content"
