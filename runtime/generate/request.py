@@ -1,8 +1,9 @@
 """What one request asks for and what it gets, and the state of one sequence while it is generated.
 
 In:  the artifact's generation defaults and a caller's overrides; then, step by step, that row's logits.
-Out: `Options` (built by `Options.from_artifact`: the artifact decides every default), `Row` (samples
-     the next token, stops on EOS / stop strings / length, streams UTF-8-safe text) and its `Result`.
+Out: `Options` (built by `Options.from_artifact`: the artifact decides every default; `for_choice(j)` for
+     choice j of several asked for at once), `Row` (samples the next token, stops on EOS / stop strings /
+     length, streams UTF-8-safe text) and its `Result`.
 
 `generate()` (a fixed batch) and the serving engine (rows joining and leaving a running batch) both
 drive rows through `Row.step`, so a request behaves the same whichever of them serves it. Each row

@@ -1,10 +1,11 @@
 """Next-token choice from last-position logits, in numpy.
 
-In:  logits [B, V] float32, the ids seen so far per row, `SamplingParams`, a numpy Generator.
+In:  logits [B, V] float32, the ids seen (prompt + generated) and generated so far per row, `SamplingParams`,
+     a numpy Generator.
 Out: next ids [B] int64. Order as transformers applies it: repetition penalty (then OpenAI's presence /
-     frequency penalties and logit bias) -> temperature -> top-k -> top-p -> draw. Greedy when `do_sample` is false or temperature is 0; any positive
-     temperature, down to the smallest float64 (5e-324), samples without overflow (see `choose`), and
-     one below the gap between the best two logits is, in effect, greedy.
+     frequency penalties and logit bias) -> temperature -> top-k -> top-p -> draw. Greedy when `do_sample`
+     is false or temperature is 0; any positive temperature, down to the smallest float64 (5e-324), samples
+     without overflow (see `choose`), and one below the gap between the best two logits is, in effect, greedy.
 """
 
 from __future__ import annotations
