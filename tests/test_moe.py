@@ -44,7 +44,8 @@ def our_choices(model):
     """Record each MoE layer's chosen experts (sorted per token) on every forward: {layer: [tensor [N, k]]}."""
     seen: dict[int, list] = {}
     for i, block in model.moe_blocks().items():
-        block.register_forward_pre_hook(lambda mod, a, i=i: seen.setdefault(i, []).append(mod.route(a[0])[1].sort(-1).values))
+        hook = lambda mod, a, i=i: seen.setdefault(i, []).append(mod.route(a[0])[1].sort(-1).values)  # noqa: E731
+        block.register_forward_pre_hook(hook)
     return seen
 
 
@@ -52,7 +53,8 @@ def their_choices(model):
     seen: dict[int, list] = {}
     for i, layer in enumerate(model.model.layers):
         if hasattr(layer.mlp, "gate"):
-            layer.mlp.gate.register_forward_hook(lambda mod, a, out, i=i: seen.setdefault(i, []).append(out[2].sort(-1).values))
+            hook = lambda mod, a, out, i=i: seen.setdefault(i, []).append(out[2].sort(-1).values)  # noqa: E731
+            layer.mlp.gate.register_forward_hook(hook)  # out: (logits, weights, chosen)
     return seen
 
 
@@ -70,6 +72,16 @@ def _run_ours(model, ids, prompt_len):
     return steps
 
 
+def _greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy ids from our model, prefill then cached decode steps."""
+    t, out = len(prompt), []
+    logits, past = model(torch.tensor([prompt]), torch.ones(1, t, dtype=torch.int64), torch.arange(t)[None])
+    for t in range(t, t + n):
+        out.append(int(logits[0, -1].argmax()))
+        logits, past = model(torch.tensor([out[-1:]]), torch.ones(1, t + 1, dtype=torch.int64), torch.tensor([[t]]), past)
+    return out
+
+
 def _run_theirs(model, ids, prompt_len):
     """transformers without a cache: the prompt, then each longer prefix (its last position is the decode step)."""
     with torch.no_grad():
@@ -80,7 +92,7 @@ def _run_theirs(model, ids, prompt_len):
 
 # --- config --------------------------------------------------------------------------------------------------------
 
-def test_config_reads_the_moe_fields_and_transformers_defaults(ckpts):
+def test_config_reads_the_moe_fields_and_transformers_defaults(ckpts, tiny_ckpt):
     from transformers import Ernie4_5_MoeConfig
 
     cfg = load_config(ckpts["current"])
@@ -98,13 +110,8 @@ def test_config_reads_the_moe_fields_and_transformers_defaults(ckpts):
     # given fields are never overwritten: an end index of 1 keeps layer 2 dense
     assert [parse_config({**minimal, "num_hidden_layers": 3, "moe_layer_end_index": 1}).is_moe_layer(i)
             for i in range(3)] == [False, True, False]
-    assert not load_config(write_dense(ckpts)).is_moe
-
-
-def write_dense(ckpts):
-    from ernie_export.checkpoint.synthetic import write_checkpoint
-
-    return write_checkpoint(ckpts["current"].parent / "dense", "tiny")
+    dense = load_config(tiny_ckpt)
+    assert not dense.is_moe and dense.arch == "dense" and type(dense).__name__ == "ErnieConfig"
 
 
 def test_paddle_config_names(ckpts):
@@ -143,7 +150,8 @@ def test_layouts_load_to_the_same_tensors(ckpts, layout):
 def test_router_stays_float32_and_mtp_is_noted(ckpts):
     cfg, notes = load_config(ckpts["current"]), []
     w = load_weights(ckpts["current"], cfg, torch.bfloat16, notes)
-    assert w["model.layers.1.mlp.gate.weight"].dtype == w["model.layers.1.mlp.moe_statics.e_score_correction_bias"].dtype == torch.float32
+    router = ("model.layers.1.mlp.gate.weight", "model.layers.1.mlp.moe_statics.e_score_correction_bias")
+    assert [w[n].dtype for n in router] == [torch.float32, torch.float32]
     assert w["model.layers.1.mlp.experts.0.up_proj.weight"].dtype == torch.bfloat16
     assert notes == ["ignored 3 mtp_* tensors (multi-token prediction, used only for speculative decoding; "
                      "inference does not read them)"]
@@ -273,16 +281,10 @@ def test_tiny_greedy_output_is_varied_and_equal_to_transformers(ckpts):
     tok = Tokenizer.from_file(str(ckpts["current"] / "tokenizer.json"))
     model = ours(ckpts["current"])
     for text in PROMPTS:
-        ids = tok.encode(text).ids
-        out, t = [], len(ids)
-        logits, past = model(torch.tensor([ids]), torch.ones(1, t, dtype=torch.int64), torch.arange(t)[None])
-        for _ in range(32):
-            out.append(int(logits[0, -1].argmax()))
-            logits, past = model(torch.tensor([[out[-1]]]), torch.ones(1, t + 1, dtype=torch.int64), torch.tensor([[t]]), past)
-            t += 1
+        out = _greedy(model, tok.encode(text).ids, 32)
         assert len(set(out)) >= 8, f"{text!r}: only {len(set(out))} distinct ids in 32"
     hello = tok.encode("Hello").ids
-    assert eager_greedy(model, hello, 16) == eager_greedy(theirs(ckpts["current"]), hello, 16)
+    assert _greedy(model, hello, 16) == eager_greedy(theirs(ckpts["current"]), hello, 16)
 
 
 # --- synthetic checkpoints -----------------------------------------------------------------------------------------

@@ -130,7 +130,8 @@ def to_paddle(part: dict[str, torch.Tensor], tie: bool = True) -> dict[str, torc
             k, v = (part[name.replace(".q_proj.", p)] for p in (".k_proj.", ".v_proj."))
             name, t = name.replace(".q_proj.", ".qkv_proj."), torch.cat([t, k, v])
         elif ".gate_proj." in name:
-            name, t = name.replace(".gate_proj.", ".up_gate_proj."), torch.cat([t, part[name.replace(".gate_proj.", ".up_proj.")]])
+            up = part[name.replace(".gate_proj.", ".up_proj.")]
+            name, t = name.replace(".gate_proj.", ".up_gate_proj."), torch.cat([t, up])  # gate rows first
         linear = name.endswith(("_proj.weight", ".mlp.gate.weight")) or (name == "lm_head.weight" and not tie)
         if linear and "mtp_" not in name:
             t = t.T
