@@ -147,6 +147,9 @@ def export_artifact(model: str, out: str | Path, *, profile: str | Profile = "re
     if cfg.is_moe:  # before any weight is read: model/moe.py exists, its export is issue 28's next stage
         raise ConfigError(f"{ckpt.name} is an ERNIE 4.5 MoE checkpoint (ernie4_5_moe): MoE export is not yet "
                           "supported; export a dense ERNIE 4.5 checkpoint")
+    if wanted.ops == "ort" and cfg.head_dim % 16:  # measured: onnxruntime 1.32 refuses it at the first run
+        raise ExportOptionError(f"ort needs head_dim a multiple of 16 (onnxruntime's GroupQueryAttention); this "
+                                f"checkpoint's is {cfg.head_dim}: use --ops standard (the portable preset)", "ops")
     resolved = wanted.resolved(cfg.hidden_size)
     t0 = time.perf_counter()
     try:

@@ -209,11 +209,12 @@ def test_hub_id_refuses_clearly_offline(tmp_path, monkeypatch):
 
 
 def test_cli_subprocess_offline_hub_default(tmp_path):
-    """The default model is the hub id; offline and uncached it fails with one clear line, exit 1."""
+    """The default model is the hub id; offline and uncached it fails with one clear line, exit 3 (the checkpoint
+    pointed at cannot be had)."""
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
     r = subprocess.run([sys.executable, "-m", "ernie_export", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env=env, cwd=str(build.Path(__file__).parent.parent))
-    assert r.returncode == 1
+    assert r.returncode == 3
     assert r.stderr.strip().startswith("error: cannot get baidu/ERNIE-4.5-0.3B-PT")
     assert "Traceback" not in r.stderr
 
@@ -265,13 +266,13 @@ def test_reverify_needs_the_local_checkpoint(tiny_artifact, tmp_path, capsys):
     from ernie_export.checkpoint.synthetic import write_checkpoint
     from ernie_export.artifact.verify import main as verify_main
 
-    assert verify_main(["--model", str(tiny_artifact), "--provider", "cpu"]) == 1
+    assert verify_main(["--model", str(tiny_artifact), "--provider", "cpu"]) == 2  # a flag to add
     assert "exported from a local checkpoint (tiny)" in capsys.readouterr().err
     wrong = write_checkpoint(tmp_path / "wrong", "tiny")
     cfg = json.loads((wrong / "config.json").read_text())
     cfg["num_hidden_layers"] = 3
     (wrong / "config.json").write_text(json.dumps(cfg))
-    assert verify_main(["--model", str(tiny_artifact), "--checkpoint", str(wrong)]) == 1
+    assert verify_main(["--model", str(tiny_artifact), "--checkpoint", str(wrong)]) == 3  # the wrong checkpoint
     assert "not the one this artifact came from (num_hidden_layers differ)" in capsys.readouterr().err
 
 

@@ -85,16 +85,21 @@ def test_round_trip_of_older_manifests():
     assert (p.table_block, p.kv_bits, p.kv_block) == (32, 4, 32)
 
 
-def test_block_fitted_to_a_layer_it_does_not_divide(tmp_path):
+def test_block_fitted_to_a_layer_it_does_not_divide(tmp_path, capsys):
     """Issue 31.1: o_proj of 6 heads x 24 has 144 inputs, no multiple of 32. Before, the export ended in a traceback
     (QuantizeError from deep in the quantizer); now that layer takes the largest supported block that divides it
-    (16), and the export verifies. Negative control: inputs no supported block divides are one clear error."""
+    (16), and the export verifies with standard ops. `--ops ort` cannot run head_dim 24 (onnxruntime's
+    GroupQueryAttention: "head_size shall be a multiple of 16"): refused at once in one line that names the way
+    that works. Negative control: inputs no supported block divides are one clear error."""
     ckpt = write_checkpoint(tmp_path / "odd", "tiny", overrides=dict(hidden_size=96, num_attention_heads=6,
                                                                         num_key_value_heads=2, head_dim=24))
-    manifest = export_artifact(str(ckpt), tmp_path / "art", quantize="int4", ops="ort", **QUIET)
+    manifest = export_artifact(str(ckpt), tmp_path / "art", quantize="int4", ops="standard", **QUIET)
     assert json.loads((tmp_path / "art" / "parity.json").read_text())["status"] == "passed"
     quantizer = Q.Quantizer(Profile.from_manifest(manifest), np.dtype(np.float32))
     assert quantizer.block_of("model.layers.0.self_attn.o_proj.weight", 144) == 16
     assert quantizer.block_of("model.layers.0.mlp.down_proj.weight", 160) == 32
     with pytest.raises(Q.QuantizeError, match="o_proj.weight has 150 inputs"):
         quantizer.block_of("model.layers.0.self_attn.o_proj.weight", 150)
+    code = export_main(["--model", str(ckpt), "--out", str(tmp_path / "ort"), "--quantize", "int4", "--ops", "ort"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "head_dim a multiple of 16" in err[0] and "--ops standard" in err[0], err

@@ -96,6 +96,24 @@ def tail(path: Path, n: int = 3000) -> str:
 
 
 @contextmanager
+def ray_start(cmd: list[str], env: dict, log: Path, what: str):
+    """Run `ray start ...` in its own session; on exit end every process of that session (by PID)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        try:
+            rc = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        if rc != 0:
+            pytest.fail(f"{' '.join(cmd[1:3])} for {what} failed ({rc}):\n{tail(log)}")
+        yield
+    finally:
+        left = end_session(proc.pid, grace_s=3.0)  # gcs_server and raylet may not heed SIGTERM at once
+        assert not left, f"Ray processes of {what} survived SIGKILL: {left}"
+
+
+@contextmanager
 def ray_head(tmp: Path, env: dict, cpus: int = 4, ip: str = "127.0.0.1"):
     """`ray start --head` on loopback (`ip`) in its own session and temp dir; yields the GCS address."""
     port, log = free_port(), tmp / "head.log"
@@ -103,19 +121,8 @@ def ray_head(tmp: Path, env: dict, cpus: int = 4, ip: str = "127.0.0.1"):
            "--port", str(port), "--ray-client-server-port", str(free_port()),
            "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(tmp / "ray"),
            "--include-dashboard=false", "--num-cpus", str(cpus), "--disable-usage-stats"]
-    with open(log, "w") as out:
-        head = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        try:
-            rc = head.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        if rc != 0:
-            pytest.fail(f"ray start --head failed ({rc}):\n{tail(log)}")
+    with ray_start(cmd, env, log, "our head"):
         yield f"{ip}:{port}"
-    finally:
-        left = end_session(head.pid, grace_s=3.0)  # gcs_server and raylet may not heed SIGTERM at once
-        assert not left, f"Ray processes of our head survived SIGKILL: {left}"
 
 
 @contextmanager
@@ -127,20 +134,8 @@ def ray_node(address: str, tmp: Path, env: dict):
            "--disable-usage-stats"]
     # Joining is refused while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and with 1 Ray swaps 127.0.0.1 (only that
     # loopback address) for the routable one: so the head of a two-node cluster is 127.0.0.2, this node 127.0.0.3.
-    with open(log, "w") as out:
-        node = subprocess.Popen(cmd, env=env | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        try:
-            rc = node.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        if rc != 0:
-            pytest.fail(f"ray start --address failed ({rc}):\n{tail(log)}")
+    with ray_start(cmd, env | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}, log, "our second node"):
         yield
-    finally:
-        left = end_session(node.pid, grace_s=3.0)
-        assert not left, f"Ray processes of our second node survived SIGKILL: {left}"
 
 
 @contextmanager

@@ -444,7 +444,7 @@ def test_conflicting_or_gapped_added_token_ids_raise(tmp_path):
 
 def test_export_side_does_not_import_transformers():
     """Guards against the converter pulling in transformers (a test-only dependency) or torch."""
-    code = ("import sys, ernie_export.spm\n"
+    code = ("import sys, ernie_export.checkpoint.spm\n"
             "sys.exit(any(m.split('.')[0] in ('transformers', 'torch') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
 

@@ -50,7 +50,7 @@ from ernie_export.artifact.quality import (QUALITY_POSITIONS, QUALITY_PROMPT, qu
 from ernie_export.artifact.golden import MIN_AGREEMENT, QUANTIZED_TOLERANCE, TOP_K, TOP_STEPS, golden_file, golden_prompts, quality_ids
 from ernie_export.model.dense import ErnieForCausalLM, build_model
 from ernie_export.checkpoint.weights import SourceError, load_weights, resolve_checkpoint
-from runtime.core.errors import Failure, run_cli
+from runtime.core.errors import UsageError, Failure, run_cli
 
 FP32_TOL = 1e-4
 CHECKED_STEPS = 16
@@ -256,8 +256,21 @@ def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider:
             score_diff = score_parity(model, eager32, scored) if scored else None
     except (ArtifactError, StepError) as e:  # e.g. an opset this onnxruntime cannot run
         raise VerificationError(f"the exported graphs do not run: {e}") from None
-    report.update({
-        "provider": provider,
+    report.update(provider=provider, **_summary(runs, score_diff))
+    failures = _failures(report, dtype, quantization)
+    report["status"] = "failed" if failures else "passed"
+    if failures:
+        err = VerificationError("exported graphs do not match eager PyTorch: " + "; ".join(failures))
+        err.report = report
+        raise err
+    for case, run in zip(cases, runs):
+        case.update(greedy_ids=run["greedy_ids"], top_logits=run["top_logits"])
+    return report, golden_file(manifest, cases, GREEDY_STEPS, report.get("shipped"))
+
+
+def _summary(runs: list[dict], score_diff: float | None) -> dict:
+    """The compare() runs' figures as parity.json reports them: the worst difference, pooled agreement."""
+    return {
         "prefill_max_abs_diff": max(r["prefill_max_abs_diff"] for r in runs),
         "decode_max_abs_diff": max(r["decode_max_abs_diff"] for r in runs),
         "present_max_abs_diff": None if runs[0]["present_max_abs_diff"] is None  # bfloat16: not readable
@@ -269,16 +282,7 @@ def verify(directory: Path, manifest: dict, eager32: ErnieForCausalLM, provider:
         "greedy_steps": GREEDY_STEPS, "checked_decode_steps": CHECKED_STEPS,
         "greedy_identical": all(r["first_greedy_mismatch_step"] is None for r in runs),
         "non_finite": next((r["non_finite"] for r in runs if r["non_finite"]), None),
-    })
-    failures = _failures(report, dtype, quantization)
-    report["status"] = "failed" if failures else "passed"
-    if failures:
-        err = VerificationError("exported graphs do not match eager PyTorch: " + "; ".join(failures))
-        err.report = report
-        raise err
-    for case, run in zip(cases, runs):
-        case.update(greedy_ids=run["greedy_ids"], top_logits=run["top_logits"])
-    return report, golden_file(manifest, cases, GREEDY_STEPS, report.get("shipped"))
+    }
 
 
 def _shipped(runs: list[dict]) -> dict:
@@ -316,8 +320,8 @@ def write_parity(directory: Path, report: dict) -> None:
     (directory / PARITY_FILE).write_text(json.dumps(clean, indent=2, allow_nan=False))
 
 
-class CheckpointNeeded(SourceError):
-    """The artifact came from a local checkpoint, and no checkpoint was given."""
+class CheckpointNeeded(UsageError):
+    """The artifact came from a local checkpoint, and no checkpoint was given (a flag to add: exit 2)."""
 
 
 def _checkpoint_for(manifest: dict, checkpoint: str | None) -> tuple[Path, ErnieConfig]:
