@@ -43,7 +43,7 @@ ASKING = {
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
     "tool_choice": "required", "parallel_tool_calls": True,
     "functions": [{"name": "f", "parameters": {"type": "object"}}], "function_call": "auto",
-    "response_format": {"type": "json_object"}, "audio": {"voice": "alloy", "format": "wav"},
+    "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
     "web_search_options": {}, "moderation": {"model": "omni-moderation-latest"}, "reasoning_effort": "high",
     "verbosity": "low", "store": True, "service_tier": "priority", "best_of": 3, "suffix": "the end",
@@ -60,6 +60,7 @@ SAMPLE = {
     "metadata": {"metadata": {"k": "v"}}, "safety_identifier": {"safety_identifier": "s"},
     "prompt_cache_key": {"prompt_cache_key": "k"}, "prompt_cache_retention": {"prompt_cache_retention": "24h"},
     "prompt_cache_options": {"prompt_cache_options": {"mode": "explicit"}}, "echo": {"echo": True},
+    "response_format": {"response_format": {"type": "json_object"}},  # what it does: tests/test_structured.py
 }
 TEXT_SAMPLE = {"logprobs": {"logprobs": 2}}  # the legacy API's logprobs is a count
 

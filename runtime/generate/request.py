@@ -3,7 +3,8 @@
 In:  the artifact's generation defaults and a caller's overrides; then, step by step, that row's logits.
 Out: `Options` (built by `Options.from_artifact`: the artifact decides every default; `for_choice(j)` for
      choice j of several asked for at once), `Row` (samples the next token, stops on EOS / stop strings /
-     length, streams UTF-8-safe text) and its `Result`.
+     length, streams UTF-8-safe text; with `Options.constraint`, masks what the grammar forbids and stops when the
+     grammar is complete) and its `Result`.
 
 `generate()` (a fixed batch) and the serving engine (rows joining and leaving a running batch) both
 drive rows through `Row.step`, so a request behaves the same whichever of them serves it. Each row
@@ -19,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from runtime.core.contract import ArtifactError
+from runtime.generate.constraints import Constraint, constraint_from
 from runtime.generate.logprobs import MAX_ALTERNATIVES, Entry, entries
 from runtime.core.errors import OptionError
 from runtime.generate.sampling import SamplingParams, choose
@@ -41,6 +43,7 @@ class Options:
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks, fixed-length comparisons)
     logprobs: int | None = None  # record each generated token's log-probability and this many alternatives
     echo_logprobs: bool = False  # also score the prompt's own tokens (max_new_tokens may then be 0)
+    constraint: Constraint | None = None  # structured output: the text must match this grammar (constraints.py)
 
     @classmethod
     def from_artifact(cls, generation: dict, *, max_new_tokens: int | None = None, temperature: float | None = None,
@@ -49,13 +52,16 @@ class Options:
                       logit_bias: dict[int, float] | None = None,
                       greedy: bool = False, seed: int | None = None, stop: tuple[str, ...] | list[str] | None = None,
                       ignore_eos: bool = False, logprobs: int | None = None,
-                      echo_logprobs: bool = False, source: str = "the artifact's generation.json") -> "Options":
+                      echo_logprobs: bool = False, constraint: Constraint | None = None, json_schema=None,
+                      json_object: bool = False, regex: str | None = None, grammar: str | None = None,
+                      source: str = "the artifact's generation.json") -> "Options":
         """The artifact's defaults, then the given overrides (None keeps the default).
 
         Giving temperature, top_k or top_p turns sampling on; `greedy` turns it off whatever else is set.
         The penalties and `logit_bias` (token id -> bias) apply whether sampling or not (OpenAI's meanings:
         see `sampling`). A bad default is the artifact's fault (ArtifactError naming `source`, the file, and its
-        field); a bad override is the caller's (OptionError naming the option).
+        field); a bad override is the caller's (OptionError naming the option). Structured output: `constraint`, or
+        one of `json_schema` (a dict or JSON text), `json_object`, `regex`, `grammar` (Lark or GBNF text).
         """
         base, default_tokens = _artifact_defaults(generation, source)
         bias = None if logit_bias is None else tuple(sorted((int(t), float(b)) for t, b in logit_bias.items()))
@@ -66,7 +72,8 @@ class Options:
         do_sample = False if greedy else base.do_sample or bool(given.keys() & {"temperature", "top_k", "top_p"})
         opts = cls(default_tokens if max_new_tokens is None else max_new_tokens,
                    replace(base, do_sample=do_sample, **given), tuple(stop or ()), seed, ignore_eos,
-                   logprobs, echo_logprobs)
+                   logprobs, echo_logprobs,
+                   constraint or constraint_from(json_schema, json_object, regex, grammar))
         return opts.validate()
 
     def for_choice(self, index: int) -> "Options":
@@ -87,6 +94,11 @@ class Options:
             raise OptionError("logprobs", f"must be in [0, {MAX_ALTERNATIVES}], got {self.logprobs}")
         if self.echo_logprobs and self.logprobs is None:
             raise OptionError("logprobs", "echoing the prompt's log-probabilities needs logprobs (0 or more alternatives)")
+        if self.constraint is not None:
+            if self.ignore_eos:
+                raise OptionError("ignore_eos", "cannot be combined with an output constraint: it ends the text when "
+                                  "its grammar is complete")
+            self.constraint.validate()
         return self
 
 
@@ -137,6 +149,8 @@ class Row:
         self.rng = np.random.default_rng(None if opts.seed is None else opts.seed % 2**128)  # any int, negative too
         self.eos = frozenset() if opts.ignore_eos else eos_ids
         self.stream = StreamText(text, list(opts.stop), live=on_text is not None)
+        self.text, self.eos_ids = text, eos_ids
+        self.guide = None  # the constraint's state for this row, made at the first step (it needs the logits' width)
         self.seen = list(prompt)
         self.out: list[int] = []
         self.finish_reason: str | None = None  # eos | stop | length (or set by a server: cancelled, timeout)
@@ -150,7 +164,8 @@ class Row:
             raise ModelOutputError(f"the model produced non-finite logits (NaN/inf) for generated token "
                                    f"{len(self.out) + 1}; the artifact computes garbage: re-export it with "
                                    "verification on, or re-verify it (python -m ernie_export.artifact.verify)")
-        token = int(choose(logits[None], [self.seen], self.opts.sampling, self.rng, [self.out])[0])
+        allowed = logits if self.opts.constraint is None else self._guide(logits).mask(logits)
+        token = int(choose(allowed[None], [self.seen], self.opts.sampling, self.rng, [self.out])[0])
         if self.logprobs is not None:
             self.logprobs += entries(logits[None], [token], self.opts.logprobs)
         self.out.append(token)
@@ -162,6 +177,9 @@ class Row:
             chunk = self.stream.push(token)
             if self.stream.stopped:
                 self.finish_reason = "stop"
+            elif self.guide is not None and self.guide.advance(token):  # the grammar is complete: a natural stop
+                self.finish_reason = "stop"
+                chunk += self.stream.flush()
             elif len(self.out) == self.opts.max_new_tokens:
                 self.finish_reason = "length"
                 chunk += self.stream.flush()
@@ -169,6 +187,11 @@ class Row:
             self.chunk_ends.append(len(self.out))  # before the chunk goes out: a reader of the chunk finds its end
             self.on_text(chunk)
         return token
+
+    def _guide(self, logits: np.ndarray):
+        if self.guide is None:
+            self.guide = self.opts.constraint.guide(self.text, logits.shape[-1], self.eos_ids)
+        return self.guide
 
     def result(self, timings: dict) -> Result:
         text = self.stream.final if self.stream.final is not None else self.stream.flush()

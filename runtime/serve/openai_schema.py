@@ -13,7 +13,8 @@ documents, or in REFUSED: a value that asks for something this server does not d
 and saying what is supported; a value that asks for nothing (null, the default: `n` 1, `tools` []) is accepted. A
 field in neither table is refused as unknown. `user` and the other metadata fields are accepted and not used, by
 design: they label a request, they do not change its output. The sampling extensions are named as other
-OpenAI-compatible servers name them (`top_k`, `repetition_penalty`).
+OpenAI-compatible servers name them (`top_k`, `repetition_penalty`), and so are the structured-output ones: vLLM's
+`guided_json`, `guided_regex`, `guided_grammar` beside OpenAI's `response_format` (`constraint_of`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.core.errors import ErnieError, OptionError
+from runtime.generate.constraints import Constraint, schema_text
 from runtime.generate.logprobs import MAX_ALTERNATIVES
 
 CHAT, TEXT = "chat", "completions"
@@ -46,7 +48,13 @@ _SAMPLING = {
     "stream": "server-sent events",
     "stream_options": "`include_usage`: a last chunk with `usage` (`include_obfuscation` false only)",
     "user": METADATA,
+    "response_format": '{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+                       '{"name", "schema", "strict"}}: decoding is constrained, so the text parses (and validates)',
+    "guided_json": "extension (vLLM's): a JSON schema the output must match",
+    "guided_regex": "extension (vLLM's): a regular expression the whole output must match",
+    "guided_grammar": "extension (vLLM's): a Lark or GBNF grammar the output must match",
 }
+GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_grammar": "grammar"}  # field -> kind
 # request field -> what the server does with it, per endpoint. The request models below declare exactly these fields.
 HONOURED: dict[str, dict[str, str]] = {
     CHAT: {**_SAMPLING,
@@ -84,8 +92,6 @@ REFUSED: dict[str, dict[str, Refusal]] = {
         "parallel_tool_calls": Refusal(_TOOLS),
         "functions": Refusal(_TOOLS, _among([])),
         "function_call": Refusal(_TOOLS, _among("none")),
-        "response_format": Refusal('is not supported yet: structured output (json_object, json_schema) comes with a '
-                                   'later stage; send {"type": "text"} or omit it', _among({"type": "text"})),
         "audio": Refusal("is not supported: this server answers with text only; omit it"),
         "modalities": Refusal('is not supported beyond text: send ["text"] or omit it', _among(["text"])),
         "prediction": Refusal("is not supported (predicted outputs); omit it"),
@@ -168,10 +174,14 @@ class RequestBody(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
 
     def overrides(self, vocab_size: int) -> dict:
         """Keyword arguments of `Options.from_artifact` for this request (None keeps the artifact's default)."""
-        return dict(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+        return dict(constraint=constraint_of(self), max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                     repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                     frequency_penalty=self.frequency_penalty, logit_bias=self._bias(vocab_size), seed=self.seed,
                     stop=[self.stop] if isinstance(self.stop, str) else self.stop)
@@ -193,6 +203,41 @@ class RequestBody(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def constraint_of(body: RequestBody) -> Constraint | None:
+    """The request's output constraint: `response_format` or one `guided_*` field (None: free text). A malformed
+    value is an OptionError naming its field; a schema or grammar llguidance cannot compile is refused by
+    `Options.validate`, naming the field too."""
+    given = [name for name in ("response_format", *GUIDED) if getattr(body, name) is not None
+             and getattr(body, name) != {"type": "text"}]
+    if len(given) > 1:
+        raise OptionError(given[1], f"cannot be combined with {given[0]}: send one constraint")
+    if not given:
+        return None
+    [name] = given
+    value = getattr(body, name)
+    if name == "guided_json":
+        return Constraint("json_schema", schema_text(value, name), name)
+    if name in GUIDED:
+        if not value:
+            raise OptionError(name, "is empty; send a pattern or grammar, or omit it")
+        return Constraint(GUIDED[name], value, name)
+    return _response_format(value)
+
+
+def _response_format(value: dict) -> Constraint:
+    kind = value.get("type")
+    if kind == "json_object":
+        return Constraint("json_object", "", "response_format")
+    if kind != "json_schema":
+        raise OptionError("response_format", f"type {kind!r} is not supported: send \"text\", \"json_object\" or "
+                          "\"json_schema\"")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise OptionError("response_format", 'json_schema needs {"name": ..., "schema": {...}} (strict optional)')
+    # strict true or false: the output is constrained either way (OpenAI's strict subset is not required here)
+    return Constraint("json_schema", schema_text(spec.get("schema", {}), "response_format"), "response_format")
 
 
 class Message(BaseModel):
