@@ -38,6 +38,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--greedy", action="store_true", help="greedy decoding whatever the artifact's defaults say")
     ap.add_argument("--ignore-eos", action="store_true", help="decode exactly --max-new-tokens tokens")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not part of the output")
+    ap.add_argument("--json-schema", metavar="FILE", help="structured output: the text matches this JSON schema file")
+    ap.add_argument("--json-object", action="store_true", help="structured output: the text is one JSON object")
+    ap.add_argument("--regex", help="structured output: the whole text matches this regular expression")
+    ap.add_argument("--grammar", metavar="FILE", help="structured output: the text matches this Lark or GBNF grammar")
     ap.add_argument("--provider", choices=["auto", *PROVIDERS], default="auto")
     ap.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's choice)")
     ap.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -49,7 +53,19 @@ def options_from_args(gen: Generator, args: argparse.Namespace) -> Options:
     """Flags onto the artifact's defaults; an absent flag keeps the artifact's value."""
     return gen.options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, greedy=args.greedy,
-                       seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+                       seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
+                       json_schema=_read(args.json_schema, "json_schema"), json_object=args.json_object,
+                       regex=args.regex, grammar=_read(args.grammar, "grammar"))
+
+
+def _read(path: str | None, option: str) -> str | None:
+    """A constraint's file as text (None when the flag is absent); an unreadable file is an OptionError."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise OptionError(option, f"{path}: {getattr(e, 'strerror', None) or e}; pass a readable UTF-8 file") from None
 
 
 def timings_line(results: list[Result]) -> str:

@@ -71,8 +71,9 @@ class Constraint:
         except ValueError as e:  # a schema that is not JSON, a grammar the GBNF converter cannot read
             problem = str(e)
         if problem:
-            first = " ".join(problem.strip().splitlines()[0].split())
-            raise OptionError(self.option, f"cannot be compiled ({self.kind}): {first}; fix the "
+            said = " ".join(problem.split())  # llguidance's message, often over several lines, as one
+            said = said if len(said) <= 300 else said[:297] + "..."
+            raise OptionError(self.option, f"cannot be compiled ({self.kind}): {said}; fix the "
                               f"{'schema' if self.kind == 'json_schema' else self.kind} or omit it")
         return self
 
@@ -112,6 +113,11 @@ def schema_text(schema, option: str) -> str:
     return json.dumps(schema, sort_keys=True)
 
 
+class ConstraintFailure(Failure):
+    """A row's constraint failed while generating (a grammar with no way on, a compile error only the tokenizer
+    shows): that request fails; the others go on."""
+
+
 class Guide:
     """One row's grammar state: which tokens may come next, advanced by each chosen token."""
 
@@ -128,13 +134,13 @@ class Guide:
         """A copy of `logits` [V] with every forbidden token at -inf."""
         allowed = self.allowed()
         if not allowed.any():
-            raise Failure(f"the output constraint allows no next token ({self.matcher.get_error() or 'dead end'})")
+            raise ConstraintFailure(f"the output constraint allows no next token ({self.matcher.get_error() or 'dead end'})")
         return np.where(allowed, logits, np.float32(-np.inf)).astype(logits.dtype, copy=False)
 
     def advance(self, token: int) -> bool:
         """Feed the chosen token; True when the grammar is complete and can take nothing more."""
         if not self.matcher.consume_token(token):
-            raise Failure(f"the output constraint refused token {token}: {self.matcher.get_error()}")
+            raise ConstraintFailure(f"the output constraint refused token {token}: {self.matcher.get_error()}")
         return self.matcher.is_stopped()
 
 
@@ -153,7 +159,8 @@ def _compiled(tokenizer, vocab_size: int, eos: tuple[int, ...], constraint: Cons
             bridge = llg.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size, eos_token=list(eos))
         matcher = llg.LLMatcher(bridge, constraint.grammar(), log_level=0)
         if matcher.is_error():
-            raise OptionError(constraint.option, f"cannot be compiled against this tokenizer: {matcher.get_error()}")
+            raise ConstraintFailure(f"cannot be compiled against this tokenizer: {matcher.get_error()}",
+                                    constraint.option)
         _CACHE[key] = (tokenizer, bridge, matcher)
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)

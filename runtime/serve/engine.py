@@ -29,6 +29,7 @@ import numpy as np
 from runtime.core.contract import ArtifactError
 from runtime.serve import limits
 from runtime.generate.api import Generator, check_request, score_prompt
+from runtime.generate.constraints import ConstraintFailure
 from runtime.generate.request import ModelOutputError, Options, Row
 from runtime.core.step import KVCache, ScoreUnavailable, StepError
 from runtime.core.errors import BUSY, TIMEOUT, ErnieError, Failure
@@ -202,7 +203,7 @@ class Engine:
         """The request's next token from its logits [V]; False when the request is over."""
         try:
             request.pending = request.row.step(logits)
-        except ModelOutputError as e:
+        except (ModelOutputError, ConstraintFailure) as e:
             self._finish(request, "error", e, "failed")
             return False
         if request.first_token_at is None:  # mark the first token even when its text is held back
