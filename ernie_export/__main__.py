@@ -15,6 +15,7 @@ from ernie_export.build import DEFAULT_MODEL, DEFAULT_OPSET, export_artifact
 from ernie_export.graph.quantize import MIN_STANDARD_OPSET
 from runtime.core.errors import run_cli
 from runtime.core.profile import BLOCK_SIZES, DTYPES, KV_BITS, OPS, PRESETS, QUANTIZATIONS, TABLE_BITS
+from ernie_export.artifact.ecosystem import LAYOUTS
 from ernie_export.artifact.publish import interrupt_on_sigterm
 
 
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
                          "shared_buffer (the default with --ops ort in float16/bfloat16, the GPU profile): onnxruntime's "
                          "attention kernel writing it in place; concat (the default, and the only kind, with --ops "
                          "standard): a cache that grows by a copy each step")
+    ap.add_argument("--layout", choices=LAYOUTS, default="ours",
+                    help="hf: also write the files transformers.js and onnxruntime-genai load (config.json, "
+                         "tokenizer_config.json, onnx/model*.onnx, genai_config.json; README 'Embed'); not with the "
+                         "shared_buffer_vt cache: add --kv-cache shared_buffer")
     ap.add_argument("--full-logits", action="store_true", help="logits for every position (evaluation), not just the last")
     ap.add_argument("--no-verify", action="store_true", help="skip parity verification (the runtime will warn)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(lambda: export_artifact(
         args.model, args.out, profile=args.profile, dtype=args.dtype, opset=args.opset, full_logits=args.full_logits,
         run_verify=not args.no_verify, overwrite=args.overwrite, quantize=args.quantize, block_size=args.block_size,
-        ops=args.ops, table_bits=args.table_bits, kv_cache=args.kv_cache, kv_bits=args.kv_bits),
+        ops=args.ops, table_bits=args.table_bits, kv_cache=args.kv_cache, kv_bits=args.kv_bits, layout=args.layout),
         interrupted="; nothing was written")
 
 

@@ -20,6 +20,7 @@ import torch
 from runtime.core.contract import SCORE, SHARED_BUFFER, SHARED_BUFFER_VT, generation_graphs
 from runtime.core.profile import Profile
 
+from ernie_export.artifact.ecosystem import check_layout, same_graph, write_layout
 from ernie_export.artifact.write import WEIGHTS_FILE, describe, save_graphs, write_manifest
 from ernie_export.graph.attention import group_attention
 from ernie_export.checkpoint.config import ConfigError, load_config
@@ -60,7 +61,7 @@ def source_of(model: str) -> dict:
 
 
 def _build(ckpt: Path, cfg, model: str, tmp: Path, opset: int, full_logits: bool, run_verify: bool,
-           profile: Profile, log) -> tuple[dict, dict]:
+           profile: Profile, log, layout: str = "ours") -> tuple[dict, dict]:
     """Every stage, written into the staging directory `tmp`; returns (manifest, parity report)."""
     dtype = profile.dtype
     log(f"[export] profile {profile.label(cfg.hidden_size)}: {profile}")
@@ -115,8 +116,13 @@ def _build(ckpt: Path, cfg, model: str, tmp: Path, opset: int, full_logits: bool
     else:
         report = {"dtype": dtype, "status": "skipped", "reason": "exported with --no-verify"}
     write_parity(tmp, report)
+    if layout == "hf":  # beside ours, derived from the manifest; its graph is one verification ran
+        with stage("writing the ecosystem layout (transformers.js, onnxruntime-genai)", log):
+            manifest = write_layout(tmp, manifest, ckpt)
     with stage("writing manifest (sizes, SHA-256)", log):
         manifest = write_manifest(tmp, manifest)
+    if layout == "hf":
+        same_graph(tmp, manifest)
     return manifest, report
 
 
@@ -124,11 +130,12 @@ def export_artifact(model: str, out: str | Path, *, profile: str | Profile = "re
                     full_logits: bool = False, run_verify: bool = True, overwrite: bool = False,
                     dtype: str | None = None, quantize: str | None = None, block_size: int | None = None,
                     ops: str | None = None, table_bits: int | None = None, kv_cache: str | None = None,
-                    kv_bits: int | None = None, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+                    kv_bits: int | None = None, layout: str = "ours", log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
     """Export, verify and publish; returns the manifest. Nothing is left behind on failure.
 
     `profile`: a preset name (runtime.core.profile.PRESETS) or a Profile; the other profile arguments, where not
-    None, override its fields. `opset` None: 18, or 21 for quantized standard-op graphs (blocked DequantizeLinear)."""
+    None, override its fields. `opset` None: 18, or 21 for quantized standard-op graphs (blocked DequantizeLinear).
+    `layout` "hf": also the files transformers.js and onnxruntime-genai load (artifact/ecosystem.py)."""
     out = Path(out)
     base = Profile.preset(profile) if isinstance(profile, str) else profile
     wanted = base.override(dtype=dtype, quantization=quantize, block_size=block_size, ops=ops, table_bits=table_bits,
@@ -151,10 +158,11 @@ def export_artifact(model: str, out: str | Path, *, profile: str | Profile = "re
         raise ExportOptionError(f"ort needs head_dim a multiple of 16 (onnxruntime's GroupQueryAttention); this "
                                 f"checkpoint's is {cfg.head_dim}: use --ops standard (the portable preset)", "ops")
     resolved = wanted.resolved(cfg.hidden_size)
+    check_layout(layout, resolved)
     t0 = time.perf_counter()
     try:
         with staged(out, ckpt, overwrite, log) as tmp:
-            manifest, report = _build(ckpt, cfg, model, tmp, opset, full_logits, run_verify, resolved, log)
+            manifest, report = _build(ckpt, cfg, model, tmp, opset, full_logits, run_verify, resolved, log, layout)
             publish(tmp, out)
     except BaseException as e:
         if getattr(e, "report", None):

@@ -57,7 +57,7 @@ def replaceable_problem(out: Path) -> str | None:
         return "it is not a directory"
     try:
         manifest = json.loads((out / MANIFEST).read_text())
-        listed = {entry["path"] for entry in manifest["files"].values()}
+        listed = {entry["path"].split("/")[0] for entry in manifest["files"].values()}  # onnx/model.onnx: its folder
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"it has no readable {MANIFEST} of ours"
     if manifest.get("format") != FORMAT:

@@ -360,6 +360,7 @@ def reverify(artifact: str | Path, checkpoint: str | None = None, provider: str 
     with staged(artifact, ckpt, overwrite=True) as tmp:
         for entry in manifest["files"].values():
             if entry["path"] != PARITY_FILE:
+                (tmp / entry["path"]).parent.mkdir(exist_ok=True)  # onnx/ of the ecosystem layout
                 os.link(artifact / entry["path"], tmp / entry["path"])
         write_parity(tmp, report)
         write_manifest(tmp, manifest)
