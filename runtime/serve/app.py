@@ -4,7 +4,8 @@ In:  an artifact, limits (batch, queue, body size, time budget), an optional API
      ERNIE_API_KEY), host (127.0.0.1 unless told otherwise) and port.
 Out: POST /v1/chat/completions and /v1/completions (stream or not, `n` choices per prompt; completions also take
      token-id and several prompts, `logprobs` and `echo` as the legacy API returns them; chat `logprobs` /
-     `top_logprobs` in the chat shape), GET /v1/models, /health and /metrics (Prometheus text). Errors are
+     `top_logprobs` in the chat shape; structured output under `response_format` or vLLM's `guided_json`,
+     `guided_regex`, `guided_grammar`), GET /v1/models, /health and /metrics (Prometheus text). Errors are
      OpenAI-style objects whose status, `type` and `param` come from the error's kind and option
      (`error_response`; the option's request field from OPENAI_FIELDS).
 
