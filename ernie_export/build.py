@@ -8,6 +8,7 @@ Out: the published artifact directory (atomically) and its manifest; on any fail
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ from ernie_export.graph.quantize import MIN_STANDARD_OPSET, Quantizer
 from ernie_export.checkpoint.tokenizer import read_text_files, write_text_files
 from ernie_export.graph.trace import DTYPES, trace
 from ernie_export.artifact.verify import reference_model, verify, write_parity
-from ernie_export.checkpoint.weights import is_hub_id, load_weights, resolve_checkpoint
+from ernie_export.checkpoint.weights import expected_shapes, is_hub_id, load_weights, resolve_checkpoint
 from runtime.core.errors import UsageError
 
 DEFAULT_MODEL = "baidu/ERNIE-4.5-0.3B-PT"
@@ -126,6 +127,27 @@ def _build(ckpt: Path, cfg, model: str, tmp: Path, opset: int, full_logits: bool
     return manifest, report
 
 
+# The MoE float32 reference path holds the whole model in memory (eager, then traced): bounded here until the
+# layer-by-layer export (issue 28's next stage). The dense 0.3B (1.44 GB in float32) exports whole on 24 GiB.
+MOE_MAX_FLOAT32_BYTES = 2 << 30
+
+
+def check_moe(ckpt: Path, cfg, profile: Profile, layout: str) -> None:
+    """Refuse, before any weight is read, what the MoE export cannot build yet: a profile other than the float32
+    reference (quantized / --ops ort experts are onnxruntime's QMoE, the next stage), the hf layout (neither
+    transformers.js nor onnxruntime-genai runs ernie4_5_moe graphs), a model too large to export whole."""
+    for option, value, works in (("quantize", profile.quantization, "none"), ("ops", profile.ops, "standard"),
+                                 ("dtype", profile.dtype, "float32"), ("layout", layout, "ours")):
+        if value != works:
+            raise ExportOptionError(f"{value} is not supported for an ERNIE 4.5 MoE checkpoint (ernie4_5_moe) yet: "
+                                    f"export it with --profile reference (float32, standard ops)", option)
+    size = 4 * sum(math.prod(shape) for shape in expected_shapes(cfg).values())
+    if size > MOE_MAX_FLOAT32_BYTES:
+        raise ConfigError(f"{ckpt.name} is an ERNIE 4.5 MoE checkpoint of {size / 1e9:.1f} GB in float32: the MoE "
+                          f"export holds the whole model in memory, so it takes up to {MOE_MAX_FLOAT32_BYTES / 1e9:.1f} "
+                          "GB (tiny models); the layer-by-layer export of the full 21B-A3B is not available yet")
+
+
 def export_artifact(model: str, out: str | Path, *, profile: str | Profile = "reference", opset: int | None = None,
                     full_logits: bool = False, run_verify: bool = True, overwrite: bool = False,
                     dtype: str | None = None, quantize: str | None = None, block_size: int | None = None,
@@ -151,9 +173,8 @@ def export_artifact(model: str, out: str | Path, *, profile: str | Profile = "re
                                 f"(default {DEFAULT_OPSET})", "opset")
     ckpt = resolve_checkpoint(model)
     cfg = load_config(ckpt)
-    if cfg.is_moe:  # before any weight is read: model/moe.py exists, its export is issue 28's next stage
-        raise ConfigError(f"{ckpt.name} is an ERNIE 4.5 MoE checkpoint (ernie4_5_moe): MoE export is not yet "
-                          "supported; export a dense ERNIE 4.5 checkpoint")
+    if cfg.is_moe:
+        check_moe(ckpt, cfg, wanted, layout)
     if wanted.ops == "ort" and cfg.head_dim % 16:  # measured: onnxruntime 1.32 refuses it at the first run
         raise ExportOptionError(f"ort needs head_dim a multiple of 16 (onnxruntime's GroupQueryAttention); this "
                                 f"checkpoint's is {cfg.head_dim}: use --ops standard (the portable preset)", "ops")

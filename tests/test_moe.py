@@ -1,6 +1,7 @@
 """ERNIE 4.5 MoE, stage 1 (issue 28): config, the three weight layouts, the per-layer loader, the eager model's parity
-with transformers' Ernie4_5_MoeForCausalLM (logits and expert choices), the synthetic MoE checkpoints, and the
-clean refusal of MoE export (not yet supported). transformers is the reference here and only here."""
+with transformers' Ernie4_5_MoeForCausalLM (logits and expert choices), the synthetic MoE checkpoints, and that the
+eager model traces (its export and the runtime over it: test_moe_export.py). transformers is the reference here and
+only here."""
 
 from __future__ import annotations
 
@@ -356,16 +357,6 @@ def test_cli_refusals_are_one_line(tmp_path, capsys):
         assert main([*argv, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {flag} ")
-
-
-def test_moe_export_is_refused_cleanly(ckpts, tmp_path, capsys):
-    """Stage 1 has no MoE export: one error: line, exit 3, before any weight is read, nothing written."""
-    from ernie_export.__main__ import main
-
-    assert main(["--model", str(ckpts["current"]), "--out", str(tmp_path / "art")]) == 3
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and "MoE export is not yet supported" in err[-1] and len(err) == 1
-    assert not (tmp_path / "art").exists()
 
 
 def test_moe_model_traces_for_export(ckpts, tmp_path):

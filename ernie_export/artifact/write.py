@@ -35,6 +35,11 @@ WEIGHTS_FILE = "weights.bin"
 ALIGN = 1 << 16  # tensors of at least this size: the mmap granularity on every OS (Windows: 64 KiB)
 SMALL_ALIGN = 64  # smaller ones (norms, small scales) are read, not mapped: 64 KiB each would add ~4 MB (int4)
 INLINE_BYTES = 1024  # smaller constants stay inside the graph
+MODEL_TYPES = {"dense": "ernie4_5", "moe": "ernie4_5_moe"}  # the manifest's model.type, config.json's model_type
+# The MoE dims a manifest of type ernie4_5_moe records (config.json's names): experts, top-k, expert width, shared
+# experts (one MLP of width moe_num_shared_experts * moe_intermediate_size), which layers are MoE, the weights' floor.
+MOE_DIMS = ("moe_num_experts", "moe_k", "moe_intermediate_size", "moe_num_shared_experts", "moe_layer_start_index",
+            "moe_layer_end_index", "moe_layer_interval", "moe_norm_min")
 
 
 def externalize(models: dict[str, ir.Model], directory: Path) -> dict[str, dict]:
@@ -172,10 +177,12 @@ def describe(cfg: ErnieConfig, profile: Profile, opset: int, full_logits: bool, 
             "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
             "max_position_embeddings": cfg.max_position_embeddings, "rope_type": cfg.rope_type,
             "rope_theta": cfg.rope_theta}
+    if cfg.is_moe:
+        dims |= {field: getattr(cfg, field) for field in MOE_DIMS}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": {"type": "ernie4_5", **source, "synthetic": cfg.synthetic, "dims": dims},
+        "model": {"type": MODEL_TYPES[cfg.arch], **source, "synthetic": cfg.synthetic, "dims": dims},
         "dtype": profile.dtype,
         "full_logits": full_logits,
         "onnx": {"ir_version": lowest_ir_version(opset), "opset": opset, "op_domains": profile.op_domains},
