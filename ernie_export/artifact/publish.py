@@ -57,12 +57,13 @@ def replaceable_problem(out: Path) -> str | None:
         return "it is not a directory"
     try:
         manifest = json.loads((out / MANIFEST).read_text())
-        listed = {entry["path"].split("/")[0] for entry in manifest["files"].values()}  # onnx/model.onnx: its folder
+        listed = {entry["path"] for entry in manifest["files"].values()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"it has no readable {MANIFEST} of ours"
     if manifest.get("format") != FORMAT:
         return f"its {MANIFEST} is not an {FORMAT} manifest"
-    extra = sorted(p.name for p in out.iterdir() if p.name != MANIFEST and p.name not in listed)
+    extra = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")  # folders: onnx/ of the hf layout
+                   if not p.is_dir() and p.relative_to(out).as_posix() not in listed | {MANIFEST})
     if extra:
         return f"it holds files the artifact does not list ({', '.join(extra[:5])})"
     return None

@@ -1,0 +1,189 @@
+"""`--layout hf` (ernie_export/artifact/ecosystem.py): the export loads unchanged in onnxruntime-genai 0.18 and
+generates our runtime's greedy ids, single prompt, chat and a batch.
+
+In:  the tiny synthetic checkpoint, exported twice with `--layout hf`: float32 (concat cache) and int4
+     `--ops ort --kv-cache shared_buffer`; onnxruntime-genai (the test extra; the same C core as its C, C# and
+     Java bindings).
+Out: (a) the layout's files, derived from the manifest and listed in it; the shipped graph is a verified one over a
+     real weights file; (b) genai's greedy ids equal `runtime.generate`'s for each golden case (its tokenizer and
+     chat template give the golden prompt ids); (c) negative controls: a genai_config with the wrong
+     `past_present_share_buffer`, and the last-position-logits decode graph in genai's right-padded batch, both
+     break the match; (d) refusals at once: the shared_buffer_vt cache, bfloat16; same_graph catches an edited graph.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from ernie_export.__main__ import main as export_main
+from ernie_export.artifact import ecosystem
+from ernie_export.artifact.publish import replaceable_problem
+from ernie_export.build import export_artifact
+from runtime.core.contract import load_manifest
+from runtime.core.errors import Failure
+from runtime.generate.api import generate, load
+
+og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the test extra")
+QUIET = dict(log=lambda m: None)
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def hf_exports(tiny_ckpt, tmp_path_factory):
+    """{"float32": concat-cache export, "int4": int4 --ops ort --kv-cache shared_buffer export}, both --layout hf."""
+    root = tmp_path_factory.mktemp("ecosystem")
+    export_artifact(str(tiny_ckpt), root / "float32", layout="hf", **QUIET)
+    export_artifact(str(tiny_ckpt), root / "int4", quantize="int4", ops="ort", kv_cache="shared_buffer",
+                    layout="hf", **QUIET)
+    return {"float32": root / "float32", "int4": root / "int4"}
+
+
+def golden_cases(directory) -> list[dict]:
+    return json.loads((directory / "golden.json").read_text())["cases"]
+
+
+def genai_greedy(directory, prompts: list[list[int]], steps: int = STEPS) -> list[list[int]]:
+    """onnxruntime-genai's greedy ids per row; a batch goes in as genai takes it (right padded with the pad id)."""
+    model = og.Model(str(directory))
+    pad = json.loads((directory / "genai_config.json").read_text())["model"]["pad_token_id"]
+    width = max(map(len, prompts))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=width + steps, batch_size=len(prompts))
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([p + [pad] * (width - len(p)) for p in prompts], dtype=np.int32))
+    rows: list[list[int]] = [[] for _ in prompts]
+    for _ in range(steps):
+        generator.generate_next_token()
+        for row, token in zip(rows, generator.get_next_tokens()):
+            row.append(int(token))
+    return rows
+
+
+def runtime_greedy(directory, prompts: list[list[int]], steps: int = STEPS) -> list[list[int]]:
+    gen = load(directory)
+    return [r.token_ids for r in generate(gen, prompts, gen.options(max_new_tokens=steps, greedy=True))]
+
+
+def agrees(ours: list[list[int]], theirs: list[list[int]]) -> bool:
+    """Row by row, genai's ids start with ours (ours may end early at an EOS id, which genai then pads after)."""
+    return all(t[:len(o)] == o for o, t in zip(ours, theirs))
+
+
+def test_layout_files_derive_from_the_manifest(hf_exports):
+    for kind, directory in hf_exports.items():
+        manifest = load_manifest(directory)  # every layout file is listed, sized and hashed
+        files = manifest["files"]
+        assert set(ecosystem.ROLES) <= set(files)
+        graph = directory / files["hf_model"]["path"]
+        assert graph.name == ("model.onnx" if kind == "float32" else "model_q4.onnx")
+        data = directory / files["hf_weights"]["path"]
+        assert data == graph.with_name(graph.name + "_data") and not data.is_symlink() and data.stat().st_nlink == 1
+        assert files["hf_weights"]["sha256"] == files["weights"]["sha256"]
+        config = json.loads((directory / "config.json").read_text())
+        assert config["model_type"] == "ernie4_5"
+        assert config["transformers.js_config"]["use_external_data_format"] == {graph.name: True}
+        tokenizer = json.loads((directory / "tokenizer_config.json").read_text())
+        assert tokenizer["padding_side"] == manifest["feeding"]["padding_side"] == ("left" if kind == "float32" else "right")
+        assert tokenizer["chat_template"] == (directory / "chat_template.jinja").read_text()
+        genai = json.loads((directory / "genai_config.json").read_text())
+        assert genai["model"]["eos_token_id"] == manifest["tokens"]["eos_token_ids"]
+        assert genai["search"]["past_present_share_buffer"] is (kind == "int4")
+        assert genai["model"]["decoder"]["session_options"]["session.disable_prepacking"] == \
+            manifest["session_options"]["config"]["session.disable_prepacking"]
+        assert ecosystem.source_graph(manifest) == ("score" if kind == "float32" else "decode")
+        assert replaceable_problem(directory) is None  # --overwrite replaces it like any artifact of ours
+
+
+@pytest.mark.parametrize("kind", ["float32", "int4"])
+def test_genai_reproduces_runtime_greedy(hf_exports, kind):
+    """The bug guarded: a layout that loads but computes something else (wrong cache sharing, a pad row's logits,
+    weights the records do not name). float32's golden ids are exact, so the runtime's equal them too."""
+    directory = hf_exports[kind]
+    for case in golden_cases(directory):
+        ours = runtime_greedy(directory, case["prompt_ids"])
+        assert agrees(ours, genai_greedy(directory, case["prompt_ids"])), (kind, case["name"])
+        if kind == "float32":
+            assert agrees(ours, case["greedy_ids"]), case["name"]
+
+
+def test_genai_tokenizer_and_chat_template(hf_exports):
+    directory = hf_exports["float32"]
+    tokenizer = og.Tokenizer(og.Model(str(directory)))
+    plain, chat = (c for c in golden_cases(directory) if c["name"] in ("plain", "chat"))
+    assert list(map(int, tokenizer.encode(plain["text"][0]))) == plain["prompt_ids"][0]
+    text = tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": "What is ONNX Runtime?"}]),
+                                         add_generation_prompt=True)
+    assert text == chat["text"][0]
+    assert list(map(int, tokenizer.encode(text))) == chat["prompt_ids"][0]
+
+
+def _copy_with(directory, tmp_path, edit) -> object:
+    copy = tmp_path / directory.name
+    shutil.copytree(directory, copy)
+    config = json.loads((copy / "genai_config.json").read_text())
+    edit(config)
+    (copy / "genai_config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_wrong_share_buffer_fails(hf_exports, tmp_path):
+    """Negative control: told to share one buffer, genai binds presents of the buffer's shape, which the concat
+    graph's growing cache does not fit (measured: onnxruntime refuses the run). The int4 shared-buffer graph also
+    runs with the flag false (measured, every golden case: onnxruntime's GroupQueryAttention then appends to the
+    past); true saves that copy each step, so the layout writes true."""
+    directory = hf_exports["float32"]
+    wrong = _copy_with(directory, tmp_path, lambda c: c["search"].update(past_present_share_buffer=True))
+    with pytest.raises(Exception, match="present"):
+        genai_greedy(wrong, golden_cases(directory)[0]["prompt_ids"])
+
+
+def test_last_position_logits_break_genai_batches(hf_exports, tmp_path):
+    """Negative control for shipping the score graph: the concat decode graph's last-position logits read a pad
+    in the shorter rows of genai's right-padded batch, while the single prompt still matches."""
+    directory = hf_exports["float32"]
+    wrong = _copy_with(directory, tmp_path, lambda c: c["model"]["decoder"].update(filename="decode.onnx"))
+    batch = next(c for c in golden_cases(directory) if len(c["prompt_ids"]) > 1)["prompt_ids"]
+    assert len(set(map(len, batch))) > 1
+    ours, theirs = runtime_greedy(directory, batch), genai_greedy(wrong, batch)
+    longest = max(range(len(batch)), key=lambda r: len(batch[r]))
+    assert agrees([ours[longest]], [theirs[longest]])
+    assert not agrees(ours, theirs)
+
+
+def test_same_graph_catches_an_edited_graph(hf_exports, tmp_path):
+    import onnx
+
+    copy = tmp_path / "edited"
+    shutil.copytree(hf_exports["int4"], copy)
+    manifest = load_manifest(copy)
+    ecosystem.same_graph(copy, manifest)  # the export's own check passes on the copy
+    path = copy / manifest["files"]["hf_model"]["path"]
+    model = onnx.load(str(path), load_external_data=False)
+    model.graph.node[0].name += "_edited"
+    onnx.save(model, str(path))
+    with pytest.raises(Failure, match="differs from the verified decode graph"):
+        ecosystem.same_graph(copy, manifest)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--quantize", "int4", "--ops", "ort"], "add --kv-cache shared_buffer"),  # shared_buffer_vt, the CPU default
+    (["--dtype", "bfloat16"], "use --dtype float16"),
+])
+def test_layout_refusals_are_one_line_and_immediate(tiny_ckpt, tmp_path, capsys, flags, says):
+    out = tmp_path / "refused"
+    assert export_main(["--model", str(tiny_ckpt), "--out", str(out), "--layout", "hf", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --layout hf cannot") or err.startswith("error: --layout hf has no"), err
+    assert says in err and "\n" not in err and not out.exists()
+
+
+def test_overwrite_still_refuses_foreign_files_in_the_onnx_folder(hf_exports, tmp_path):
+    copy = tmp_path / "foreign"
+    shutil.copytree(hf_exports["float32"], copy)
+    assert replaceable_problem(copy) is None
+    (copy / "onnx" / "notes.txt").write_text("mine")
+    assert "onnx/notes.txt" in replaceable_problem(copy)
