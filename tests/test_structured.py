@@ -188,6 +188,23 @@ def test_server_refuses_bad_constraints_naming_the_field(server, body, param):
     assert ok.status_code == 200  # control: text asks for nothing
 
 
+def test_a_constraint_failing_mid_generation_fails_its_request_only(server, monkeypatch):
+    """A grammar with no way on (simulated) is that request's 500; the engine and the next request go on."""
+    from runtime.generate import constraints
+
+    url, _ = server
+
+    def dead_end(self, logits):
+        raise constraints.ConstraintFailure("the output constraint allows no next token (dead end)")
+    with monkeypatch.context() as m:
+        m.setattr(constraints.Guide, "mask", dead_end)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "guided_regex": "a+"},
+                       timeout=60)
+    assert r.status_code == 500 and "no next token" in r.json()["error"]["message"], r.text
+    r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "guided_regex": "a+"}, timeout=60)
+    assert r.status_code == 200 and re.fullmatch("a+", r.json()["choices"][0]["text"])
+
+
 # ---- cost ---------------------------------------------------------------------------------------------------------
 
 def full_size_tokenizer(vocab_size: int = 103424):

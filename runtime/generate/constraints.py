@@ -10,12 +10,13 @@ Out: `Constraint.validate()` (an OptionError naming the option for a schema, reg
 `Row.step` (runtime/generate/request.py) is the one place that calls a guide, so generate(), the server's engine and
 every other user of `decode_loop` constrain alike. A grammar is compiled once per (tokenizer, constraint) and each
 row gets a copy of the compiled matcher; the tokenizer bridge (llguidance's view of tokenizer.json) is built once
-per tokenizer. Both live in a small bounded cache (`_compiled`), like functools' caches: no other state is kept.
+per tokenizer. Both live in a small bounded cache (`_matcher`), like functools' caches: no other state is kept.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -79,7 +80,7 @@ class Constraint:
 
     def guide(self, text, vocab_size: int, eos_ids) -> "Guide":
         """A fresh per-row guide over `text`'s tokenizer, logits of width `vocab_size`, ending on `eos_ids`."""
-        return Guide(_compiled(text.tokenizer, vocab_size, tuple(sorted(eos_ids)), self).deep_copy(), vocab_size)
+        return Guide(_matcher(text.tokenizer, vocab_size, tuple(sorted(eos_ids)), self), vocab_size)
 
 
 def constraint_from(json_schema=None, json_object: bool = False, regex: str | None = None,
@@ -145,24 +146,26 @@ class Guide:
 
 
 _CACHE: OrderedDict = OrderedDict()
+_LOCK = threading.Lock()  # rows of different generate() calls may step in different threads
 
 
-def _compiled(tokenizer, vocab_size: int, eos: tuple[int, ...], constraint: Constraint):
-    """The compiled matcher of `constraint` over `tokenizer` (LRU of _CACHE_SIZE). Keys hold the tokenizer object
-    itself (not only its id), so an id is never reused while its entry lives."""
+def _matcher(tokenizer, vocab_size: int, eos: tuple[int, ...], constraint: Constraint):
+    """A fresh matcher of `constraint` over `tokenizer`: a copy of the one compiled on first use (LRU of _CACHE_SIZE).
+    Keys hold the tokenizer object itself (not only its id), so an id is never reused while its entry lives."""
     llg = _llguidance()
     bridge_key = (id(tokenizer), vocab_size, eos)
     key = (bridge_key, constraint.kind, constraint.source)
-    if key not in _CACHE:
-        bridge = next((v[1] for k, v in _CACHE.items() if k[0] == bridge_key), None)
-        if bridge is None:
-            bridge = llg.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size, eos_token=list(eos))
-        matcher = llg.LLMatcher(bridge, constraint.grammar(), log_level=0)
-        if matcher.is_error():
-            raise ConstraintFailure(f"cannot be compiled against this tokenizer: {matcher.get_error()}",
-                                    constraint.option)
-        _CACHE[key] = (tokenizer, bridge, matcher)
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    _CACHE.move_to_end(key)
-    return _CACHE[key][2]
+    with _LOCK:
+        if key not in _CACHE:
+            bridge = next((v[1] for k, v in _CACHE.items() if k[0] == bridge_key), None)
+            if bridge is None:
+                bridge = llg.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size, eos_token=list(eos))
+            matcher = llg.LLMatcher(bridge, constraint.grammar(), log_level=0)
+            if matcher.is_error():
+                raise ConstraintFailure(f"cannot be compiled against this tokenizer: {matcher.get_error()}",
+                                        constraint.option)
+            _CACHE[key] = (tokenizer, bridge, matcher)
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        _CACHE.move_to_end(key)
+        return _CACHE[key][2].deep_copy()
