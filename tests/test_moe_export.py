@@ -155,9 +155,11 @@ def test_full_size_is_refused_before_any_weight_is_read(tmp_path, capsys, monkey
     assert not (tmp_path / "art").exists()
 
 
-def test_a_router_that_ignores_the_bias_fails_verification(moe_ckpt, tmp_path, monkeypatch):
+def test_a_router_that_ignores_the_bias_fails_verification(tmp_path, monkeypatch):
     """Negative control: graphs traced with routing by softmax alone (the correction bias ignored, as a QMoE without
-    router_weights would do) fail verification against eager, and nothing is published. Only tracing is patched."""
+    router_weights would do) fail verification against eager, and nothing is published. Only tracing is patched.
+    The tiny MoE's first two layers (dense, MoE) keep it quick: the bias changes ~1 choice in 4 in layer 1."""
+    ckpt = write_moe_checkpoint(tmp_path / "cut", "tiny", layers=2)
     def unbiased_route(self, x):
         probs = torch.softmax(F.linear(x.float(), self.gate.weight.float()), dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
@@ -172,6 +174,8 @@ def test_a_router_that_ignores_the_bias_fails_verification(moe_ckpt, tmp_path, m
 
     monkeypatch.setattr(build, "trace", trace_unbiased)
     out = tmp_path / "art"
-    with pytest.raises(VerificationError):
-        build.export_artifact(str(moe_ckpt), out, log=lambda m: None)
+    with pytest.raises(VerificationError) as failed:
+        build.export_artifact(str(ckpt), out, log=lambda m: None)
+    report = failed.value.report
+    assert report["prefill_max_abs_diff"] > 1e-4 or not report["greedy_identical"], report  # failed on parity
     assert not out.exists()
