@@ -87,7 +87,8 @@ clean:
 	rm -rf $(VENV) checkpoints .pytest_cache
 
 .PHONY: install-drivers
-install-drivers:  ## Node and browser drivers: system chromium (apt, only when missing), npm ci in drivers/node and drivers/web
+install-drivers:  ## Node and browser drivers: system chromium (apt, only when missing), npm ci in drivers/node, drivers/web and drivers/transformersjs
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	cd drivers/node && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund
 	cd drivers/web && npm ci --no-audit --no-fund
+	cd drivers/transformersjs && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund

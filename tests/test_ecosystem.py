@@ -1,20 +1,25 @@
 """`--layout hf` (ernie_export/artifact/ecosystem.py): the export loads unchanged in onnxruntime-genai 0.18 and
-generates our runtime's greedy ids, single prompt, chat and a batch.
+transformers.js 4.3.1 (Node) and generates our runtime's greedy ids, single prompt, chat and a batch.
 
 In:  the tiny synthetic checkpoint, exported twice with `--layout hf`: float32 (concat cache) and int4
      `--ops ort --kv-cache shared_buffer`; onnxruntime-genai (the test extra; the same C core as its C, C# and
-     Java bindings).
+     Java bindings); transformers.js through drivers/transformersjs/check.mjs (`make install-drivers`; missing
+     node_modules skip locally, fail when CI=true).
 Out: (a) the layout's files, derived from the manifest and listed in it; the shipped graph is a verified one over a
      real weights file; (b) genai's greedy ids equal `runtime.generate`'s for each golden case (its tokenizer and
      chat template give the golden prompt ids); (c) negative controls: a genai_config with the wrong
      `past_present_share_buffer`, and the last-position-logits decode graph in genai's right-padded batch, both
-     break the match; (d) refusals at once: the shared_buffer_vt cache, bfloat16; same_graph catches an edited graph.
+     break the match, and so does a right padding side in transformers.js; (d) refusals at once: the
+     shared_buffer_vt cache, bfloat16; same_graph catches an edited graph; (e) transformers.js: its tokenizer gives
+     the golden prompt ids and `pipeline('text-generation')` our greedy ids and text, batch included.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +31,7 @@ from ernie_export.build import export_artifact
 from runtime.core.contract import load_manifest
 from runtime.core.errors import Failure
 from runtime.generate.api import generate, load
+from tests.test_drivers import require
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the test extra")
 QUIET = dict(log=lambda m: None)
@@ -187,3 +193,47 @@ def test_overwrite_still_refuses_foreign_files_in_the_onnx_folder(hf_exports, tm
     assert replaceable_problem(copy) is None
     (copy / "onnx" / "notes.txt").write_text("mine")
     assert "onnx/notes.txt" in replaceable_problem(copy)
+
+
+TJS_DIR = Path(__file__).resolve().parents[1] / "drivers" / "transformersjs"
+
+
+@pytest.fixture(scope="module")
+def transformers_js() -> list[str]:
+    require(shutil.which("node"), "node is not on PATH")
+    require((TJS_DIR / "node_modules" / "@huggingface" / "transformers").is_dir(),
+            "drivers/transformersjs/node_modules is missing")
+    return [shutil.which("node"), str(TJS_DIR / "check.mjs")]
+
+
+def run_transformers_js(command: list[str], directory) -> dict:
+    done = subprocess.run([*command, str(directory), str(STEPS)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["float32", "int4"])
+def test_transformers_js_reproduces_runtime_greedy(hf_exports, transformers_js, kind):
+    """pipeline('text-generation') in Node, offline over the local folder: its tokenizer gives the golden prompt ids
+    (left padding for the concat graph, right for the shared buffer, from tokenizer_config.json) and its greedy
+    ids are ours, batch included; the pipeline's own text is the runtime's."""
+    directory = hf_exports[kind]
+    got = run_transformers_js(transformers_js, directory)
+    assert got["dtype"] == ("fp32" if kind == "float32" else "q4")
+    for case, theirs in zip(golden_cases(directory), got["cases"], strict=True):
+        assert theirs["prompt_ids_equal"], case["name"]
+        assert agrees(runtime_greedy(directory, case["prompt_ids"]), theirs["greedy_ids"]), (kind, case["name"])
+    gen = load(directory)
+    [plain] = generate(gen, golden_cases(directory)[0]["prompt_ids"], gen.options(max_new_tokens=STEPS, greedy=True))
+    assert got["pipeline_text"] == plain.text
+
+
+def test_transformers_js_wrong_padding_side_fails(hf_exports, transformers_js, tmp_path):
+    """Negative control: the concat graph right padded (pads after the prompt, read as its last tokens)."""
+    copy = tmp_path / "right"
+    shutil.copytree(hf_exports["float32"], copy)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "right"}))
+    batch = next(c for c in golden_cases(copy) if len(c["prompt_ids"]) > 1)
+    theirs = next(c for c in run_transformers_js(transformers_js, copy)["cases"] if c["name"] == batch["name"])
+    assert not agrees(runtime_greedy(hf_exports["float32"], batch["prompt_ids"]), theirs["greedy_ids"])
