@@ -129,6 +129,20 @@ def test_server_answers_a_completion(gen):
     assert r.json()["choices"][0]["text"] == solo.text
 
 
+def test_node_driver_passes_golden(moe_art):
+    """The Node driver, unchanged, over the MoE artifact (skips without drivers/node/node_modules, fails so in CI)."""
+    import shutil
+
+    from tests.test_drivers import NODE_DIR, golden_of, require, run_node
+
+    require(shutil.which("node"), "node is not on PATH")
+    require((NODE_DIR / "node_modules" / "onnxruntime-node").is_dir(), "drivers/node/node_modules is missing")
+    code, result = run_node([shutil.which("node"), str(NODE_DIR / "check.mjs")], moe_art)
+    golden = golden_of(moe_art)
+    assert code == 0 and result["passed"] and result["agreement"] == 1.0, result
+    assert [c["greedy_ids"] for c in result["cases"]] == [c["greedy_ids"] for c in golden["cases"]]
+
+
 @pytest.mark.parametrize("argv, flag", [(["--profile", "cpu"], "--quantize"), (["--quantize", "int4"], "--quantize"),
                                         (["--ops", "ort"], "--ops"), (["--dtype", "float16"], "--dtype")])
 def test_profiles_other_than_reference_are_refused(moe_ckpt, tmp_path, capsys, argv, flag):
