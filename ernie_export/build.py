@@ -136,11 +136,14 @@ def check_moe(ckpt: Path, cfg, profile: Profile, layout: str) -> None:
     """Refuse, before any weight is read, what the MoE export cannot build yet: a profile other than the float32
     reference (quantized / --ops ort experts are onnxruntime's QMoE, the next stage), the hf layout (neither
     transformers.js nor onnxruntime-genai runs ernie4_5_moe graphs), a model too large to export whole."""
-    for option, value, works in (("quantize", profile.quantization, "none"), ("ops", profile.ops, "standard"),
-                                 ("dtype", profile.dtype, "float32"), ("layout", layout, "ours")):
+    reference = "export it with --profile reference (float32, standard ops)"
+    for option, value, works, fix in (("quantize", profile.quantization, "none", reference),
+                                      ("ops", profile.ops, "standard", reference),
+                                      ("dtype", profile.dtype, "float32", reference),
+                                      ("layout", layout, "ours", "export it without --layout (the runtime's own layout)")):
         if value != works:
-            raise ExportOptionError(f"{value} is not supported for an ERNIE 4.5 MoE checkpoint (ernie4_5_moe) yet: "
-                                    f"export it with --profile reference (float32, standard ops)", option)
+            raise ExportOptionError(f"{value} is not supported for an ERNIE 4.5 MoE checkpoint (ernie4_5_moe) yet: {fix}",
+                                    option)
     size = 4 * sum(math.prod(shape) for shape in expected_shapes(cfg).values())
     if size > MOE_MAX_FLOAT32_BYTES:
         raise ConfigError(f"{ckpt.name} is an ERNIE 4.5 MoE checkpoint of {size / 1e9:.1f} GB in float32: the MoE "

@@ -155,6 +155,16 @@ def test_profiles_other_than_reference_are_refused(moe_ckpt, tmp_path, capsys, a
     assert not (tmp_path / "art").exists()
 
 
+def test_hf_layout_is_refused(moe_ckpt, tmp_path, capsys):
+    """Neither transformers.js nor onnxruntime-genai runs ernie4_5_moe graphs: one line, exit 2, nothing written."""
+    from ernie_export.__main__ import main
+
+    assert main(["--model", str(moe_ckpt), "--out", str(tmp_path / "art"), "--layout", "hf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --layout hf ") and "without --layout" in err[0], err
+    assert not (tmp_path / "art").exists()
+
+
 def test_full_size_is_refused_before_any_weight_is_read(tmp_path, capsys, monkeypatch):
     """A config.json of the 21B-A3B with no weights beside it: refused by its size (exit 3), so no weight was read."""
     from ernie_export.__main__ import main
