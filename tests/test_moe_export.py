@@ -155,6 +155,15 @@ def test_profiles_other_than_reference_are_refused(moe_ckpt, tmp_path, capsys, a
     assert not (tmp_path / "art").exists()
 
 
+def test_reverify_refuses_another_architectures_checkpoint(moe_art, tiny_ckpt, capsys):
+    """Re-verification given the dense tiny checkpoint for the MoE artifact: exit 3 naming the MoE dims and the type."""
+    from ernie_export.artifact.verify import main
+
+    assert main(["--model", str(moe_art), "--checkpoint", str(tiny_ckpt)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "moe_num_experts" in err[0] and "model type" in err[0], err
+
+
 def test_hf_layout_is_refused(moe_ckpt, tmp_path, capsys):
     """Neither transformers.js nor onnxruntime-genai runs ernie4_5_moe graphs: one line, exit 2, nothing written."""
     from ernie_export.__main__ import main

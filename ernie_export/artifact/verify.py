@@ -40,7 +40,7 @@ from runtime.core.contract import (MANIFEST, PAST, SCORE, SHARED_KINDS, Artifact
 from runtime.core.session import PROVIDERS, open_model, resolve_provider
 from runtime.core.step import KVCache, Model, StepError, decode_loop, left_pad
 
-from ernie_export.artifact.write import write_manifest
+from ernie_export.artifact.write import MODEL_TYPES, MOE_DIMS, write_manifest
 from ernie_export.artifact.publish import interrupt_on_sigterm, publish, staged
 from ernie_export.checkpoint.config import ErnieConfig, load_config
 from ernie_export.graph.quantize import ACCURACY_LEVEL, Quantizer
@@ -332,8 +332,9 @@ def _checkpoint_for(manifest: dict, checkpoint: str | None) -> tuple[Path, Ernie
     ckpt = resolve_checkpoint(checkpoint or model["source"])
     cfg = load_config(ckpt)
     dims = model["dims"]
-    wrong = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                         "num_attention_heads", "num_key_value_heads", "head_dim") if getattr(cfg, k) != dims[k]]
+    wrong = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                         "num_key_value_heads", "head_dim", *MOE_DIMS) if getattr(cfg, k, None) != dims.get(k)]
+    wrong += ["model type"] * (MODEL_TYPES[cfg.arch] != model["type"])
     if wrong:
         raise SourceError(f"checkpoint {ckpt} is not the one this artifact came from ({', '.join(wrong)} differ)")
     return ckpt, cfg
