@@ -1,8 +1,8 @@
 """`--layout hf` (ernie_export/artifact/ecosystem.py): the export loads unchanged in onnxruntime-genai 0.18 and
 transformers.js 4.3.1 (Node) and generates our runtime's greedy ids, single prompt, chat and a batch.
 
-In:  the tiny synthetic checkpoint, exported twice with `--layout hf`: float32 (concat cache) and int4
-     `--ops ort --kv-cache shared_buffer`; onnxruntime-genai (the test extra; the same C core as its C, C# and
+In:  the tiny synthetic checkpoint, exported with `--layout hf` three times: float32 (concat cache), int4
+     `--ops ort --kv-cache shared_buffer` and int4 `--ops standard` (concat); onnxruntime-genai (the test extra; the same C core as its C, C# and
      Java bindings); transformers.js through drivers/transformersjs/check.mjs (`make install-drivers`; missing
      node_modules skip locally, fail when CI=true).
 Out: (a) the layout's files, derived from the manifest and listed in it; the shipped graph is a verified one over a
@@ -11,7 +11,8 @@ Out: (a) the layout's files, derived from the manifest and listed in it; the shi
      `past_present_share_buffer`, and the last-position-logits decode graph in genai's right-padded batch, both
      break the match, and so does a right padding side in transformers.js; (d) refusals at once: the
      shared_buffer_vt cache, bfloat16; same_graph catches an edited graph; (e) transformers.js: its tokenizer gives
-     the golden prompt ids and `pipeline('text-generation')` our greedy ids and text, batch included.
+     the golden prompt ids and `pipeline('text-generation')` our greedy ids and text, batch included, given the
+     manifest's session options (without them the standard-op int4 graph diverges: a negative control).
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ STEPS = 16
 
 @pytest.fixture(scope="module")
 def hf_exports(tiny_ckpt, tmp_path_factory):
-    """{"float32": concat-cache export, "int4": int4 --ops ort --kv-cache shared_buffer export}, both --layout hf."""
+    """--layout hf exports: "float32" (concat cache), "int4" (--ops ort --kv-cache shared_buffer), "int4-standard"
+    (--ops standard: concat cache, MatMulNBits fused by onnxruntime at the manifest's accuracy level)."""
     root = tmp_path_factory.mktemp("ecosystem")
     export_artifact(str(tiny_ckpt), root / "float32", layout="hf", **QUIET)
     export_artifact(str(tiny_ckpt), root / "int4", quantize="int4", ops="ort", kv_cache="shared_buffer",
                     layout="hf", **QUIET)
-    return {"float32": root / "float32", "int4": root / "int4"}
+    export_artifact(str(tiny_ckpt), root / "int4-standard", quantize="int4", ops="standard", layout="hf", **QUIET)
+    return {kind: root / kind for kind in ("float32", "int4", "int4-standard")}
 
 
 def golden_cases(directory) -> list[dict]:
@@ -86,6 +89,7 @@ def test_layout_files_derive_from_the_manifest(hf_exports):
         assert set(ecosystem.ROLES) <= set(files)
         graph = directory / files["hf_model"]["path"]
         assert graph.name == ("model.onnx" if kind == "float32" else "model_q4.onnx")
+        concat = kind != "int4"
         data = directory / files["hf_weights"]["path"]
         assert data == graph.with_name(graph.name + "_data") and not data.is_symlink() and data.stat().st_nlink == 1
         assert files["hf_weights"]["sha256"] == files["weights"]["sha256"]
@@ -93,18 +97,18 @@ def test_layout_files_derive_from_the_manifest(hf_exports):
         assert config["model_type"] == "ernie4_5"
         assert config["transformers.js_config"]["use_external_data_format"] == {graph.name: True}
         tokenizer = json.loads((directory / "tokenizer_config.json").read_text())
-        assert tokenizer["padding_side"] == manifest["feeding"]["padding_side"] == ("left" if kind == "float32" else "right")
+        assert tokenizer["padding_side"] == manifest["feeding"]["padding_side"] == ("left" if concat else "right")
         assert tokenizer["chat_template"] == (directory / "chat_template.jinja").read_text()
         genai = json.loads((directory / "genai_config.json").read_text())
         assert genai["model"]["eos_token_id"] == manifest["tokens"]["eos_token_ids"]
-        assert genai["search"]["past_present_share_buffer"] is (kind == "int4")
-        assert genai["model"]["decoder"]["session_options"]["session.disable_prepacking"] == \
-            manifest["session_options"]["config"]["session.disable_prepacking"]
-        assert ecosystem.source_graph(manifest) == ("score" if kind == "float32" else "decode")
+        assert genai["search"]["past_present_share_buffer"] is not concat
+        options = genai["model"]["decoder"]["session_options"]
+        assert {k: options[k] for k in manifest["session_options"]["config"]} == manifest["session_options"]["config"]
+        assert ecosystem.source_graph(manifest) == ("score" if concat else "decode")
         assert replaceable_problem(directory) is None  # --overwrite replaces it like any artifact of ours
 
 
-@pytest.mark.parametrize("kind", ["float32", "int4"])
+@pytest.mark.parametrize("kind", ["float32", "int4", "int4-standard"])
 def test_genai_reproduces_runtime_greedy(hf_exports, kind):
     """The bug guarded: a layout that loads but computes something else (wrong cache sharing, a pad row's logits,
     weights the records do not name). float32's golden ids are exact, so the runtime's equal them too."""
@@ -206,13 +210,13 @@ def transformers_js() -> list[str]:
     return [shutil.which("node"), str(TJS_DIR / "check.mjs")]
 
 
-def run_transformers_js(command: list[str], directory) -> dict:
-    done = subprocess.run([*command, str(directory), str(STEPS)], capture_output=True, text=True, timeout=180)
+def run_transformers_js(command: list[str], directory, *flags: str) -> dict:
+    done = subprocess.run([*command, str(directory), str(STEPS), *flags], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kind", ["float32", "int4"])
+@pytest.mark.parametrize("kind", ["float32", "int4", "int4-standard"])
 def test_transformers_js_reproduces_runtime_greedy(hf_exports, transformers_js, kind):
     """pipeline('text-generation') in Node, offline over the local folder: its tokenizer gives the golden prompt ids
     (left padding for the concat graph, right for the shared buffer, from tokenizer_config.json) and its greedy
@@ -237,3 +241,13 @@ def test_transformers_js_wrong_padding_side_fails(hf_exports, transformers_js, t
     batch = next(c for c in golden_cases(copy) if len(c["prompt_ids"]) > 1)
     theirs = next(c for c in run_transformers_js(transformers_js, copy)["cases"] if c["name"] == batch["name"])
     assert not agrees(runtime_greedy(hf_exports["float32"], batch["prompt_ids"]), theirs["greedy_ids"])
+
+
+def test_transformers_js_needs_the_manifest_session_options(hf_exports, transformers_js):
+    """Negative control: transformers.js reads no session options from config.json; without the manifest's (the
+    MatMulNBits accuracy level verification used) the standard-op int4 graph leaves our greedy path (measured:
+    at step 8 of the plain prompt, a near tie on random weights). check.mjs passes them; so must a caller."""
+    directory = hf_exports["int4-standard"]
+    got = run_transformers_js(transformers_js, directory, "--no-session-options")
+    assert not all(agrees(runtime_greedy(directory, case["prompt_ids"]), theirs["greedy_ids"])
+                   for case, theirs in zip(golden_cases(directory), got["cases"], strict=True))

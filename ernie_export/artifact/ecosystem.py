@@ -4,7 +4,8 @@ In:  a staged artifact directory and its manifest (graphs, weights, tokenizer an
      checkpoint directory (its `config.json` and `generation_config.json` are copied, never edited in place).
 Out: in the same directory, every file listed in the manifest under an `hf_*` role (so hashed, checked by the
      runtime and replaced by `--overwrite` like ours):
-     - `config.json`: the checkpoint's, plus a `transformers.js_config` block (default dtype, external data);
+     - `config.json`: the checkpoint's, plus a `transformers.js_config` block (default dtype, external data; it
+       has no place for session options: a caller passes the manifest's, see drivers/transformersjs/check.mjs);
      - `generation_config.json`: the checkpoint's (or one derived from the manifest's tokens when it has none),
        `eos_token_id` set to the manifest's list;
      - `tokenizer_config.json`: `PreTrainedTokenizerFast` over our `tokenizer.json`, the chat template, the
@@ -154,8 +155,7 @@ def transformers_js_config(manifest: dict) -> dict:
     external (a browser fetches `model{suffix}.onnx_data` beside it)."""
     name = model_name(manifest)
     dtype = SUFFIXES[manifest["dtype"], manifest["profile"]["quantization"]][1]
-    return {"dtype": dtype, "use_external_data_format": {name: True},
-            "kv_cache_dtype": {"float16": "float16"}.get(manifest["dtype"], "float32")}
+    return {"dtype": dtype, "use_external_data_format": {name: True}}  # the keys transformers.js 4.3 reads here
 
 
 def hf_config(checkpoint: Path, manifest: dict) -> dict:
