@@ -159,12 +159,14 @@ def transformers_js_config(manifest: dict) -> dict:
 
 
 def hf_config(checkpoint: Path, manifest: dict) -> dict:
-    """The checkpoint's config.json with `transformers.js_config`; the manifest's dims where it lacks them."""
+    """The checkpoint's config.json with `transformers.js_config`; the manifest's dims where it lacks them (a config
+    with Paddle's names: the loaders size the cache from these)."""
     config = _read_json(checkpoint / "config.json")
     dims = manifest["model"]["dims"]
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "max_position_embeddings"):
-        config.setdefault(key, dims.get(key))
+        if config.get(key) is None:
+            config[key] = dims.get(key)
     config.setdefault("model_type", manifest["model"]["type"])
     config["transformers.js_config"] = transformers_js_config(manifest)
     return config
@@ -197,12 +199,10 @@ def tokenizer_config(directory: Path, manifest: dict) -> dict:
 
 
 def genai_config(manifest: dict, graph: str) -> dict:
-    """onnxruntime-genai's genai_config.json for the decode graph at `graph` (relative to the artifact)."""
+    """onnxruntime-genai's genai_config.json for the shipped graph at `graph` (relative to the artifact). Its input and
+    output names are the manifest's; the session options are flat entries (genai rejects a nested block)."""
     dims, tokens, kv_cache = manifest["model"]["dims"], manifest["tokens"], manifest["profile"]["kv_cache"]
-    options = manifest["session_options"]
-    session = {"log_id": "onnxruntime-genai", "provider_options": [], **options["config"]}
-    if "intra_op_num_threads" in options:
-        session["intra_op_num_threads"] = options["intra_op_num_threads"]
+    session = {"log_id": "onnxruntime-genai", "provider_options": [], **manifest["session_options"]["config"]}
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     if any(i["name"] == "position_ids" for i in manifest["graphs"][source_graph(manifest)]["inputs"]):
@@ -228,8 +228,8 @@ def genai_config(manifest: dict, graph: str) -> dict:
 def write_layout(directory: Path, manifest: dict, checkpoint: Path) -> dict:
     """Write the ecosystem files into the staged `directory`; returns the manifest with their roles listed
     (sizes and hashes come with `write_manifest`). `manifest`: as described, its files written."""
-    if manifest["profile"]["kv_cache"] not in (CONCAT, *SHARED_KINDS) or manifest["profile"]["kv_cache"] == SHARED_BUFFER_VT:
-        raise Failure(f"the {manifest['profile']['kv_cache']} cache has no ecosystem layout (check_layout is bypassed)")
+    if manifest["profile"]["kv_cache"] == SHARED_BUFFER_VT:  # check_layout refuses it before the export starts
+        raise Failure(f"the {SHARED_BUFFER_VT} cache has no ecosystem layout: export with --kv-cache shared_buffer")
     graph, data = write_graph(directory, manifest)
     paths = {"hf_config": "config.json", "hf_generation_config": "generation_config.json",
              "hf_tokenizer_config": "tokenizer_config.json", "hf_model": graph, "hf_weights": data,
