@@ -356,8 +356,8 @@ def reverify(artifact: str | Path, checkpoint: str | None = None, provider: str 
     error = None
     try:
         report, _ = verify(artifact, manifest, eager32, device, reference)  # golden.json stays: it comes from eager
-    except VerificationError as e:
-        report, error = e.report, e
+    except VerificationError as e:  # a checker failure carries no figures: record what failed
+        report, error = getattr(e, "report", None) or {"status": "failed", "reason": e.problem}, e
     with staged(artifact, ckpt, overwrite=True) as tmp:
         for entry in manifest["files"].values():
             if entry["path"] != PARITY_FILE:
