@@ -11,7 +11,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: full-size (0.36B) synthetic model; CI runs these too")
+    config.addinivalue_line("markers", "slow: full-size (0.36B) models, or whole exports beyond the fast suite's budget; CI runs these too")
 
 
 @pytest.fixture(scope="session")

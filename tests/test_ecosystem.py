@@ -34,6 +34,8 @@ from runtime.core.errors import Failure
 from runtime.generate.api import generate, load
 from tests.test_drivers import require
 
+pytestmark = pytest.mark.slow  # whole exports in two loaders: CI runs it (make test-all), make test does not
+
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the test extra")
 QUIET = dict(log=lambda m: None)
 STEPS = 16

@@ -8,6 +8,7 @@ by string surgery, `param="max_tokens"` stamped on every error, and 504 chosen b
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import onnxruntime as ort
 import pytest
@@ -171,12 +172,26 @@ def test_synthetic_and_serve_exit_codes(tmp_path, capsys):
     assert "does not exist" in one_error_line(capsys.readouterr().err)
 
 
-def test_ray_exit_codes(tmp_path, capsys):
-    ray_app = pytest.importorskip("runtime.serve.ray", exc_type=ImportError)
-    assert ray_app.main(["--model", str(tmp_path), "--max-batch", "0"]) == 2
-    assert "max_batch must be >= 1" in one_error_line(capsys.readouterr().err)
-    assert ray_app.main(["--model", str(tmp_path)]) == 3  # no manifest.json: refused before Ray starts
-    assert "not an artifact directory" in one_error_line(capsys.readouterr().err)
+def test_ray_exit_codes(tmp_path):
+    """In a subprocess: importing ray here would fix its environment for this whole test session before
+    tests/test_serve_ray.py sets its own (ray reads it once, when first imported)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("ray is not installed (the serve-ray extra)")
+    root = Path(__file__).resolve().parent.parent
+
+    def run(*flags: str) -> tuple[int, str]:
+        r = subprocess.run([sys.executable, "-m", "runtime.serve.ray", "--model", str(tmp_path), *flags],
+                           capture_output=True, text=True, cwd=root, timeout=120)
+        return r.returncode, r.stderr
+
+    code, err = run("--max-batch", "0")
+    assert code == 2 and "max_batch must be >= 1" in one_error_line(err)
+    code, err = run()
+    assert code == 3 and "not an artifact directory" in one_error_line(err)  # refused before Ray starts
 
 
 # --- the server ----------------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from runtime.core.contract import ArtifactError, check_schema
 from runtime.generate import api as G
 from tests.helpers import eager_greedy
 
+pytestmark = pytest.mark.slow  # two MoE exports (~60 s): CI runs it (make test-all), make test does not
+
 NEW = 16
 
 

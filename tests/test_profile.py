@@ -30,6 +30,7 @@ def presets(tiny_ckpt, tmp_path_factory):
     return {name: root / name for name in PRESETS}
 
 
+@pytest.mark.slow  # whole exports: CI runs it (make test-all), make test does not
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_exports_verifies_and_round_trips(presets, name):
     """Guards against a preset the exporter cannot build, a manifest that loses a field of the profile (re-verification
@@ -47,6 +48,7 @@ def test_every_preset_exports_verifies_and_round_trips(presets, name):
     assert len(r.token_ids) == 4
 
 
+@pytest.mark.slow  # whole exports: CI runs it (make test-all), make test does not
 def test_cpu_preset_is_the_recommended_cpu_profile(presets):
     """`--profile cpu` alone gives the README's CPU artifact: int4 in blocks of 128 (fitted to the tiny model's
     64-wide inputs), 8-bit k/v and table, onnxruntime's kernels, the transposed-value shared buffer."""

@@ -20,6 +20,7 @@ def held_out(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("held") / "ckpt", "tiny", overrides=HELD_OUT, init_std=0.2, seed=7)
 
 
+@pytest.mark.slow  # whole exports: CI runs it (make test-all), make test does not
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_held_out_model_of_wide_logits_exports(held_out, tmp_path, quantize):
     """Guards the bug of absolute thresholds: this model's correct exports were refused (int8 top-1 98.18% < 99% where

@@ -147,6 +147,7 @@ def test_relative_links_resolve(doc):
     assert broken_links(REPO / doc) == []
 
 
+@pytest.mark.slow  # whole exports: CI runs it (make test-all), make test does not
 def test_quick_start_runs_as_written(tmp_path):
     """The marked block, line by line, in an empty directory: `python` is this interpreter's venv."""
     blocks = marked_blocks(README.read_text(encoding="utf-8"))
