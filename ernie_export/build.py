@@ -61,6 +61,32 @@ def source_of(model: str) -> dict:
     return {"source": Path(model).expanduser().resolve().name, "source_kind": "local"}
 
 
+def _graphs(net, cfg, names: tuple[str, ...], profile: Profile, opset: int, full_logits: bool, log):
+    """The graph stage: trace each graph, then the profile's rewrites (quantization, the LM head in row ranges,
+    grouped decode attention). Returns ({name: ONNX IR model}, the Quantizer or None)."""
+    graphs = {}
+    for name in names:
+        with stage(f"tracing {name} graph (torch.export -> ONNX opset {opset}, {profile.dtype}, {profile.kv_cache} cache)", log):
+            # traced over the kernel's layout; group_attention then transposes shared_buffer_vt's values
+            traced = SHARED_BUFFER if profile.kv_cache == SHARED_BUFFER_VT else profile.kv_cache
+            graphs[name] = trace(net, name, opset, full_logits, traced)
+    quantizer = None
+    if profile.bits:
+        with stage(f"quantizing weights ({profile.quantization}, blocks of {profile.block_size}, {profile.ops} ops)", log):
+            quantizer = Quantizer(profile, np.dtype(profile.dtype))
+            for graph in graphs.values():
+                quantizer.rewrite(graph)
+    if profile.prepacks:
+        with stage("splitting the LM head into row ranges of the table (peak memory while ONNX Runtime packs it)", log):
+            for graph in graphs.values():
+                split_lm_head(graph.graph)
+    if profile.kv_cache == SHARED_BUFFER_VT:
+        with stage("grouping decode attention over the shared buffer, values transposed (read once per step)", log):
+            for graph in graphs.values():
+                group_attention(graph.graph, cfg.head_dim)
+    return graphs, quantizer
+
+
 def _build(ckpt: Path, cfg, model: str, tmp: Path, opset: int, full_logits: bool, run_verify: bool,
            profile: Profile, log, layout: str = "ours") -> tuple[dict, dict]:
     """Every stage, written into the staging directory `tmp`; returns (manifest, parity report)."""
@@ -78,27 +104,8 @@ def _build(ckpt: Path, cfg, model: str, tmp: Path, opset: int, full_logits: bool
         del weights
         if cfg.synthetic:
             log("[export] note: this is a synthetic checkpoint with RANDOM weights")
-    graphs = {}
     names = (*generation_graphs(profile.kv_cache), SCORE)
-    for name in names:
-        with stage(f"tracing {name} graph (torch.export -> ONNX opset {opset}, {dtype}, {profile.kv_cache} cache)", log):
-            # traced over the kernel's layout; group_attention then transposes shared_buffer_vt's values
-            traced = SHARED_BUFFER if profile.kv_cache == SHARED_BUFFER_VT else profile.kv_cache
-            graphs[name] = trace(net, name, opset, full_logits, traced)
-    quantizer = None
-    if profile.bits:
-        with stage(f"quantizing weights ({profile.quantization}, blocks of {profile.block_size}, {profile.ops} ops)", log):
-            quantizer = Quantizer(profile, np.dtype(dtype))
-            for graph in graphs.values():
-                quantizer.rewrite(graph)
-    if profile.prepacks:
-        with stage("splitting the LM head into row ranges of the table (peak memory while ONNX Runtime packs it)", log):
-            for graph in graphs.values():
-                split_lm_head(graph.graph)
-    if profile.kv_cache == SHARED_BUFFER_VT:
-        with stage("grouping decode attention over the shared buffer, values transposed (read once per step)", log):
-            for graph in graphs.values():
-                group_attention(graph.graph, cfg.head_dim)
+    graphs, quantizer = _graphs(net, cfg, names, profile, opset, full_logits, log)
     with stage("saving graphs with one shared weights file", log):
         weights_index = save_graphs(graphs, tmp)
         del graphs

@@ -52,3 +52,20 @@ def tiny_kv8(tiny_ckpt, tmp_path_factory):
     for ops in ("ort", "standard"):
         export_artifact(str(tiny_ckpt), root / ops, quantize="int4", ops=ops, kv_bits=8, log=lambda m: None)
     return {ops: root / ops for ops in ("ort", "standard")}
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_artifact):
+    """The tiny artifact loaded on the CPU (per test module; modules with other needs define their own)."""
+    from runtime.generate import api as G
+
+    return G.load(tiny_artifact, "cpu")
+
+
+@pytest.fixture(scope="module")
+def server(gen):
+    """(url, engine): the OpenAI-compatible server over `gen` on a free loopback port, per test module."""
+    from tests.test_serve import serving
+
+    with serving(gen) as (url, engine):
+        yield url, engine

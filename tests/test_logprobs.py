@@ -26,17 +26,6 @@ TEXT = "The capital of France is Paris. Numbers 0 1 2 3"
 
 
 @pytest.fixture(scope="module")
-def gen(tiny_artifact):
-    return G.load(tiny_artifact, "cpu")
-
-
-@pytest.fixture(scope="module")
-def server(gen):
-    with serving(gen) as (url, engine):
-        yield url, engine
-
-
-@pytest.fixture(scope="module")
 def eager_lsm(tiny_ckpt):
     """ids -> transformers' log-softmax after every token [len(ids), V] (float64)."""
     model = hf_model(tiny_ckpt)

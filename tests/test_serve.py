@@ -20,11 +20,6 @@ from runtime.serve.app import BodyLimit, create_app
 MAX = 12  # new tokens per request in these tests
 
 
-@pytest.fixture(scope="module")
-def gen(tiny_artifact):
-    return G.load(tiny_artifact, "cpu")
-
-
 @contextmanager
 def serving(gen, *, max_batch=8, max_queue=32, api_key=None, timeout_s=60.0, max_body=1 << 16, start=True):
     import uvicorn
@@ -47,12 +42,6 @@ def serving(gen, *, max_batch=8, max_queue=32, api_key=None, timeout_s=60.0, max
         thread.join(timeout=30)
         if start:
             engine.stop()
-
-
-@pytest.fixture(scope="module")
-def server(gen):
-    with serving(gen) as (url, engine):
-        yield url, engine
 
 
 def solo(gen, text, chat=False):

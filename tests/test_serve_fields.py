@@ -65,17 +65,6 @@ SAMPLE = {
 TEXT_SAMPLE = {"logprobs": {"logprobs": 2}}  # the legacy API's logprobs is a count
 
 
-@pytest.fixture(scope="module")
-def gen(tiny_artifact):
-    return G.load(tiny_artifact, "cpu")
-
-
-@pytest.fixture(scope="module")
-def server(gen):
-    with serving(gen) as (url, engine):
-        yield url, engine
-
-
 def post(url, endpoint, **body):
     payload = {**BASE[endpoint], **body}
     if payload.get("stream"):

@@ -96,10 +96,8 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_s: float = limits.default("timeout"),
-               max_body: int = limits.default("max_body")) -> FastAPI:
-    """The HTTP API over an engine (`get_engine()` returns it: one per process, or per Ray replica)."""
-    app = FastAPI(title="ERNIE 4.5 ONNX server", docs_url=None, redoc_url=None)
+def _guard(app: FastAPI, api_key: str | None) -> None:
+    """What every request passes before a route: the bearer key (when set), and body validation as a 400."""
     key = api_key.encode() if api_key else None
 
     @app.middleware("http")
@@ -115,6 +113,13 @@ def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_
         first = exc.errors()[0]
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"] if p != "body").lstrip(".")
         return error(400, f"{where or 'body'}: {first['msg']}", param=where or None)
+
+
+def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_s: float = limits.default("timeout"),
+               max_body: int = limits.default("max_body")) -> FastAPI:
+    """The HTTP API over an engine (`get_engine()` returns it: one per process, or per Ray replica)."""
+    app = FastAPI(title="ERNIE 4.5 ONNX server", docs_url=None, redoc_url=None)
+    _guard(app, api_key)
 
     @app.get("/health")
     async def health():
