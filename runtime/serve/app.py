@@ -29,6 +29,7 @@ from runtime.core.errors import ErnieError, run_cli
 from runtime.core.session import PROVIDERS
 from runtime.core.step import ScoreUnavailable
 from runtime.generate.api import Generator, InputError, check_utf8, load
+from runtime.generate import tools
 from runtime.generate.request import Options
 from runtime.serve import limits
 from runtime.serve.engine import Engine
@@ -154,12 +155,14 @@ def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_
         engine = get_engine()
         try:
             check_fields(body, CHAT)
-            rendered = engine.gen.text.render(body.conversation())
+            calling = body.calling
+            rendered = tools.render(engine.gen.text, body.conversation(), calling.tools if calling else ())
             opts = options_for(engine.gen, body)
-        except ErnieError as e:  # a refused or unknown field, a message part, the template, an option
+        except ErnieError as e:  # a refused or unknown field, a message part, a tool, the template, an option
             return error_response(e, "messages", body)
         prompts = [("", engine.gen.text.encode(rendered))]
-        return await respond(engine, Reply(CHAT, body, engine.gen, prompts, model_name), opts, timeout_s)
+        reply = Reply(CHAT, body, engine.gen, prompts, model_name, calling if calling and calling.mode != "none" else None)
+        return await respond(engine, reply, opts, timeout_s)
 
     return app
 
@@ -199,7 +202,7 @@ def serve(args: argparse.Namespace, run_server) -> None:
     """Load the artifact, start the engine and serve until the server stops (`run_server`: uvicorn.run)."""
     limits.check(vars(args))
     gen = load(args.model, args.provider, args.threads)
-    engine = Engine(gen, args.max_batch, args.max_queue)
+    engine = Engine(gen, args.max_batch, args.max_queue, args.prefix_cache_mb)
     for w in gen.warnings:
         print(f"warning: {w}", file=sys.stderr)
     engine.start()

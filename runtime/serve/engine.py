@@ -28,6 +28,7 @@ import numpy as np
 
 from runtime.core.contract import ArtifactError
 from runtime.serve import limits
+from runtime.serve.prefix_cache import PrefixCache, as_cache, rows_kv
 from runtime.generate.api import Generator, check_request, score_prompt
 from runtime.generate.constraints import ConstraintFailure
 from runtime.generate.request import ModelOutputError, Options, Row
@@ -83,7 +84,7 @@ class Request:
 class Engine:
     RATE_WINDOW_S = 10.0  # tokens/s in /metrics is over this window
     def __init__(self, gen: Generator, max_batch: int = limits.default("max_batch"),
-                 max_queue: int = limits.default("max_queue")):
+                 max_queue: int = limits.default("max_queue"), prefix_cache_mb: float = limits.default("prefix_cache_mb")):
         if gen.manifest["dtype"] == "bfloat16":  # merging rows reads the cache on the host
             raise ArtifactError("the serving engine cannot batch a bfloat16 artifact (numpy cannot hold its cache "
                                 "to merge rows); serve a float16 export on CUDA (--dtype float16)")
@@ -92,6 +93,8 @@ class Engine:
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
         self._cache: KVCache | None = None  # holds every running row's tokens but its `pending` one
+        # prompts' keys and values, reused by later prompts that start the same way (None: disabled)
+        self.prefixes = PrefixCache(int(prefix_cache_mb * (1 << 20))) if prefix_cache_mb > 0 else None
         self._stopping = False
         self.counters = collections.Counter()  # requests by outcome, tokens generated
         self._recent: collections.deque[float] = collections.deque()  # when each token of the last 10 s came
@@ -125,8 +128,9 @@ class Engine:
 
     def metrics(self) -> dict:
         recent = [t for t in list(self._recent) if time.monotonic() - t <= self.RATE_WINDOW_S]
+        held = {"prefix_cache_bytes": self.prefixes.bytes} if self.prefixes is not None else {}
         return {"queue_depth": len(self._waiting), "batch_size": len(self._running),
-                "tokens_per_s": len(recent) / self.RATE_WINDOW_S, **self.counters}
+                "tokens_per_s": len(recent) / self.RATE_WINDOW_S, **held, **self.counters}
 
     def _loop(self) -> None:
         while True:
@@ -179,15 +183,40 @@ class Engine:
                 self._finish(request, "done", None, "completed")
             else:
                 self._join([request], logits, cache)
-        for indices in prefill_groups([len(r.prompt) for r in fresh]):
-            group = [fresh[i] for i in indices]
-            try:
-                logits, cache = self.gen.model.start([r.prompt for r in group], self.gen.pad_id)
-            except StepError as e:
-                for request in group:
-                    self._finish(request, "error", e, "failed")
-                continue
-            self._join(group, logits, cache)
+        reused = [self._reused(r) for r in fresh]
+        for hits in (False, True):  # prompts prefilled from scratch, then those continuing a cached prefix
+            rows = [i for i, n in enumerate(reused) if bool(n) == hits]
+            for indices in prefill_groups([len(fresh[i].prompt) - reused[i] for i in rows]):
+                self._prefill([fresh[rows[i]] for i in indices], [reused[rows[i]] for i in indices])
+
+    def _reused(self, request: Request) -> int:
+        """How many of the request's prompt tokens a cached prefix holds now (0: none, or the cache is off)."""
+        return self.prefixes.match(request.prompt) if self.prefixes is not None else 0
+
+    def _prefill(self, group: list[Request], reused: list[int]) -> None:
+        """Feed each request's prompt after its cached prefix (looked up again: the prefills before may have evicted
+        some of it) or from scratch, keep the prompts' keys and values for later requests, choose the first tokens."""
+        model, past, reused = self.gen.model, None, list(reused)
+        if any(reused):
+            for i, request in enumerate(group):
+                reused[i], kv = self.prefixes.lookup(request.prompt)
+                one = (as_cache(kv, model.decode.io.past, model.kind, model.decode.device) if reused[i]
+                       else model.empty_cache(1))
+                past = one if past is None else model.merge_caches(past, one)
+        if self.prefixes is not None:
+            self.counters["prefix_cache_hits"] += sum(map(bool, reused))
+            self.counters["prefix_cache_misses"] += reused.count(0)
+            self.counters["prefix_tokens_reused"] += sum(reused)
+        try:
+            logits, cache = model.start([r.prompt[n:] for r, n in zip(group, reused)], self.gen.pad_id, past)
+        except StepError as e:
+            for request in group:
+                self._finish(request, "error", e, "failed")
+            return
+        if self.prefixes is not None:
+            for request, kv in zip(group, rows_kv(cache, model.decode.io.past)):
+                self.prefixes.insert(request.prompt, kv)
+        self._join(group, logits, cache)
 
     def _join(self, fresh: list[Request], logits: np.ndarray, cache: KVCache) -> None:
         """Choose the prefilled requests' first tokens; merge the rows that go on into the running batch."""

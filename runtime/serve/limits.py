@@ -16,8 +16,10 @@ LIMITS: dict[str, tuple[object, type, str]] = {
     "max_queue": (32, int, "requests waiting beyond the batch; more get 429"),
     "timeout": (300.0, float, "time budget per request, seconds"),
     "max_body": (1 << 20, int, "largest request body, bytes"),
+    # 256 MiB: a 1,000-token prompt of the full-size 0.36B model holds 36 MB of float32 keys and values
+    "prefix_cache_mb": (256.0, float, "memory for reusing prompt prefixes across requests, MiB (0 disables)"),
 }
-MINIMUM = {"max_batch": 1, "max_queue": 0, "timeout": 0.001, "max_body": 1}
+MINIMUM = {"max_batch": 1, "max_queue": 0, "timeout": 0.001, "max_body": 1, "prefix_cache_mb": 0}
 
 
 def default(name: str):

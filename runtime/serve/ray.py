@@ -110,7 +110,7 @@ class ErnieReplica:
     def __init__(self, cfg: dict):
         self.cfg = cfg
         gen = load(cfg["model"], cfg["provider"], cfg["threads"])
-        self.engine = Engine(gen, cfg["max_batch"], cfg["max_queue"]).start()
+        self.engine = Engine(gen, cfg["max_batch"], cfg["max_queue"], cfg["prefix_cache_mb"]).start()
         self.replica = serve.get_replica_context().replica_id.unique_id
 
     def __serve_build_asgi_app__(self):
