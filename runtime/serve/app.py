@@ -29,7 +29,6 @@ from runtime.core.errors import ErnieError, run_cli
 from runtime.core.session import PROVIDERS
 from runtime.core.step import ScoreUnavailable
 from runtime.generate.api import Generator, InputError, check_utf8, load
-from runtime.generate import tools
 from runtime.generate.request import Options
 from runtime.serve import limits
 from runtime.serve.engine import Engine
@@ -155,14 +154,12 @@ def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_
         engine = get_engine()
         try:
             check_fields(body, CHAT)
-            calling = body.calling
-            rendered = tools.render(engine.gen.text, body.conversation(), calling.tools if calling else ())
+            rendered = engine.gen.text.render(body.conversation())
             opts = options_for(engine.gen, body)
-        except ErnieError as e:  # a refused or unknown field, a message part, a tool, the template, an option
+        except ErnieError as e:  # a refused or unknown field, a message part, the template, an option
             return error_response(e, "messages", body)
         prompts = [("", engine.gen.text.encode(rendered))]
-        reply = Reply(CHAT, body, engine.gen, prompts, model_name, calling if calling and calling.mode != "none" else None)
-        return await respond(engine, reply, opts, timeout_s)
+        return await respond(engine, Reply(CHAT, body, engine.gen, prompts, model_name), opts, timeout_s)
 
     return app
 
