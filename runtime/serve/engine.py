@@ -197,6 +197,10 @@ class Engine:
         """Feed each request's prompt after its cached prefix (looked up again: the prefills before may have evicted
         some of it) or from scratch, keep the prompts' keys and values for later requests, choose the first tokens."""
         model, past, reused = self.gen.model, None, list(reused)
+        if any(reused) and len(group) > 1 and not model.kind.together(len(group), True, 1):
+            for request, n in zip(group, reused):  # the kind feeds them row by row: no merging pasts to split again
+                self._prefill([request], [n])
+            return
         if any(reused):
             for i, request in enumerate(group):
                 reused[i], kv = self.prefixes.lookup(request.prompt)
