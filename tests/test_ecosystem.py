@@ -12,14 +12,20 @@ Out: (a) the layout's files, derived from the manifest and listed in it; the shi
      break the match, and so does a right padding side in transformers.js; (d) refusals at once: the
      shared_buffer_vt cache, bfloat16; same_graph catches an edited graph; (e) transformers.js: its tokenizer gives
      the golden prompt ids and `pipeline('text-generation')` our greedy ids and text, batch included, given the
-     manifest's session options (without them the standard-op int4 graph diverges: a negative control).
+     manifest's session options (without them the standard-op int4 graph diverges: a negative control);
+     (f) in headless Chromium (onnxruntime-web, wasm; drivers/transformersjs/browser.html, served with http.server on
+     127.0.0.1), the int4 standard-op export gives the golden greedy ids (single, chat, batch); right padding breaks
+     the batch (negative control).
 """
 
 from __future__ import annotations
 
+import http.server
 import json
+import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +38,7 @@ from ernie_export.build import export_artifact
 from runtime.core.contract import load_manifest
 from runtime.core.errors import Failure
 from runtime.generate.api import generate, load
-from tests.test_drivers import require
+from tests.test_drivers import WEB_DIR, require, run_page
 
 pytestmark = pytest.mark.slow  # whole exports in two loaders: CI runs it (make test-all), make test does not
 
@@ -253,3 +259,61 @@ def test_transformers_js_needs_the_manifest_session_options(hf_exports, transfor
     got = run_transformers_js(transformers_js, directory, "--no-session-options")
     assert not all(agrees(runtime_greedy(directory, case["prompt_ids"]), theirs["greedy_ids"])
                    for case, theirs in zip(golden_cases(directory), got["cases"], strict=True))
+
+
+@pytest.fixture(scope="module")
+def browser_page(hf_exports, transformers_js):
+    """(the headless runner's command and environment, the page's base URL): http.server on 127.0.0.1 (a free port,
+    in a thread) serving the repository root, and the exports' folder under /m/ (the page fetches transformers.js
+    and onnxruntime-web's wasm from drivers/transformersjs/node_modules: no CDN)."""
+    require((WEB_DIR / "node_modules" / "puppeteer-core").is_dir(), "drivers/web/node_modules is missing")
+    require(shutil.which("chromium"), "chromium is not on PATH")
+    root, exports = Path(__file__).resolve().parents[1], hf_exports["float32"].parent
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
+                          ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm"}
+
+        def translate_path(self, path):
+            mounted = path.startswith("/m/")
+            self.directory = str(exports if mounted else root)
+            return super().translate_path(path[2:] if mounted else path)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    runner = ([transformers_js[0], str(WEB_DIR / "run-headless.mjs")], {**os.environ, "CHROMIUM_PATH": shutil.which("chromium")})
+    yield runner, f"http://127.0.0.1:{httpd.server_address[1]}/drivers/transformersjs/browser.html?steps={STEPS}&model=/m/"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(10)
+
+
+def test_transformers_js_in_the_browser_gives_golden_ids(hf_exports, browser_page):
+    """transformers.js's pipeline in headless Chromium (onnxruntime-web, wasm) over the int4 standard-op export (the
+    portable profile: onnxruntime-web 1.31's build refuses the GroupQueryAttention graph of --ops ort at session
+    creation, a ShapeInferenceError). Its tokenizer gives the golden prompt ids and its greedy ids are the artifact's
+    golden ids, batch included: wasm's MatMulNBits ignores the int8 accuracy level, so it reproduces the float32
+    reference's tokens here, not the runtime's (which differ from step 8 of the plain prompt on this fixture)."""
+    runner, url = browser_page
+    page = run_page(runner, url + "int4-standard/")
+    assert page["title"] == "passed", page["status"]
+    assert page["result"]["dtype"] == "q4"
+    for case, theirs in zip(golden_cases(hf_exports["int4-standard"]), page["result"]["cases"], strict=True):
+        assert theirs["greedy_ids"] == [row[:STEPS] for row in case["greedy_ids"]], case["name"]
+
+
+def test_transformers_js_in_the_browser_wrong_padding_side_fails(hf_exports, browser_page):
+    """Negative control: the concat graph right padded in the browser: the batch leaves the golden ids."""
+    copy = hf_exports["int4-standard"].with_name("int4-standard-right")
+    shutil.copytree(hf_exports["int4-standard"], copy, dirs_exist_ok=True)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "right"}))
+    runner, url = browser_page
+    page = run_page(runner, url + "int4-standard-right/")
+    batch = next(c for c in golden_cases(copy) if len(c["prompt_ids"]) > 1)
+    theirs = next(c for c in page["result"]["cases"] if c["name"] == batch["name"])
+    assert theirs["greedy_ids"] != [row[:STEPS] for row in batch["greedy_ids"]]
