@@ -40,8 +40,6 @@ def unplaced(endpoint: str, fields: set[str]) -> set[str]:
 
 # A value of each refused field that asks for something this server does not do.
 ASKING = {
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-    "tool_choice": "required", "parallel_tool_calls": True,
     "functions": [{"name": "f", "parameters": {"type": "object"}}], "function_call": "auto",
     "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
@@ -61,6 +59,9 @@ SAMPLE = {
     "prompt_cache_key": {"prompt_cache_key": "k"}, "prompt_cache_retention": {"prompt_cache_retention": "24h"},
     "prompt_cache_options": {"prompt_cache_options": {"mode": "explicit"}}, "echo": {"echo": True},
     "response_format": {"response_format": {"type": "json_object"}},  # what it does: tests/test_structured.py
+    "tools": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+              "tool_choice": "none"},  # what they do: tests/test_serve_tools.py
+    "tool_choice": {"tool_choice": "none"}, "parallel_tool_calls": {"parallel_tool_calls": False},
 }
 TEXT_SAMPLE = {"logprobs": {"logprobs": 2}}  # the legacy API's logprobs is a count
 
@@ -133,7 +134,8 @@ def test_unknown_fields_get_a_400_naming_them(server, endpoint, field):
     (CHAT, {"n": 0}, "n"),
     (CHAT, {"max_completion_tokens": 10**6}, "max_completion_tokens"),  # beyond the context: named as sent
     (CHAT, {"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages[0].tool_calls"),
-    (CHAT, {"messages": [{"role": "tool", "content": "hi"}]}, "messages[0].role"),
+    (CHAT, {"messages": [{"role": "tool", "content": "hi"}]}, "messages[0].tool_call_id"),
+    (CHAT, {"messages": [{"role": "function", "content": "hi"}]}, "messages[0].role"),
 ])
 def test_values_out_of_range_name_their_field(server, endpoint, body, param):
     url, _ = server

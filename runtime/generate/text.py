@@ -154,7 +154,7 @@ class Text:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         if self.template_source is None:
             raise ChatTemplateError("this artifact has no chat template (its checkpoint had none); use plain "
                                     "prompts, or re-export a checkpoint that has one")
@@ -164,7 +164,7 @@ class Text:
             except TemplateError as e:
                 raise ChatTemplateError(f"chat template failed to compile: {e}") from None
         return render_bounded(self._template, messages=messages, add_generation_prompt=add_generation_prompt,
-                              **self.special_tokens)
+                              **({"tools": tools} if tools else {}), **self.special_tokens)
 
 
 def _held_back(text: str, stops: list[str]) -> int:

@@ -5,9 +5,9 @@ In:  an artifact, limits (batch, queue, body size, time budget), an optional API
 Out: POST /v1/chat/completions and /v1/completions (stream or not, `n` choices per prompt; completions also take
      token-id and several prompts, `logprobs` and `echo` as the legacy API returns them; chat `logprobs` /
      `top_logprobs` in the chat shape; structured output under `response_format` or vLLM's `guided_json`,
-     `guided_regex`, `guided_grammar`), GET /v1/models, /health and /metrics (Prometheus text). Errors are
-     OpenAI-style objects whose status, `type` and `param` come from the error's kind and option
-     (`error_response`; the option's request field from OPENAI_FIELDS).
+     `guided_regex`, `guided_grammar`; tool calls under `tools` / `tool_choice`, runtime.generate.tools), GET
+     /v1/models, /health and /metrics (Prometheus text). Errors are OpenAI-style objects whose status, `type` and
+     `param` come from the error's kind and option (`error_response`; the option's request field from OPENAI_FIELDS).
 
 This layer only validates requests and maps them onto `Options`; the engine owns the model. Every request field is
 honoured or refused with a 400 naming it, never ignored (`openai_schema`: the two tables); the answer's shape is
@@ -29,6 +29,7 @@ from runtime.core.errors import ErnieError, run_cli
 from runtime.core.session import PROVIDERS
 from runtime.core.step import ScoreUnavailable
 from runtime.generate.api import Generator, InputError, check_utf8, load
+from runtime.generate import tools
 from runtime.generate.request import Options
 from runtime.serve import limits
 from runtime.serve.engine import Engine
@@ -154,12 +155,14 @@ def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_
         engine = get_engine()
         try:
             check_fields(body, CHAT)
-            rendered = engine.gen.text.render(body.conversation())
+            calling = body.calling
+            rendered = tools.render(engine.gen.text, body.conversation(), calling.tools if calling else ())
             opts = options_for(engine.gen, body)
-        except ErnieError as e:  # a refused or unknown field, a message part, the template, an option
+        except ErnieError as e:  # a refused or unknown field, a message part, a tool, the template, an option
             return error_response(e, "messages", body)
         prompts = [("", engine.gen.text.encode(rendered))]
-        return await respond(engine, Reply(CHAT, body, engine.gen, prompts, model_name), opts, timeout_s)
+        reply = Reply(CHAT, body, engine.gen, prompts, model_name, calling if calling and calling.mode != "none" else None)
+        return await respond(engine, reply, opts, timeout_s)
 
     return app
 

@@ -19,7 +19,9 @@ OpenAI-compatible servers name them (`top_k`, `repetition_penalty`), and so are 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from runtime.core.errors import ErnieError, OptionError
 from runtime.generate.constraints import Constraint, schema_text
 from runtime.generate.logprobs import MAX_ALTERNATIVES
+from runtime.generate.tools import ToolCalling, tool_calling
 
 CHAT, TEXT = "chat", "completions"
 MAX_CHOICES = 128  # OpenAI's bound on `n`; each choice is a row of the engine's batch
@@ -58,7 +61,12 @@ GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_grammar
 # request field -> what the server does with it, per endpoint. The request models below declare exactly these fields.
 HONOURED: dict[str, dict[str, str]] = {
     CHAT: {**_SAMPLING,
-           "messages": "system / developer (as system) / user / assistant; content a string or text parts",
+           "messages": "system / developer (as system) / user / assistant (with tool_calls) / tool; content a string "
+                       "or text parts",
+           "tools": "functions the model may call (type function: name, description, parameters as a JSON schema)",
+           "tool_choice": '"auto", "none", "required", a named function or allowed_tools: calls are constrained to '
+                          "the functions' schemas",
+           "parallel_tool_calls": "false: at most one call",
            "max_completion_tokens": "new tokens at most; wins over `max_tokens`",
            "logprobs": "true: each content token's log-probability",
            "top_logprobs": f"0-{MAX_ALTERNATIVES} alternatives per token (with `logprobs`: true)",
@@ -84,14 +92,11 @@ def _among(*values) -> Callable[[object, BaseModel], bool]:
     return lambda value, body: value is None or value in values
 
 
-_TOOLS = "is not supported yet (tool calls come with a later stage); omit it"
+_FUNCTIONS = "is not supported (OpenAI's deprecated form): send tools and tool_choice instead"
 REFUSED: dict[str, dict[str, Refusal]] = {
     CHAT: {
-        "tools": Refusal(_TOOLS, _among([])),
-        "tool_choice": Refusal(_TOOLS, _among("none")),
-        "parallel_tool_calls": Refusal(_TOOLS),
-        "functions": Refusal(_TOOLS, _among([])),
-        "function_call": Refusal(_TOOLS, _among("none")),
+        "functions": Refusal(_FUNCTIONS, _among([])),
+        "function_call": Refusal(_FUNCTIONS, _among("none")),
         "audio": Refusal("is not supported: this server answers with text only; omit it"),
         "modalities": Refusal('is not supported beyond text: send ["text"] or omit it', _among(["text"])),
         "prediction": Refusal("is not supported (predicted outputs); omit it"),
@@ -241,10 +246,12 @@ def _response_format(value: dict) -> Constraint:
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")  # extras (tool_calls, audio, ...) are refused by `conversation`
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict]
+    model_config = ConfigDict(extra="allow")  # extras (audio, refusal, ...) are refused by `conversation`
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None  # None only beside an assistant's tool_calls
     name: str | None = None  # passed to the chat template with the message, as transformers does
+    tool_calls: list[dict] | None = None  # assistant messages: the calls it made, as OpenAI returned them
+    tool_call_id: str | None = None  # tool messages: the call this is the result of
 
 
 class ChatBody(RequestBody):
@@ -257,27 +264,75 @@ class ChatBody(RequestBody):
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
     prompt_cache_options: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+
+    @cached_property
+    def calling(self) -> ToolCalling | None:
+        """The tools shown and the calls the model may make (None: no tools)."""
+        return tool_calling(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def overrides(self, vocab_size: int) -> dict:
         if self.top_logprobs is not None and not self.logprobs:
             raise OptionError("top_logprobs", "needs logprobs: true")
         tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return {**super().overrides(vocab_size), "max_new_tokens": tokens,
-                "logprobs": (self.top_logprobs or 0) if self.logprobs else None}
+        out = {**super().overrides(vocab_size), "max_new_tokens": tokens,
+               "logprobs": (self.top_logprobs or 0) if self.logprobs else None}
+        calling = self.calling
+        if calling is not None and calling.mode != "none":
+            if out["constraint"] is not None:
+                raise OptionError(out["constraint"].option, 'cannot be combined with tools (tool_choice other than "none"): '
+                                  "send one or the other")
+            if self.logprobs:  # named `tools`: an error on option `logprobs` reads as `top_logprobs` (CHAT_FIELDS)
+                raise OptionError("tools", "cannot be combined with logprobs yet; send one or the other")
+            out["constraint"] = calling.constraint()
+        return out
 
     def conversation(self) -> list[dict]:
-        """The messages as the chat template takes them: `developer` as `system`, text parts concatenated."""
+        """The messages as `tools.render` takes them: `developer` as `system`, text parts concatenated, an assistant's
+        `tool_calls` checked (arguments JSON text of an object), a `tool` result with its `tool_call_id`."""
         out = []
         for i, m in enumerate(self.messages):
             for key in m.model_extra or {}:
-                raise FieldError(f"messages[{i}].{key}", "is not supported yet (tool calls and audio come later); "
-                                 "a message has role, content and name")
-            text = m.content if isinstance(m.content, str) else _text_of(m.content, i)
-            if not text:
+                raise FieldError(f"messages[{i}].{key}", "is not supported; a message has role, content and name "
+                                 "(assistant: tool_calls; tool: tool_call_id)")
+            for key, role in (("tool_calls", "assistant"), ("tool_call_id", "tool")):
+                if getattr(m, key) is not None and m.role != role:
+                    raise FieldError(f"messages[{i}].{key}", f"belongs to {role} messages only")
+            if m.role == "tool" and not m.tool_call_id:
+                raise FieldError(f"messages[{i}].tool_call_id", "is required in a tool message: the id of the call "
+                                 "it answers")
+            text = m.content if isinstance(m.content, str) or m.content is None else _text_of(m.content, i)
+            calls = _calls_of(m.tool_calls, i) if m.tool_calls else None
+            if not text and not calls:
                 raise FieldError(f"messages[{i}].content", "is empty; send some text")
-            out.append({"role": "system" if m.role == "developer" else m.role, "content": text,
-                        **({"name": m.name} if m.name is not None else {})})
+            out.append({"role": "system" if m.role == "developer" else m.role, "content": text or "",
+                        **{k: v for k, v in (("name", m.name), ("tool_calls", calls), ("tool_call_id", m.tool_call_id))
+                           if v is not None}})
         return out
+
+
+def _calls_of(calls: list[dict], i: int) -> list[dict]:
+    """An assistant message's tool_calls as OpenAI returned them, checked: id, type function, name, arguments (JSON
+    text of an object)."""
+    out = []
+    for j, call in enumerate(calls):
+        where = f"messages[{i}].tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or call.get("type", "function") != "function" \
+                or not isinstance(function.get("name"), str):
+            raise FieldError(where, 'must be {"id", "type": "function", "function": {"name", "arguments"}}')
+        arguments = function.get("arguments", "{}")
+        try:
+            valid = isinstance(arguments, str) and isinstance(json.loads(arguments), dict)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise FieldError(f"{where}.function.arguments", "must be the JSON text of an object, as returned")
+        out.append({"id": str(call.get("id", "")), "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
+    return out
 
 
 def _text_of(parts: list[dict], i: int) -> str:

@@ -6,7 +6,9 @@ Out: `respond()`: the whole response (`chat.completion` / `text_completion`), a 
      (choice index = prompt x n + j, its options `Options.for_choice(j)`), so they run side by side.
 
 Streaming sends, per choice, UTF-8-safe text chunks (chat: a first chunk with the role; chat with `logprobs`: each
-chunk's tokens, `ChatLogprobStream`), a chunk with its `finish_reason`, then `data: [DONE]`. `usage` comes in the
+chunk's tokens, `ChatLogprobStream`; chat where tools may be called: content and `tool_calls` deltas as OpenAI
+streams them, a call's id and name first, then its arguments in pieces, `tools.CallStream`), a chunk with its
+`finish_reason` ("tool_calls" after complete calls), then `data: [DONE]`. `usage` comes in the
 last choice's final chunk, or, with `stream_options.include_usage`, as OpenAI sends it: `"usage": null` on every
 chunk and one more chunk with no choices and the usage.
 """
@@ -24,7 +26,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from runtime.core.errors import BUSY, ErnieError
 from runtime.generate.api import Generator
 from runtime.generate.logprobs import ChatLogprobStream, chat_logprobs, completion_logprobs
+from runtime.generate import tools
 from runtime.generate.request import Options, Result
+from runtime.generate.tools import ToolCalling
 from runtime.serve.engine import Engine
 from runtime.serve.openai_schema import CHAT, RequestBody, openai_error
 
@@ -35,8 +39,11 @@ def error_response(e: ErnieError, field: str | None = None, body: RequestBody | 
                         headers={"Retry-After": "1"} if e.kind is BUSY else None)
 
 
-def finish_reason(result: Result) -> str:
-    return "stop" if result.finish_reason in ("eos", "stop") else "length"
+def finish_reason(result: Result, calls_done: bool = False) -> str:
+    """OpenAI's finish_reason; `calls_done`: the output is complete tool calls."""
+    if result.finish_reason not in ("eos", "stop"):
+        return "length"
+    return "tool_calls" if calls_done else "stop"
 
 
 @dataclass
@@ -47,6 +54,7 @@ class Reply:
     gen: Generator
     prompts: list[tuple[str, list[int]]]
     model: str
+    calling: ToolCalling | None = None  # set when the model may call tools: its output is read as calls
     ident: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -64,9 +72,14 @@ class Reply:
 
     def choice(self, index: int, result: Result) -> dict:
         if self.kind == CHAT:
-            return {"index": index, "message": {"role": "assistant", "content": result.text},
+            message, done = {"role": "assistant", "content": result.text}, False
+            if self.calling is not None:
+                message["content"], calls, done = tools.parse(result.text)
+                if calls:
+                    message["tool_calls"] = calls
+            return {"index": index, "message": message,
                     "logprobs": None if result.logprobs is None else chat_logprobs(self.gen.text, result),
-                    "finish_reason": finish_reason(result)}
+                    "finish_reason": finish_reason(result, done)}
         prompt_text = self.prompts[index // self.body.choices][0] if self.body.echo else None
         return {"index": index, "text": (prompt_text or "") + result.text, "finish_reason": finish_reason(result),
                 "logprobs": None if result.logprobs is None else
@@ -77,12 +90,13 @@ class Reply:
                 "choices": [self.choice(i, r) for i, r in enumerate(results)], "usage": self.usage(results)}
 
     def chunk(self, index: int | None, text: str | None = None, reason: str | None = None, logprobs: dict | None = None,
-              usage: dict | None = None, role: bool = False) -> str:
-        """One server-sent event; `index` None: the usage chunk (no choices)."""
+              usage: dict | None = None, role: bool = False, delta: dict | None = None) -> str:
+        """One server-sent event; `index` None: the usage chunk (no choices); chat `delta`: given as is."""
         if index is None:
             choices = []
         elif self.kind == CHAT:
-            delta = {"role": "assistant"} if role else {} if text is None else {"content": text}
+            if delta is None:
+                delta = {"role": "assistant"} if role else {} if text is None else {"content": text}
             choices = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]
         else:
             choices = [{"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}]
@@ -131,6 +145,7 @@ async def _sse(events: asyncio.Queue, engine: Engine, handles: list, reply: Repl
     n = len(handles)
     streams = [ChatLogprobStream(reply.gen.text, reply.gen.eos_ids) for _ in handles] \
         if reply.kind == CHAT and reply.body.logprobs else None
+    calls = [tools.CallStream() for _ in handles] if reply.calling is not None else None  # text -> call deltas
     chunks_seen, started, results = [0] * n, [False] * n, {}
     try:
         if reply.kind == CHAT:
@@ -149,11 +164,18 @@ async def _sse(events: asyncio.Queue, engine: Engine, handles: list, reply: Repl
                     end = row.chunk_ends[chunks_seen[index]]
                     logprobs = streams[index].chunk(payload, row.out[:end], row.logprobs[:end])
                 chunks_seen[index] += 1
-                yield reply.chunk(index, payload, logprobs=logprobs)
+                if calls:
+                    for delta in calls[index].feed(payload):
+                        yield reply.chunk(index, delta=tools.openai_delta(delta))
+                else:
+                    yield reply.chunk(index, payload, logprobs=logprobs)
             elif event == "done":
                 results[index] = payload
+                for delta in calls[index].finish() if calls else []:
+                    yield reply.chunk(index, delta=tools.openai_delta(delta))
                 last = len(results) == n and not reply.body.include_usage
-                yield reply.chunk(index, None, finish_reason(payload), streams[index].finish(payload) if streams else None,
+                yield reply.chunk(index, None, finish_reason(payload, bool(calls) and calls[index].done),
+                                  streams[index].finish(payload) if streams else None,
                                   reply.usage(list(results.values())) if last else None)
             else:
                 failed = openai_error(payload)
