@@ -67,6 +67,8 @@ def test_a_named_function_is_the_one_called(server, seed):
     assert len(assert_valid_calls(body["choices"][0], names=("lookup",))) == 1
     other = {"type": "function", "function": {"name": "get_weather"}}
     assert_valid_calls(chat(url, tool_choice=other, temperature=1.0, seed=seed)[1]["choices"][0], ("get_weather",))
+    allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [other]}}
+    assert_valid_calls(chat(url, tool_choice=allowed, temperature=1.0, seed=seed)[1]["choices"][0], ("get_weather",))
 
 
 def test_none_answers_text_and_still_shows_the_tools(server, gen):
@@ -204,6 +206,7 @@ def test_call_stream_chunked_equals_whole():
 BAD = [
     ({"tool_choice": NAMED | {"function": {"name": "delete_all"}}}, "tool_choice"),
     ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}}, "tool_choice"),
     ({"tools": [], "tool_choice": "required"}, "tool_choice"),
     ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type"),
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),

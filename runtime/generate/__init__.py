@@ -1,6 +1,6 @@
 """Generation: the Python API (api.py), its options and per-row state (request.py), sampling, text
-(tokenizer, chat template, streaming), chat sessions that keep their cache, structured output (constraints.py), and the
-command line (`python -m runtime.generate`, cli.py).
+(tokenizer, chat template, streaming), chat sessions that keep their cache, structured output (constraints.py), tool calls
+(tools.py), and the command line (`python -m runtime.generate`, cli.py).
 
     from runtime.generate import load, generate, encode_prompt
     gen = load("artifacts/ernie-4.5-0.3b")
