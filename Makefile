@@ -87,8 +87,9 @@ clean:
 	rm -rf $(VENV) checkpoints .pytest_cache
 
 .PHONY: install-drivers
-install-drivers:  ## Node and browser drivers: system chromium (apt, only when missing), npm ci in drivers/node, drivers/web and drivers/transformersjs
+install-drivers:  ## Node and browser drivers: system chromium (apt, only when missing), npm ci in drivers/node, drivers/web and drivers/transformersjs; optimum beside the venv (drivers/optimum/site)
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	cd drivers/node && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund
 	cd drivers/web && npm ci --no-audit --no-fund
 	cd drivers/transformersjs && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund
+	$(PY) -m pip install -q --no-deps --target drivers/optimum/site -r drivers/optimum/requirements.txt

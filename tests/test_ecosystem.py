@@ -15,7 +15,8 @@ Out: (a) the layout's files, derived from the manifest and listed in it; the shi
      manifest's session options (without them the standard-op int4 graph diverges: a negative control);
      (f) in headless Chromium (onnxruntime-web, wasm; drivers/transformersjs/browser.html, served with http.server on
      127.0.0.1), the int4 standard-op export gives the golden greedy ids (single, chat, batch); right padding breaks
-     the batch (negative control).
+     the batch (negative control); (g) optimum's ORTModelForCausalLM (drivers/optimum, its own transformers in
+     drivers/optimum/site) with the documented two lines gives our greedy ids; without them it fails.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import sys
 import shutil
 import subprocess
 import threading
@@ -317,3 +319,34 @@ def test_transformers_js_in_the_browser_wrong_padding_side_fails(hf_exports, bro
     batch = next(c for c in golden_cases(copy) if len(c["prompt_ids"]) > 1)
     theirs = next(c for c in page["result"]["cases"] if c["name"] == batch["name"])
     assert theirs["greedy_ids"] != [row[:STEPS] for row in batch["greedy_ids"]]
+
+
+OPTIMUM_DIR = Path(__file__).resolve().parents[1] / "drivers" / "optimum"
+
+
+def run_optimum(directory, *flags: str) -> subprocess.CompletedProcess:
+    require((OPTIMUM_DIR / "site" / "optimum" / "onnxruntime").is_dir(), "drivers/optimum/site is missing")
+    env = {**os.environ, "PYTHONPATH": str(OPTIMUM_DIR / "site"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(OPTIMUM_DIR / "check.py"), str(directory), str(STEPS), *flags],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("kind", ["float32", "int4-standard"])
+def test_optimum_with_the_two_lines_reproduces_runtime_greedy(hf_exports, kind):
+    """The concat-cache layouts in optimum, tokenized by transformers' tokenizer from the folder (left padded): our
+    greedy ids, batch included; float32's are the golden ids."""
+    directory = hf_exports[kind]
+    done = run_optimum(directory)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    for case, theirs in zip(golden_cases(directory), got["cases"], strict=True):
+        assert theirs["prompt_ids_equal"], case["name"]
+        assert agrees(runtime_greedy(directory, case["prompt_ids"]), theirs["greedy_ids"]), (kind, case["name"])
+        if kind == "float32":
+            assert theirs["greedy_ids"] == [row[:STEPS] for row in case["greedy_ids"]], case["name"]
+
+
+def test_optimum_without_the_two_lines_fails(hf_exports):
+    """Negative control: optimum's own cache shape (KV heads = query heads) is refused by onnxruntime."""
+    done = run_optimum(hf_exports["float32"], "--no-workaround")
+    assert done.returncode == 1 and "past_key_values" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]

@@ -9,7 +9,8 @@ Out: in the same directory, every file listed in the manifest under an `hf_*` ro
      - `generation_config.json`: the checkpoint's (or one derived from the manifest's tokens when it has none),
        `eos_token_id` set to the manifest's list;
      - `tokenizer_config.json`: `PreTrainedTokenizerFast` over our `tokenizer.json`, the chat template, the
-       special tokens and the padding side the decode graph needs (the manifest's `feeding.padding_side`);
+       special tokens, the padding side the decode graph needs (the manifest's `feeding.padding_side`) and the
+       model's input names (transformers' tokenizer then returns no `token_type_ids`, which generate() refuses);
      - `onnx/model{suffix}.onnx` (suffix per dtype and quantization, as transformers.js names them): a verified
        graph (`source_graph`: the score graph of a concat cache, else decode), byte for byte, but for its
        external-data records, which name
@@ -191,6 +192,7 @@ def tokenizer_config(directory: Path, manifest: dict) -> dict:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **generation.get("special_tokens", {}),
               "add_bos_token": tokens["add_bos_token"], "add_eos_token": False,
               "padding_side": manifest["feeding"]["padding_side"],
+              "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids: generate() refuses them
               "model_max_length": manifest["model"]["dims"]["max_position_embeddings"],
               "clean_up_tokenization_spaces": False}
     if "chat_template" in files:
