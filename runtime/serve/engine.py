@@ -4,12 +4,14 @@ In:  a loaded `Generator`; requests (prompt ids + `Options`) submitted from any 
      `emit(kind, payload)` callback: ("first_token", None) once, ("text", chunk) as text is produced,
      then ("done", Result) or ("error", ErnieError): the error itself (a `StepError`, `ModelOutputError`), a
      `RequestTimeout` past the deadline, a `Failure` otherwise; the front end words it from its kind and fields.
-Out: per request, exactly one final event; `Engine.metrics()` for monitoring.
+Out: per request, exactly one final event; `Engine.metrics()` for monitoring (with the prefix cache's
+     `prefix_cache_hits` / `_misses`, `prefix_tokens_reused` and `prefix_cache_bytes` held).
 
 The engine is the only code that touches the sessions and the cache while serving; the HTTP layer
-validates requests and maps them onto `Options`. A new request is prefilled, then its cache is
-merged into the running batch's (padded to a common length, so each row attends to exactly its
-own tokens and greedy output equals the request served alone). Requests admitted at the same step
+validates requests and maps them onto `Options`. A new request is prefilled (only what follows the longest
+prefix of its prompt whose keys and values an earlier prompt left in the prefix cache, prefix_cache.py; its
+own prompt's are kept there in turn), then its cache is merged into the running batch's (padded to a common
+length, so each row attends to exactly its own tokens and greedy output equals the request served alone). Requests admitted at the same step
 boundary are prefilled shortest first, in groups of similar length (`prefill_groups`): a burst waits
 for little padding, and each group's first tokens go out as soon as that group is prefilled. A finished, cancelled or timed-out row
 is sliced out before the next step. At most `max_batch` rows run and `max_queue` wait: `submit`
