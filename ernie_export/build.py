@@ -28,7 +28,11 @@ from ernie_export.checkpoint.config import ConfigError, load_config
 from ernie_export.graph.lm_head import split_lm_head
 from ernie_export.model.dense import build_model
 from ernie_export.artifact.publish import publish, staged
-from ernie_export.graph.quantize import MIN_STANDARD_OPSET, Quantizer
+from ernie_export.graph.bind import bind
+from ernie_export.graph.ops import MOE_PLACEHOLDER_DOMAIN
+from ernie_export.graph.quantize import MIN_STANDARD_OPSET, Quantizer, moe_dims_of
+from ernie_export.checkpoint.stream import StreamedWeights
+from ernie_export.model.moe_fused import skeleton
 from ernie_export.checkpoint.tokenizer import read_text_files, write_text_files
 from ernie_export.graph.trace import DTYPES, trace
 from ernie_export.artifact.verify import reference_model, verify, write_parity
@@ -61,19 +65,24 @@ def source_of(model: str) -> dict:
     return {"source": Path(model).expanduser().resolve().name, "source_kind": "local"}
 
 
-def _graphs(net, cfg, names: tuple[str, ...], profile: Profile, opset: int, full_logits: bool, log):
+def _graphs(net, cfg, names: tuple[str, ...], profile: Profile, opset: int, full_logits: bool, log,
+            source: StreamedWeights | None = None):
     """The graph stage: trace each graph, then the profile's rewrites (quantization, the LM head in row ranges,
-    grouped decode attention). Returns ({name: ONNX IR model}, the Quantizer or None)."""
+    grouped decode attention). Returns ({name: ONNX IR model}, the Quantizer or None). `source`: `net` is a skeleton
+    (model.moe_fused) whose fake weights are bound to the checkpoint after tracing, read one tensor at a time."""
     graphs = {}
     for name in names:
         with stage(f"tracing {name} graph (torch.export -> ONNX opset {opset}, {profile.dtype}, {profile.kv_cache} cache)", log):
             # traced over the kernel's layout; group_attention then transposes shared_buffer_vt's values
             traced = SHARED_BUFFER if profile.kv_cache == SHARED_BUFFER_VT else profile.kv_cache
             graphs[name] = trace(net, name, opset, full_logits, traced)
+    if source is not None:
+        log(f"[export] {bind(graphs, source.get)} weights bound to {source.ckpt.name}, read when written")
     quantizer = None
     if profile.bits:
         with stage(f"quantizing weights ({profile.quantization}, blocks of {profile.block_size}, {profile.ops} ops)", log):
-            quantizer = Quantizer(profile, np.dtype(profile.dtype))
+            quantizer = Quantizer(profile, np.dtype(profile.dtype), moe_dims=moe_dims_of(cfg),
+                                  keep_reference=source is None or whole_moe(cfg))
             for graph in graphs.values():
                 quantizer.rewrite(graph)
     if profile.prepacks:
@@ -84,7 +93,28 @@ def _graphs(net, cfg, names: tuple[str, ...], profile: Profile, opset: int, full
         with stage("grouping decode attention over the shared buffer, values transposed (read once per step)", log):
             for graph in graphs.values():
                 group_attention(graph.graph, cfg.head_dim)
+    placeholders = [n.name for g in graphs.values() for n in g.graph.all_nodes() if n.domain == MOE_PLACEHOLDER_DOMAIN]
+    if placeholders:  # check_moe admits only the profiles whose rewrites replace them
+        raise RuntimeError(f"MoE placeholder nodes left in the graphs: {placeholders[:2]}")
     return graphs, quantizer
+
+
+def _load(ckpt: Path, cfg, profile: Profile, log):
+    """(the float32 eager model or None, the model to trace, the weights source or None). An MoE checkpoint is not
+    read whole: the traced model is a skeleton (shapes only) and its weights stream from `source` when written."""
+    if cfg.is_moe:
+        source = StreamedWeights(ckpt, cfg)
+        return None, skeleton(cfg, "ort" if profile.bits else "standard", source.shapes(), source.get), source
+    weights = load_weights(ckpt, cfg, torch.float32)
+    eager32 = build_model(cfg, weights)
+    net = eager32 if profile.dtype == "float32" else build_model(cfg, {k: v.to(DTYPES[profile.dtype])
+                                                                          for k, v in weights.items()})
+    return eager32, net, None
+
+
+def whole_moe(cfg) -> bool:
+    """An MoE model small enough to hold whole in float32 (verified against eager end to end)."""
+    return 4 * sum(math.prod(shape) for shape in expected_shapes(cfg).values()) <= MOE_MAX_FLOAT32_BYTES
 
 
 def _build(ckpt: Path, cfg, model: str, tmp: Path, opset: int, full_logits: bool, run_verify: bool,
@@ -98,23 +128,22 @@ def _build(ckpt: Path, cfg, model: str, tmp: Path, opset: int, full_logits: bool
             + ("" if text_files.template else "; no chat template (the artifact will have none)"))
         for note in text_files.notes:
             log(f"[export] note: {note}")
-        weights = load_weights(ckpt, cfg, torch.float32)
-        eager32 = build_model(cfg, weights)
-        net = eager32 if dtype == "float32" else build_model(cfg, {k: v.to(DTYPES[dtype]) for k, v in weights.items()})
-        del weights
+        eager32, net, source = _load(ckpt, cfg, profile, log)
         if cfg.synthetic:
             log("[export] note: this is a synthetic checkpoint with RANDOM weights")
     names = (*generation_graphs(profile.kv_cache), SCORE)
-    graphs, quantizer = _graphs(net, cfg, names, profile, opset, full_logits, log)
+    graphs, quantizer = _graphs(net, cfg, names, profile, opset, full_logits, log, source)
     with stage("saving graphs with one shared weights file", log):
         weights_index = save_graphs(graphs, tmp)
-        del graphs
+        del graphs, net
         roles = {graph: f"{graph}.onnx" for graph in names} | {"weights": WEIGHTS_FILE}
         roles.update(write_text_files(text_files, tmp))
         roles["parity"] = "parity.json"
         manifest = describe(cfg, profile, opset, full_logits, source_of(model), roles, weights_index,
                             text_files.tokens)
     if run_verify:
+        if eager32 is None:  # an MoE model, small enough (check_moe): its eager reference, every expert per token
+            eager32 = build_model(cfg, load_weights(ckpt, cfg, torch.float32))
         with stage("verifying against eager PyTorch (onnx.checker, ONNX Runtime parity)", log):
             reference = reference_model(cfg, eager32, manifest, quantizer)
             report, golden = verify(tmp, manifest, eager32, reference=reference)
@@ -134,28 +163,35 @@ def _build(ckpt: Path, cfg, model: str, tmp: Path, opset: int, full_logits: bool
     return manifest, report
 
 
-# The MoE float32 reference path holds the whole model in memory (eager, then traced): bounded here until the
-# layer-by-layer export (issue 28's next stage). The dense 0.3B (1.44 GB in float32) exports whole on 24 GiB.
+# The MoE float32 reference path and end-to-end verification hold the whole model in memory (eager, every expert per
+# token): bounded here; quantized MoE exports of any size stream their weights (checkpoint/stream.py). The dense 0.3B
+# (1.44 GB in float32) exports whole on 24 GiB.
 MOE_MAX_FLOAT32_BYTES = 2 << 30
 
 
-def check_moe(ckpt: Path, cfg, profile: Profile, layout: str) -> None:
-    """Refuse, before any weight is read, what the MoE export cannot build yet: a profile other than the float32
-    reference (quantized / --ops ort experts are onnxruntime's QMoE, the next stage), the hf layout (neither
-    transformers.js nor onnxruntime-genai runs ernie4_5_moe graphs), a model too large to export whole."""
-    reference = "export it with --profile reference (float32, standard ops)"
-    for option, value, works, fix in (("quantize", profile.quantization, "none", reference),
-                                      ("ops", profile.ops, "standard", reference),
+def check_moe(ckpt: Path, cfg, profile: Profile, layout: str, run_verify: bool) -> None:
+    """Refuse, before any weight is read, what the MoE export cannot build: quantized experts other than onnxruntime's
+    QMoE (`--ops ort`), float experts with `--ops ort`, float16, the hf layout (neither transformers.js nor
+    onnxruntime-genai runs ernie4_5_moe graphs), a float32 or end-to-end verified export of a model too large to hold."""
+    quantized = "export it with --profile cpu (int4) or cpu-int8: quantized experts are onnxruntime's QMoE"
+    reference = "export it with --profile reference (float32, standard ops) or --profile cpu (int4 QMoE)"
+    ops_works = "ort" if profile.bits else "standard"
+    for option, value, works, fix in (("ops", profile.ops, ops_works, quantized if profile.bits else reference),
                                       ("dtype", profile.dtype, "float32", reference),
                                       ("layout", layout, "ours", "export it without --layout (the runtime's own layout)")):
         if value != works:
-            raise ExportOptionError(f"{value} is not supported for an ERNIE 4.5 MoE checkpoint (ernie4_5_moe) yet: {fix}",
-                                    option)
+            raise ExportOptionError(f"{value} is not supported for an ERNIE 4.5 MoE checkpoint (ernie4_5_moe) with "
+                                    f"{profile.quantization} weights: {fix}", option)
+    if whole_moe(cfg):
+        return
     size = 4 * sum(math.prod(shape) for shape in expected_shapes(cfg).values())
-    if size > MOE_MAX_FLOAT32_BYTES:
-        raise ConfigError(f"{ckpt.name} is an ERNIE 4.5 MoE checkpoint of {size / 1e9:.1f} GB in float32: the MoE "
-                          f"export holds the whole model in memory, so it takes up to {MOE_MAX_FLOAT32_BYTES / 1e9:.1f} "
-                          "GB (tiny models); the layer-by-layer export of the full 21B-A3B is not available yet")
+    if not profile.bits:
+        raise ConfigError(f"{ckpt.name} is an ERNIE 4.5 MoE checkpoint of {size / 1e9:.1f} GB in float32, more than the "
+                          f"float32 MoE export holds ({MOE_MAX_FLOAT32_BYTES / 1e9:.1f} GB): export it with --profile "
+                          "cpu (int4) or cpu-int8, streamed layer by layer")
+    if run_verify:
+        raise ConfigError(f"{ckpt.name} ({size / 1e9:.1f} GB in float32) is too large to verify against eager PyTorch "
+                          "end to end, and layer-by-layer verification is not available yet: export it with --no-verify")
 
 
 def export_artifact(model: str, out: str | Path, *, profile: str | Profile = "reference", opset: int | None = None,
@@ -184,7 +220,7 @@ def export_artifact(model: str, out: str | Path, *, profile: str | Profile = "re
     ckpt = resolve_checkpoint(model)
     cfg = load_config(ckpt)
     if cfg.is_moe:
-        check_moe(ckpt, cfg, wanted, layout)
+        check_moe(ckpt, cfg, wanted, layout, run_verify)
     if wanted.ops == "ort" and cfg.head_dim % 16:  # measured: onnxruntime 1.32 refuses it at the first run
         raise ExportOptionError(f"ort needs head_dim a multiple of 16 (onnxruntime's GroupQueryAttention); this "
                                 f"checkpoint's is {cfg.head_dim}: use --ops standard (the portable preset)", "ops")

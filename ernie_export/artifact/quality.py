@@ -29,7 +29,7 @@ import torch
 from runtime.core.profile import Profile
 from runtime.core.step import KVCache, Model, decode_loop
 
-from ernie_export.graph.quantize import Quantizer
+from ernie_export.graph.quantize import Quantizer, moe_dims_of
 from ernie_export.model.dense import ErnieForCausalLM, build_model
 
 QUALITY_PROMPT = 16  # quality scoring: prefill this many tokens of the text, then teacher-force the rest
@@ -43,7 +43,7 @@ FLIP_SLACK = 1  # int8: decisive positions ours may flip beyond the reference's 
 def round_to_nearest_model(eager32: ErnieForCausalLM, manifest: dict) -> ErnieForCausalLM:
     """float32 eager over the artifact's weights quantized round-to-nearest (same bits and blocks per tensor)."""
     profile = Profile.from_manifest(manifest)
-    weights = Quantizer(profile, np.dtype(np.float32), round_to_nearest=True).reference_weights(eager32.state_dict())
+    weights = Quantizer(profile, np.dtype(np.float32), round_to_nearest=True, moe_dims=moe_dims_of(eager32.config)).reference_weights(eager32.state_dict())
     return build_model(eager32.config, {k: torch.from_numpy(v) for k, v in weights.items()})
 
 

@@ -43,7 +43,7 @@ from runtime.core.step import KVCache, Model, StepError, decode_loop, left_pad
 from ernie_export.artifact.write import MODEL_TYPES, MOE_DIMS, write_manifest
 from ernie_export.artifact.publish import interrupt_on_sigterm, publish, staged
 from ernie_export.checkpoint.config import ErnieConfig, load_config
-from ernie_export.graph.quantize import ACCURACY_LEVEL, Quantizer
+from ernie_export.graph.quantize import ACCURACY_LEVEL, Quantizer, moe_dims_of
 from runtime.core.profile import Profile
 from ernie_export.artifact.quality import (QUALITY_POSITIONS, QUALITY_PROMPT, quality, quality_failures,
                                           round_to_nearest_model)
@@ -174,16 +174,18 @@ def reference_model(cfg: ErnieConfig, eager32: ErnieForCausalLM, manifest: dict,
     profile = Profile.from_manifest(manifest)
     if not profile.bits:
         return eager32
-    quantizer = quantizer or Quantizer(profile, np.dtype(profile.dtype))
+    quantizer = quantizer or Quantizer(profile, np.dtype(profile.dtype), moe_dims=moe_dims_of(cfg))
     return build_model(cfg, {k: torch.from_numpy(v) for k, v in quantizer.reference_weights(eager32.state_dict()).items()})
 
 
 FLOAT_MATH = "1"  # MatMulNBits accuracy level: float32 activations
+# onnxruntime >= 1.31: QMoE's int8 experts compute in float32 only with this variable (tiny MoE: 0.03 logit error, 1e-5)
+QMOE_FLOAT_ENV = "ORT_QMOE_CPU_QNBIT_GEMM"
 
 
 @contextmanager
 def float_math(directory: Path, manifest: dict):
-    """The artifact's graphs with every MatMulNBits computing in float32 (accuracy level 1) over the same
+    """The artifact's graphs with every MatMulNBits and QMoE computing in float32 (accuracy level 1) over the same
     packed weights: what the quantized graph claims, without the int8 activations the shipped level 4
     adds (measured on the tiny model: 0.2-0.4 max logit difference). Yields (directory, manifest) of a
     temporary copy inside `directory` (hard links; removed after)."""
@@ -194,15 +196,21 @@ def float_math(directory: Path, manifest: dict):
                 model = onnx.load(str(directory / entry["path"]), load_external_data=False)
                 for node in model.graph.node:
                     for attr in node.attribute:
-                        if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                        if node.op_type in ("MatMulNBits", "QMoE") and attr.name == "accuracy_level":
                             attr.i = int(FLOAT_MATH)
                 onnx.save(model, str(tmp / entry["path"]))
             elif (directory / entry["path"]).exists():  # parity.json is written after verification
                 os.link(directory / entry["path"], tmp / entry["path"])
         options = manifest["session_options"]
         config = {**options["config"], "session.qdq_matmulnbits_accuracy_level": FLOAT_MATH}
+        before = os.environ.get(QMOE_FLOAT_ENV)
+        os.environ[QMOE_FLOAT_ENV] = "fp32"  # read when a session is created: the sessions opened inside
         yield tmp, {**manifest, "session_options": {**options, "config": config}}
     finally:
+        if before is None:
+            os.environ.pop(QMOE_FLOAT_ENV, None)
+        else:
+            os.environ[QMOE_FLOAT_ENV] = before
         shutil.rmtree(tmp, ignore_errors=True)
 
 

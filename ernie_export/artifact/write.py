@@ -53,6 +53,7 @@ def externalize(models: dict[str, ir.Model], directory: Path) -> dict[str, dict]
     hands these tensors to both sessions, so the weights are resident once.
     """
     stored: dict[bytes, int] = {}
+    by_id: dict[int, tuple] = {}  # id(tensor) -> (offset, tensor kept alive): a lazy tensor (graph/bind.py) is read once
     index: dict[str, dict] = {name: {} for name in models}
     views: list[tuple[str, ir.Value]] = []
     keys: dict[int, bytes] = {}  # id(tensor) -> content key, for the bases of views
@@ -84,7 +85,9 @@ def externalize(models: dict[str, ir.Model], directory: Path) -> dict[str, dict]
                 if VIEW in value.meta:
                     views.append((graph, value))  # after every base is stored
                     continue
-                point(graph, value, place(tensor.tobytes()))
+                if id(tensor) not in by_id:
+                    by_id[id(tensor)] = (place(tensor.tobytes()), tensor)
+                point(graph, value, by_id[id(tensor)][0])
         for graph, value in views:
             base, start = value.meta[VIEW]
             if id(base) not in keys:

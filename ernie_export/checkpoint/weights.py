@@ -214,9 +214,9 @@ def _untie(tensors: dict[str, torch.Tensor], cfg: ErnieConfig) -> None:
 
 
 def _checked(tensors: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], ckpt: Path, cfg: ErnieConfig,
-             dtype: torch.dtype) -> dict[str, torch.Tensor]:
+             dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Every missing, unexpected, mis-shaped and badly typed tensor in one WeightsError; else the tensors cast to
-    `dtype` (the MoE router stays float32, moe_weights.ROUTER)."""
+    `dtype` (None: as stored; the MoE router stays float32, moe_weights.ROUTER)."""
     missing = sorted(set(want) - set(tensors))
     unexpected = sorted(set(tensors) - set(want))
     wrong = sorted(f"{n} {tuple(tensors[n].shape)} (expected {want[n]})"
@@ -232,7 +232,8 @@ def _checked(tensors: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]],
                 parts.append(f"{len(items)} {label}: {shown}")
         raise WeightsError(f"checkpoint {ckpt} does not match its config.json — " + "; ".join(parts))
     router = cfg.is_moe
-    return {n: t.float() if router and n.endswith(ROUTER) else t.to(dtype) for n, t in tensors.items()}
+    return {n: t.float() if router and n.endswith(ROUTER) else t if dtype is None else t.to(dtype)
+            for n, t in tensors.items()}
 
 
 def load_weights(ckpt: str | Path, cfg: ErnieConfig, dtype: torch.dtype = torch.float32,
@@ -252,6 +253,14 @@ def load_layer(ckpt: str | Path, cfg: ErnieConfig, i: int, dtype: torch.dtype = 
         raise IndexError(f"layer {i} out of range: the model has {cfg.num_hidden_layers} layers")
     ckpt = Path(ckpt)
     return _checked(_read(ckpt, cfg, lambda name: layer_of(name) == i, None), layer_shapes(cfg, i), ckpt, cfg, dtype)
+
+
+def read_part(ckpt: Path, cfg: ErnieConfig, keep, want: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The stored tensors `keep` accepts (by stored name), renamed, untied and checked against `want` (canonical
+    name -> shape), in their stored dtype (bfloat16 stays bfloat16: half the memory of float32)."""
+    tensors = _read(ckpt, cfg, keep, None)
+    _untie(tensors, cfg)
+    return _checked(tensors, want, ckpt, cfg, None)
 
 
 def load_globals(ckpt: str | Path, cfg: ErnieConfig, dtype: torch.dtype = torch.float32,

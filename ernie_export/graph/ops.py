@@ -13,6 +13,10 @@ import onnx_ir as ir
 
 from runtime.core.profile import ORT_DOMAIN  # noqa: F401  (re-exported: the graph rewrites' one import)
 
+# The domain of the MoE placeholder node the trace writes for model.moe_fused's `ernie::moe` op: the quantizer replaces
+# each by onnxruntime's QMoE; no artifact contains it (build.py checks).
+MOE_PLACEHOLDER_DOMAIN = "ernie.export"
+
 
 def initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None,
                 shape: list[int] | None = None) -> ir.Value:

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ernie_export.graph.ops import ORT_DOMAIN, constant, initializer
+from ernie_export.graph.ops import MOE_PLACEHOLDER_DOMAIN, ORT_DOMAIN, constant, initializer
+from ernie_export.model.moe_fused import ROUTER
 from runtime.core.profile import BLOCK_SIZES, Profile
 from runtime.core.errors import UsageError
 
@@ -115,6 +116,26 @@ def is_kv_projection(name: str) -> bool:
     return name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight"))
 
 
+def moe_dims_of(cfg) -> tuple[int, int] | None:
+    """(hidden, expert width) of an MoE config (the experts' block size depends on both), None for a dense one."""
+    return (cfg.hidden_size, cfg.moe_intermediate_size) if cfg.is_moe else None
+
+
+def is_routed_expert(name: str) -> bool:
+    """A routed expert's weight (per-expert or stacked), not a shared expert's."""
+    return ".mlp.experts." in name
+
+
+def expert_block(block: int, hidden: int, width: int) -> int:
+    """The one block size of an MoE layer's routed experts (onnxruntime's QMoE takes one for both projections, inputs
+    `hidden` and `width`): the profile's `block`, or the largest supported one below it that divides both."""
+    fits = [b for b in BLOCK_SIZES if b <= block and hidden % b == 0 and width % b == 0]
+    if not fits:
+        raise QuantizeError(f"no supported block size ({', '.join(map(str, BLOCK_SIZES))}) divides both the hidden size "
+                            f"{hidden} and the expert width {width}: export it with --profile reference")
+    return fits[-1]
+
+
 def dequantize_blocks(q: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
     """The reference: q [N, K], scales [N, K / block] -> float32 [N, K]."""
     n, k = q.shape
@@ -168,12 +189,19 @@ def _pack_qkv(graph: ir.Graph, gqa: ir.Node) -> None:
 class Quantizer:
     """Rewrites graphs for one profile; each weight is quantized once, whichever graphs use it."""
 
-    def __init__(self, profile: Profile, dtype: np.dtype, round_to_nearest: bool = False):
+    def __init__(self, profile: Profile, dtype: np.dtype, round_to_nearest: bool = False,
+                 moe_dims: tuple[int, int] | None = None, keep_reference: bool = True):
         self.profile, self.block = profile, profile.block_size
         self.round_to_nearest = round_to_nearest  # the plain scale rule of the quality reference, not the search
         self.dtype = dtype  # the float type of activations (scales are cast to it in the graph)
+        self.moe_dims = moe_dims  # (hidden, expert width) of an MoE model: its experts' one block size (qmoe.py)
+        # keep_reference False (the streamed MoE export): no per-weight cache or dequantized copy is kept, only the
+        # arrays the graphs hold (`memo`, shared by the graphs), so memory stays one layer's worth above the output.
+        self.keep_reference = keep_reference
         self.cache: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
         self.reference: dict[str, np.ndarray] = {}  # name -> dequantized float32 [N, K] (the eager reference)
+        self.memo: dict[str, object] = {}  # fused weight name -> the arrays (or lazy tensors) its nodes read
+        self.rewritten: set[str] = set()  # float weights replaced (dropped from each graph once unused)
 
     def bits(self, name: str) -> int:
         if name in TABLE_NAMES:
@@ -187,6 +215,8 @@ class Quantizer:
         The rule depends on the profile and the shapes only, so re-verification derives the same blocks; each
         MatMulNBits / DequantizeLinear node carries its own block size, so drivers need nothing more."""
         p = self.profile
+        if self.moe_dims and is_routed_expert(name):
+            return expert_block(self.block, *self.moe_dims)
         block = p.table_block if name in TABLE_NAMES else p.kv_block if is_kv_projection(name) else self.block
         if inputs % block == 0:
             return block
@@ -202,6 +232,9 @@ class Quantizer:
             bits, block = self.bits(name), self.block_of(name, w.shape[1])
             q, scales = quantize_blocks(w, bits, block, ROUND_TO_NEAREST[bits] if self.round_to_nearest else None)
             scales = scales.astype(SCALE_DTYPE)
+            self.rewritten.add(name)
+            if not self.keep_reference:
+                return q, scales, bits
             self.cache[name] = (q, scales, bits)
             self.reference[name] = dequantize_blocks(q, scales.astype(np.float32), block)
         return self.cache[name]
@@ -212,7 +245,7 @@ class Quantizer:
         out = {}
         for name, tensor in state.items():
             w = tensor.numpy()
-            if w.ndim == 2:
+            if w.ndim == 2 and not name.endswith(ROUTER):  # the MoE router stays float32
                 self.blocks(name, w)
                 w = self.reference[name]
             out[name] = w
@@ -231,7 +264,11 @@ class Quantizer:
             model.opset_imports[ORT_DOMAIN] = 1
         by_input: dict[tuple, list[ir.Node]] = {}  # projections of the same input (and bits and block) are fused
         for node in list(graph):
-            if node.op_type == "Gemm" and self._is_weight(graph, node.inputs[1]):
+            if node.op_type == "MoE" and node.domain == MOE_PLACEHOLDER_DOMAIN:
+                from ernie_export.graph.qmoe import to_qmoe  # late: qmoe builds on this module
+                to_qmoe(self, graph, node)
+            elif node.op_type == "Gemm" and self._is_weight(graph, node.inputs[1]) \
+                    and not node.inputs[1].name.endswith(ROUTER):
                 w = node.inputs[1]
                 key = (node.inputs[0].name, self.bits(w.name), self.block_of(w.name, w.shape[1]))
                 by_input.setdefault(key, []).append(node)
@@ -242,7 +279,7 @@ class Quantizer:
             self._linear(graph, nodes)
         for node in [n for n in graph if n.op_type == "GroupQueryAttention"]:
             _pack_qkv(graph, node)
-        for name in self.cache:  # the float weights are no longer used
+        for name in self.rewritten:  # the float weights are no longer used
             if name in graph.initializers and not graph.initializers[name].uses():
                 graph.initializers.pop(name)
 
@@ -265,13 +302,18 @@ class Quantizer:
                 self._linear(graph, [node])
             return
         a, bias = nodes[0].inputs[0], biased[0].inputs[2] if biased else None
-        parts = [self.blocks(n.inputs[1].name, n.inputs[1].const_value.numpy()) for n in nodes]
-        q, scales, bits = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), parts[0][2]
-        n, k = q.shape
         name = "+".join(node.inputs[1].name for node in nodes)
-        block = self.block_of(nodes[0].inputs[1].name, k)  # fused projections are layers: one block size
+        if name not in self.memo:  # quantized once, whichever graphs use it; only the packed arrays are kept
+            parts = [self.blocks(n.inputs[1].name, n.inputs[1].const_value.numpy()) for n in nodes]
+            q, scales = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            block = self.block_of(nodes[0].inputs[1].name, q.shape[1])  # fused projections are layers: one block size
+            ort = self.profile.ops == "ort"
+            self.memo[name] = (pack(q, parts[0][2], unsigned=True).reshape(*q.shape[:1], q.shape[1] // block, -1)
+                               if ort else pack(np.ascontiguousarray(q.T), parts[0][2], unsigned=False),
+                               scales if ort else np.ascontiguousarray(scales.T), parts[0][2], q.shape,
+                               [p[0].shape[0] for p in parts], block)
+        packed, scales, bits, (n, k), sizes, block = self.memo[name]
         if self.profile.ops == "ort":
-            packed = pack(q, bits, unsigned=True).reshape(n, k // block, -1)
             scale, new = self._scales(graph, f"{name}.scales", scales)
             inputs = [a, initializer(graph, f"{name}.q", packed), scale]
             new.append(ir.node("MatMulNBits", inputs + ([None, None, bias] if bias is not None else []),
@@ -279,9 +321,9 @@ class Quantizer:
                                 "accuracy_level": ACCURACY_LEVEL}, domain=ORT_DOMAIN, name=f"{name}.MatMulNBits"))
         else:
             dtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
-            qt = np.ascontiguousarray(q.T)  # [K, N]: the pattern ONNX Runtime fuses
-            scale, new = self._scales(graph, f"{name}.scalesT", np.ascontiguousarray(scales.T))
-            dq = ir.node("DequantizeLinear", [initializer(graph, f"{name}.qT", pack(qt, bits, unsigned=False), dtype, [k, n]),
+            # packed: q^T [K, N], the pattern ONNX Runtime fuses; scales^T
+            scale, new = self._scales(graph, f"{name}.scalesT", scales)
+            dq = ir.node("DequantizeLinear", [initializer(graph, f"{name}.qT", packed, dtype, [k, n]),
                                               scale], {"axis": 0, "block_size": block}, name=f"{name}.Dequantize")
             mm = ir.node("MatMul", [a, dq.outputs[0]], name=f"{name}.MatMul")
             new += [dq, mm]
@@ -289,7 +331,7 @@ class Quantizer:
                 new.append(ir.node("Add", [mm.outputs[0], bias]))
         outputs = new[-1].outputs
         if len(nodes) > 1:
-            sizes = constant(graph, f"{name}.split", np.array([p[0].shape[0] for p in parts], np.int64))
+            sizes = constant(graph, f"{name}.split", np.array(sizes, np.int64))
             new.append(ir.node("Split", [outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes)))
             outputs = new[-1].outputs
         ir.convenience.replace_nodes_and_values(graph, nodes[0], nodes, new, [node.outputs[0] for node in nodes],

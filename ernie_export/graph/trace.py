@@ -23,7 +23,8 @@ from torch import nn
 from runtime.core.contract import ATTENTION_MASK, CONCAT, INPUT_IDS, POSITION_IDS, SCORE, SHARED_BUFFER, io_contract
 
 from ernie_export.model.dense import ErnieForCausalLM
-from ernie_export.graph.ops import ORT_DOMAIN
+from ernie_export.model import moe_fused  # noqa: F401  (registers the ernie::moe op _translations maps)
+from ernie_export.graph.ops import MOE_PLACEHOLDER_DOMAIN, ORT_DOMAIN
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notices
@@ -72,15 +73,31 @@ def _group_query_attention_op() -> onnxscript.values.Op:
     return onnxscript.values.Op(onnxscript.values.Opset(ORT_DOMAIN, 1), "GroupQueryAttention", schema)
 
 
+def _moe_placeholder_op() -> onnxscript.values.Op:
+    """The routed experts (model.moe_fused's `ernie::moe`) as a placeholder node in our own domain, which the quantizer
+    replaces by onnxruntime's com.microsoft.QMoE over the packed experts (graph/quantize.py); none survives the export."""
+    param = OpSchema.FormalParameter
+    schema = OpSchema(
+        "MoE", MOE_PLACEHOLDER_DOMAIN, 1,
+        inputs=[param(n, "T") for n in ("input", "router_probs", "router_weights", "gate_up_proj", "down_proj")],
+        outputs=[param("output", "T")], type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")],
+        attributes=[OpSchema.Attribute("k", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("norm_min", OpSchema.AttrType.FLOAT, "")])
+    return onnxscript.values.Op(onnxscript.values.Opset(MOE_PLACEHOLDER_DOMAIN, 1), "MoE", schema)
+
+
 def _translations() -> dict:
-    gqa = _group_query_attention_op()
+    gqa, placeholder = _group_query_attention_op(), _moe_placeholder_op()
+
+    def moe(x, scores, probs, gate_up, down, k: int, norm_min: float):
+        return placeholder(x, scores, probs, gate_up, down, k=k, norm_min=norm_min)
 
     def group_query_attention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
                               cos_cache, sin_cache, num_heads: int, kv_num_heads: int):
         return gqa(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
                    num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=1, rotary_interleaved=1)
 
-    return {torch.ops.ernie.group_query_attention.default: group_query_attention}
+    return {torch.ops.ernie.group_query_attention.default: group_query_attention, torch.ops.ernie.moe.default: moe}
 
 
 def dims_of(model: ErnieForCausalLM) -> dict:
@@ -119,6 +136,7 @@ def trace(model: ErnieForCausalLM, graph: str, opset: int, full_logits: bool, kv
     contract = io_contract(dims_of(model), dtype, full_logits, kv_cache)[graph]
     args, dyn = _example_inputs(model, graph, kv_cache)
     shared = kv_cache == SHARED_BUFFER
+    fused_moe = getattr(model, "ops", None) == "ort"  # model.moe_fused: the experts as the ernie::moe op
     wrapper = _Prefill if graph == "prefill" else _DecodeShared if shared else _Decode
     module = wrapper(model, full_logits or graph == SCORE)
     with warnings.catch_warnings():
@@ -126,13 +144,13 @@ def trace(model: ErnieForCausalLM, graph: str, opset: int, full_logits: bool, kv
         program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, dynamic_shapes=dyn,
                                     input_names=[v["name"] for v in contract["inputs"]],
                                     output_names=[v["name"] for v in contract["outputs"]],
-                                    custom_translation_table=_translations() if shared else None,
+                                    custom_translation_table=_translations() if shared or fused_moe else None,
                                     optimize=True, verbose=False)
     onnx_model = program.model
     written = onnx_model.opset_imports.get("")
     if written != opset:  # the manifest records `opset`: it must be what the graphs carry
         raise RuntimeError(f"opset {opset} was asked for but the exporter wrote opset {written}")
-    _tidy(onnx_model, graph, contract, (ORT_DOMAIN,) if shared else ())
+    _tidy(onnx_model, graph, contract, (ORT_DOMAIN,) * shared + (MOE_PLACEHOLDER_DOMAIN,) * fused_moe)
     return onnx_model
 
 
