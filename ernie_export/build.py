@@ -31,7 +31,8 @@ from ernie_export.artifact.publish import publish, staged
 from ernie_export.graph.bind import bind
 from ernie_export.graph.ops import MOE_PLACEHOLDER_DOMAIN
 from ernie_export.graph.quantize import MIN_STANDARD_OPSET, Quantizer, moe_dims_of
-from ernie_export.checkpoint.stream import StreamedWeights
+from ernie_export.checkpoint.stream import MOE_MAX_FLOAT32_BYTES, StreamedWeights, whole_moe
+from ernie_export.artifact.verify_layers import verify_large_moe
 from ernie_export.model.moe_fused import skeleton
 from ernie_export.checkpoint.tokenizer import read_text_files, write_text_files
 from ernie_export.graph.trace import DTYPES, trace
@@ -112,11 +113,6 @@ def _load(ckpt: Path, cfg, profile: Profile, log):
     return eager32, net, None
 
 
-def whole_moe(cfg) -> bool:
-    """An MoE model small enough to hold whole in float32 (verified against eager end to end)."""
-    return 4 * sum(math.prod(shape) for shape in expected_shapes(cfg).values()) <= MOE_MAX_FLOAT32_BYTES
-
-
 def _build(ckpt: Path, cfg, model: str, tmp: Path, opset: int, full_logits: bool, run_verify: bool,
            profile: Profile, log, layout: str = "ours") -> tuple[dict, dict]:
     """Every stage, written into the staging directory `tmp`; returns (manifest, parity report)."""
@@ -141,12 +137,16 @@ def _build(ckpt: Path, cfg, model: str, tmp: Path, opset: int, full_logits: bool
         roles["parity"] = "parity.json"
         manifest = describe(cfg, profile, opset, full_logits, source_of(model), roles, weights_index,
                             text_files.tokens)
-    if run_verify:
-        if eager32 is None:  # an MoE model, small enough (check_moe): its eager reference, every expert per token
+    if run_verify and cfg.is_moe and not whole_moe(cfg):
+        with stage("verifying layer by layer against eager PyTorch (one layer in memory at a time)", log):
+            report, golden = verify_large_moe(tmp, manifest, ckpt, cfg), None
+    elif run_verify:
+        if eager32 is None:  # a small MoE model: its eager reference, every expert per token
             eager32 = build_model(cfg, load_weights(ckpt, cfg, torch.float32))
         with stage("verifying against eager PyTorch (onnx.checker, ONNX Runtime parity)", log):
             reference = reference_model(cfg, eager32, manifest, quantizer)
             report, golden = verify(tmp, manifest, eager32, reference=reference)
+    if run_verify:
         if golden is not None:  # None: verification pending (bfloat16 without CUDA)
             (tmp / GOLDEN_FILE).write_text(json.dumps(golden))
             manifest["files"]["golden"] = {"path": GOLDEN_FILE}
@@ -163,16 +163,10 @@ def _build(ckpt: Path, cfg, model: str, tmp: Path, opset: int, full_logits: bool
     return manifest, report
 
 
-# The MoE float32 reference path and end-to-end verification hold the whole model in memory (eager, every expert per
-# token): bounded here; quantized MoE exports of any size stream their weights (checkpoint/stream.py). The dense 0.3B
-# (1.44 GB in float32) exports whole on 24 GiB.
-MOE_MAX_FLOAT32_BYTES = 2 << 30
-
-
-def check_moe(ckpt: Path, cfg, profile: Profile, layout: str, run_verify: bool) -> None:
+def check_moe(ckpt: Path, cfg, profile: Profile, layout: str) -> None:
     """Refuse, before any weight is read, what the MoE export cannot build: quantized experts other than onnxruntime's
     QMoE (`--ops ort`), float experts with `--ops ort`, float16, the hf layout (neither transformers.js nor
-    onnxruntime-genai runs ernie4_5_moe graphs), a float32 or end-to-end verified export of a model too large to hold."""
+    onnxruntime-genai runs ernie4_5_moe graphs), a float32 export of a model too large to hold whole."""
     quantized = "export it with --profile cpu (int4) or cpu-int8: quantized experts are onnxruntime's QMoE"
     reference = "export it with --profile reference (float32, standard ops) or --profile cpu (int4 QMoE)"
     ops_works = "ort" if profile.bits else "standard"
@@ -182,16 +176,11 @@ def check_moe(ckpt: Path, cfg, profile: Profile, layout: str, run_verify: bool) 
         if value != works:
             raise ExportOptionError(f"{value} is not supported for an ERNIE 4.5 MoE checkpoint (ernie4_5_moe) with "
                                     f"{profile.quantization} weights: {fix}", option)
-    if whole_moe(cfg):
-        return
-    size = 4 * sum(math.prod(shape) for shape in expected_shapes(cfg).values())
-    if not profile.bits:
+    if not profile.bits and not whole_moe(cfg):
+        size = 4 * sum(math.prod(shape) for shape in expected_shapes(cfg).values())
         raise ConfigError(f"{ckpt.name} is an ERNIE 4.5 MoE checkpoint of {size / 1e9:.1f} GB in float32, more than the "
                           f"float32 MoE export holds ({MOE_MAX_FLOAT32_BYTES / 1e9:.1f} GB): export it with --profile "
                           "cpu (int4) or cpu-int8, streamed layer by layer")
-    if run_verify:
-        raise ConfigError(f"{ckpt.name} ({size / 1e9:.1f} GB in float32) is too large to verify against eager PyTorch "
-                          "end to end, and layer-by-layer verification is not available yet: export it with --no-verify")
 
 
 def export_artifact(model: str, out: str | Path, *, profile: str | Profile = "reference", opset: int | None = None,
@@ -220,7 +209,7 @@ def export_artifact(model: str, out: str | Path, *, profile: str | Profile = "re
     ckpt = resolve_checkpoint(model)
     cfg = load_config(ckpt)
     if cfg.is_moe:
-        check_moe(ckpt, cfg, wanted, layout, run_verify)
+        check_moe(ckpt, cfg, wanted, layout)
     if wanted.ops == "ort" and cfg.head_dim % 16:  # measured: onnxruntime 1.32 refuses it at the first run
         raise ExportOptionError(f"ort needs head_dim a multiple of 16 (onnxruntime's GroupQueryAttention); this "
                                 f"checkpoint's is {cfg.head_dim}: use --ops standard (the portable preset)", "ops")

@@ -110,3 +110,32 @@ def test_qmoe_weighing_by_the_biased_scores_fails_verification(tmp_path, monkeyp
     report = failed.value.report
     assert report["prefill_max_abs_diff"] > 1e-3 or not report["greedy_identical"], report
     assert not out.exists()
+
+
+def test_layer_by_layer_verification_passes_and_is_recorded(moe_ckpt, tmp_path, monkeypatch):
+    """The full-size path (one layer in memory at a time) on the tiny MoE, taken by pretending it is too large to hold:
+    every layer of the graph equals eager over the artifact's dequantized weights fed the graph's own input, the routers
+    pick eager's experts, the logits equal the layer-by-layer eager stream's; parity.json records it all."""
+    monkeypatch.setattr(build, "whole_moe", lambda cfg: False)
+    monkeypatch.setattr(build, "load_weights", lambda *a, **k: pytest.fail("the whole model was loaded"))
+    out = tmp_path / "art"
+    build.export_artifact(str(moe_ckpt), out, profile="cpu", log=lambda m: None)
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["status"] == "passed" and parity["method"].startswith("layer by layer"), parity
+    assert len(parity["layer_rel_diffs"]) == 3 and parity["layer_max_rel_diff"] < 1e-4, parity
+    assert parity["expert_choice_agreement"] == 1.0 and set(parity["expert_choice_agreement_by_layer"]) == {"1", "2"}
+    assert parity["logits_max_abs_diff_vs_eager_dequantized"] < 1e-3 and parity["positions"] == 64
+    assert parity["quality"]["mean_kl_vs_float32"] > 0  # int4 costs something: the float stream is the checkpoint's
+
+
+def test_layer_by_layer_verification_catches_a_router_weighing_by_the_biased_scores(tmp_path, monkeypatch):
+    """Negative control for the full-size path: the biased-weights QMoE fails it, naming the layer; nothing published."""
+    ckpt = write_moe_checkpoint(tmp_path / "cut", "tiny", layers=2)
+    real = moe_fused.moe
+    monkeypatch.setattr(moe_fused, "moe", lambda x, scores, probs, *rest: real(x, scores, scores, *rest))
+    monkeypatch.setattr(build, "whole_moe", lambda cfg: False)
+    out = tmp_path / "art"
+    with pytest.raises(VerificationError) as failed:
+        build.export_artifact(str(ckpt), out, profile="cpu", log=lambda m: None)
+    assert failed.value.report["layer_max_rel_diff"] > 1e-3 and "layer 1 " in str(failed.value), failed.value.report
+    assert not out.exists()

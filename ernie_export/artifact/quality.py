@@ -73,7 +73,7 @@ def decisive(logits: torch.Tensor) -> torch.Tensor:
     return best2[..., 0] - best2[..., 1] > DECISIVE_SPREAD * logits.std(-1)
 
 
-def _against(ref_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> dict:
+def against(ref_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> dict:
     ref, mine = torch.log_softmax(ref_logits, -1), torch.log_softmax(logits, -1)
     kl = (ref.exp() * (ref - mine)).sum(-1)
     same = ref.argmax(-1) == mine.argmax(-1)
@@ -85,8 +85,8 @@ def quality(model: Model, eager32: ErnieForCausalLM, nearest: ErnieForCausalLM, 
     """Ours and round-to-nearest against float32 eager over the teacher-forced positions of `ids`."""
     ref = _eager_logits(eager32, ids)
     mask = decisive(ref)
-    ours = _against(ref, _graph_logits(model, ids), mask)
-    plain = _against(ref, _eager_logits(nearest, ids), mask)
+    ours = against(ref, _graph_logits(model, ids), mask)
+    plain = against(ref, _eager_logits(nearest, ids), mask)
     n = int(mask.sum())
     return {"positions": len(ref), "mean_kl_vs_float32": ours["mean_kl"], "max_kl_vs_float32": ours["max_kl"],
             "top1_agreement_vs_float32": ours["top1"],

@@ -25,9 +25,7 @@ import argparse
 import json
 import math
 import os
-import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +38,11 @@ from runtime.core.contract import (MANIFEST, PAST, SCORE, SHARED_KINDS, Artifact
 from runtime.core.session import PROVIDERS, open_model, resolve_provider
 from runtime.core.step import KVCache, Model, StepError, decode_loop, left_pad
 
+from ernie_export.artifact.float_math import float_math
 from ernie_export.artifact.write import MODEL_TYPES, MOE_DIMS, write_manifest
 from ernie_export.artifact.publish import interrupt_on_sigterm, publish, staged
 from ernie_export.checkpoint.config import ErnieConfig, load_config
+from ernie_export.checkpoint.stream import whole_moe
 from ernie_export.graph.quantize import ACCURACY_LEVEL, Quantizer, moe_dims_of
 from runtime.core.profile import Profile
 from ernie_export.artifact.quality import (QUALITY_POSITIONS, QUALITY_PROMPT, quality, quality_failures,
@@ -176,42 +176,6 @@ def reference_model(cfg: ErnieConfig, eager32: ErnieForCausalLM, manifest: dict,
         return eager32
     quantizer = quantizer or Quantizer(profile, np.dtype(profile.dtype), moe_dims=moe_dims_of(cfg))
     return build_model(cfg, {k: torch.from_numpy(v) for k, v in quantizer.reference_weights(eager32.state_dict()).items()})
-
-
-FLOAT_MATH = "1"  # MatMulNBits accuracy level: float32 activations
-# onnxruntime >= 1.31: QMoE's int8 experts compute in float32 only with this variable (tiny MoE: 0.03 logit error, 1e-5)
-QMOE_FLOAT_ENV = "ORT_QMOE_CPU_QNBIT_GEMM"
-
-
-@contextmanager
-def float_math(directory: Path, manifest: dict):
-    """The artifact's graphs with every MatMulNBits and QMoE computing in float32 (accuracy level 1) over the same
-    packed weights: what the quantized graph claims, without the int8 activations the shipped level 4
-    adds (measured on the tiny model: 0.2-0.4 max logit difference). Yields (directory, manifest) of a
-    temporary copy inside `directory` (hard links; removed after)."""
-    tmp = Path(tempfile.mkdtemp(prefix=".float-math-", dir=directory))
-    try:
-        for role, entry in manifest["files"].items():
-            if role in graphs_of(manifest):
-                model = onnx.load(str(directory / entry["path"]), load_external_data=False)
-                for node in model.graph.node:
-                    for attr in node.attribute:
-                        if node.op_type in ("MatMulNBits", "QMoE") and attr.name == "accuracy_level":
-                            attr.i = int(FLOAT_MATH)
-                onnx.save(model, str(tmp / entry["path"]))
-            elif (directory / entry["path"]).exists():  # parity.json is written after verification
-                os.link(directory / entry["path"], tmp / entry["path"])
-        options = manifest["session_options"]
-        config = {**options["config"], "session.qdq_matmulnbits_accuracy_level": FLOAT_MATH}
-        before = os.environ.get(QMOE_FLOAT_ENV)
-        os.environ[QMOE_FLOAT_ENV] = "fp32"  # read when a session is created: the sessions opened inside
-        yield tmp, {**manifest, "session_options": {**options, "config": config}}
-    finally:
-        if before is None:
-            os.environ.pop(QMOE_FLOAT_ENV, None)
-        else:
-            os.environ[QMOE_FLOAT_ENV] = before
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _default_provider(dtype: str) -> str:
@@ -358,12 +322,9 @@ def reverify(artifact: str | Path, checkpoint: str | None = None, provider: str 
     artifact = Path(artifact)
     manifest = load_manifest(artifact)
     ckpt, cfg = _checkpoint_for(manifest, checkpoint)
-    device = resolve_provider(provider)
-    eager32 = build_model(cfg, load_weights(ckpt, cfg, torch.float32))
-    reference = reference_model(cfg, eager32, manifest)
-    error = None
+    device, error = resolve_provider(provider), None
     try:
-        report, _ = verify(artifact, manifest, eager32, device, reference)  # golden.json stays: it comes from eager
+        report = _reverified(artifact, manifest, ckpt, cfg, device)
     except VerificationError as e:  # a checker failure carries no figures: record what failed
         report, error = getattr(e, "report", None) or {"status": "failed", "reason": e.problem}, e
     with staged(artifact, ckpt, overwrite=True) as tmp:
@@ -377,6 +338,14 @@ def reverify(artifact: str | Path, checkpoint: str | None = None, provider: str 
     if error is not None:
         raise error
     return report
+
+
+def _reverified(artifact: Path, manifest: dict, ckpt: Path, cfg: ErnieConfig, device: str) -> dict:
+    if cfg.is_moe and not whole_moe(cfg):  # the 21B-A3B: one layer in memory at a time
+        from ernie_export.artifact.verify_layers import verify_large_moe  # late: it builds on this module
+        return verify_large_moe(artifact, manifest, ckpt, cfg)
+    eager32 = build_model(cfg, load_weights(ckpt, cfg, torch.float32))
+    return verify(artifact, manifest, eager32, device, reference_model(cfg, eager32, manifest))[0]  # golden.json stays
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,15 +13,24 @@ tensors layer by layer reads each byte of the checkpoint about once, and holds a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ernie_export.checkpoint.config import ErnieConfig
-from ernie_export.checkpoint.weights import global_shapes, layer_of, layer_shapes, read_part
+from ernie_export.checkpoint.weights import expected_shapes, global_shapes, layer_of, layer_shapes, read_part
 
-EXPERTS = ".mlp.experts."  # in every layout's names of the routed experts (per-expert, fused and Paddle's)
+EXPERTS = ".mlp.experts."
+# An MoE model held whole in float32 (the float32 reference export; end-to-end verification, whose eager model runs
+# every expert per token) up to this size; larger ones export quantized, streamed, and verify layer by layer.
+MOE_MAX_FLOAT32_BYTES = 2 << 30  # in every layout's names of the routed experts (per-expert, fused and Paddle's)
+
+
+def whole_moe(cfg: ErnieConfig) -> bool:
+    """An MoE model small enough to hold whole in float32."""
+    return 4 * sum(math.prod(shape) for shape in expected_shapes(cfg).values()) <= MOE_MAX_FLOAT32_BYTES
 
 
 def fused_names(cfg: ErnieConfig, i: int) -> dict[str, tuple[int, ...]]:
