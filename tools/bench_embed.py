@@ -1,0 +1,132 @@
+"""The embedding paths side by side: one int4 checkpoint under onnxruntime-genai, transformers.js and our runtime.
+
+In:  --ours HF_EXPORT (`python -m ernie_export ... --profile cpu --kv-cache shared_buffer --layout hf`)
+     [--genai-builder DIR] (`python -m onnxruntime_genai.models.builder -i CKPT -o DIR -p int4 -e cpu`, same checkpoint)
+     [--runtime-also ARTIFACT ...] (more artifacts for our runtime, e.g. the cpu preset's shared_buffer_vt export)
+     [--len 128] [--new-tokens 64] [--repeat 3] [--json FILE]
+Out: one table on stdout (and --json): per system, min / median of --repeat runs of prefill and decode tokens/s, peak
+     RSS and file size, with the machine and the load average before each run. Systems run in turn, each run in its
+     own process (so peak RSS is its own), on tools.bench's fixed prompts, greedy, EOS ignored:
+     (a) onnxruntime-genai over our --layout hf export (tools.peers' genai worker), (b) the same over its own builder's
+     export, (c) transformers.js in Node (drivers/transformersjs/bench.mjs, `make install-drivers`), (d) our runtime
+     (tools.bench's worker) on the same export, and on each --runtime-also artifact.
+Measure on a quiet machine (`uptime` < 1.5): every row carries the highest load seen before its runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from tools.bench import _prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+TJS = ROOT / "drivers" / "transformersjs"
+
+
+def _python_worker(module: str, kind: str, model: Path, length: int, new: int) -> list[str]:
+    return [sys.executable, "-m", module, "--worker", kind, "--model", str(model), "--len", str(length), "--batch", "1",
+            "--new-tokens", str(new)]
+
+
+def systems(ours: Path, builder: Path | None, runtime_also: list[Path], length: int, new: int) -> list[dict]:
+    """name, command and stdin of each system's one run."""
+    found = [{"name": "onnxruntime-genai 0.18, our export", "cmd": _python_worker("tools.peers", "genai", ours, length, new),
+              "size": _graph_mb(ours / "onnx")}]
+    if builder:
+        found.append({"name": "onnxruntime-genai 0.18, its builder", "size": _graph_mb(builder),
+                      "cmd": _python_worker("tools.peers", "genai", builder, length, new)})
+    found.append({"name": "transformers.js 4.3.1 (Node), our export", "size": _graph_mb(ours / "onnx"),
+                  "cmd": ["node", str(TJS / "bench.mjs"), str(ours), str(new)], "stdin": json.dumps(_prompts(length, 1))})
+    for artifact in [ours, *runtime_also]:
+        manifest = json.loads((artifact / "manifest.json").read_text())
+        found.append({"name": f"our runtime, {manifest['profile'].get('kv_cache', '?')} cache", "size": _weights_mb(artifact),
+                      "cmd": _python_worker("tools.bench", "ort", artifact, length, new)})
+    return found
+
+
+def _graph_mb(folder: Path) -> float:
+    return round(sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".onnx", ".data", ".onnx_data")) / 1e6)
+
+
+def _weights_mb(artifact: Path) -> float:
+    return round(sum(f.stat().st_size for f in artifact.glob("*.onnx")) / 1e6 + (artifact / "weights.bin").stat().st_size / 1e6)
+
+
+def run_once(system: dict) -> dict:
+    done = subprocess.run(system["cmd"], input=system.get("stdin"), capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(found: list[dict], repeat: int) -> list[dict]:
+    """Every system once per round, `repeat` rounds; min / median per metric, and the highest 1-minute load seen."""
+    runs: list[list[dict]] = [[] for _ in found]
+    loads: list[float] = [0.0 for _ in found]
+    for _ in range(repeat):
+        for i, system in enumerate(found):
+            loads[i] = max(loads[i], os.getloadavg()[0])
+            runs[i].append(run_once(system))
+    rows = []
+    for system, results, load in zip(found, runs, loads):
+        good = [r for r in results if "error" not in r]
+        row = {"system": system["name"], "file_mb": system["size"], "load": round(load, 2), "runs": len(good)}
+        if not good:
+            rows.append({**row, "error": results[0]["error"]})
+            continue
+        for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb"):
+            values = [r[key] for r in good]
+            row[key] = (min(values), statistics.median(values))
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| system | file MB | prefill tok/s (min / median) | decode tok/s (min / median) | peak RSS MB (median) | load |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['system']} | {r['file_mb']} | {r['error']} | | | {r['load']} |")
+            continue
+        (p0, p1), (d0, d1), (_, m) = r["prefill_tok_s"], r["decode_tok_s"], r["peak_rss_mb"]
+        lines.append(f"| {r['system']} | {r['file_mb']:.0f} | {p0:.0f} / {p1:.0f} | {d0:.1f} / {d1:.1f} | {m:.0f} | {r['load']} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), platform.processor() or platform.machine())
+    return f"{name}, {os.cpu_count()} CPUs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.bench_embed", description=__doc__.splitlines()[0])
+    ap.add_argument("--ours", type=Path, required=True, help="our --layout hf export (a shared_buffer or concat cache)")
+    ap.add_argument("--genai-builder", type=Path, help="onnxruntime-genai's model builder output for the same checkpoint")
+    ap.add_argument("--runtime-also", type=Path, nargs="*", default=[], help="more artifacts for our runtime")
+    ap.add_argument("--len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    if not (args.ours / "genai_config.json").exists():
+        print(f"error: {args.ours} is not a --layout hf export (no genai_config.json): export with --layout hf", file=sys.stderr)
+        return 2
+    rows = measure(systems(args.ours, args.genai_builder, args.runtime_also, args.len, args.new_tokens), args.repeat)
+    print(f"{machine()}; prompt {args.len}, {args.new_tokens} new tokens, batch 1; min / median of {args.repeat}")
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "len": args.len, "new_tokens": args.new_tokens, "rows": rows},
+                                        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
