@@ -10,7 +10,9 @@ Out: one table on stdout (and --json): per system, min / median of --repeat runs
      (a) onnxruntime-genai over our --layout hf export (tools.peers' genai worker), (b) the same over its own builder's
      export, (c) transformers.js in Node (drivers/transformersjs/bench.mjs, `make install-drivers`), (d) our runtime
      (tools.bench's worker) on the same export, and on each --runtime-also artifact.
-Measure on a quiet machine (`uptime` < 1.5): every row carries the highest load seen before its runs.
+The machine must be quiet: each run waits (up to --wait seconds) for a 1-minute load average < 1.5, and is run again
+(up to 3 times) when other processes took more than a quarter of a CPU during it (busy time in /proc/stat less the
+run's own, from getrusage); each row reports the highest such share left in its runs.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tools.bench import _prompts
@@ -59,25 +63,47 @@ def _weights_mb(artifact: Path) -> float:
     return round(sum(f.stat().st_size for f in artifact.glob("*.onnx")) / 1e6 + (artifact / "weights.bin").stat().st_size / 1e6)
 
 
-def run_once(system: dict) -> dict:
+def _busy_s() -> float:
+    """CPU seconds the whole machine has been busy (user, nice, system, irq, softirq) since boot."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (sum(fields[:3]) + sum(fields[5:7])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_once(system: dict, wait: float) -> dict:
+    """One run after the load average falls under 1.5 (or `wait` seconds), with the CPU share others took meanwhile."""
+    deadline = time.monotonic() + wait
+    while os.getloadavg()[0] >= 1.5 and time.monotonic() < deadline:
+        time.sleep(5)
+    load, busy, ours, start = os.getloadavg()[0], _busy_s(), _children_s(), time.monotonic()
     done = subprocess.run(system["cmd"], input=system.get("stdin"), capture_output=True, text=True, cwd=ROOT)
+    others = (_busy_s() - busy - (_children_s() - ours)) / (time.monotonic() - start)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "load": load, "others_cpu": max(others, 0.0)}
 
 
-def measure(found: list[dict], repeat: int) -> list[dict]:
-    """Every system once per round, `repeat` rounds; min / median per metric, and the highest 1-minute load seen."""
+def measure(found: list[dict], repeat: int, wait: float) -> list[dict]:
+    """Every system once per round, `repeat` rounds (a run disturbed by other processes again, up to 3 times); min /
+    median per metric."""
     runs: list[list[dict]] = [[] for _ in found]
-    loads: list[float] = [0.0 for _ in found]
     for _ in range(repeat):
         for i, system in enumerate(found):
-            loads[i] = max(loads[i], os.getloadavg()[0])
-            runs[i].append(run_once(system))
+            for _ in range(3):
+                result = run_once(system, wait)
+                if result.get("others_cpu", 0.0) <= 0.25:
+                    break
+            runs[i].append(result)
     rows = []
-    for system, results, load in zip(found, runs, loads):
+    for system, results in zip(found, runs):
         good = [r for r in results if "error" not in r]
-        row = {"system": system["name"], "file_mb": system["size"], "load": round(load, 2), "runs": len(good)}
+        row = {"system": system["name"], "file_mb": system["size"], "runs": len(good),
+               "max_load": round(max((r["load"] for r in good), default=0.0), 2),
+               "max_others_cpu": round(max((r["others_cpu"] for r in good), default=0.0), 2)}
         if not good:
             rows.append({**row, "error": results[0]["error"]})
             continue
@@ -89,14 +115,15 @@ def measure(found: list[dict], repeat: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| system | file MB | prefill tok/s (min / median) | decode tok/s (min / median) | peak RSS MB (median) | load |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| system | file MB | prefill tok/s (min / median) | decode tok/s (min / median) | peak RSS MB (median) "
+             "| load, others' CPU (max) |", "|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['system']} | {r['file_mb']} | {r['error']} | | | {r['load']} |")
+            lines.append(f"| {r['system']} | {r['file_mb']} | {r['error']} | | | |")
             continue
         (p0, p1), (d0, d1), (_, m) = r["prefill_tok_s"], r["decode_tok_s"], r["peak_rss_mb"]
-        lines.append(f"| {r['system']} | {r['file_mb']:.0f} | {p0:.0f} / {p1:.0f} | {d0:.1f} / {d1:.1f} | {m:.0f} | {r['load']} |")
+        lines.append(f"| {r['system']} | {r['file_mb']:.0f} | {p0:.0f} / {p1:.0f} | {d0:.1f} / {d1:.1f} | {m:.0f} "
+                     f"| {r['max_load']}, {r['max_others_cpu']} |")
     return "\n".join(lines)
 
 
@@ -114,12 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--wait", type=float, default=1800, help="seconds a run waits at most for a quiet machine")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if not (args.ours / "genai_config.json").exists():
         print(f"error: {args.ours} is not a --layout hf export (no genai_config.json): export with --layout hf", file=sys.stderr)
         return 2
-    rows = measure(systems(args.ours, args.genai_builder, args.runtime_also, args.len, args.new_tokens), args.repeat)
+    rows = measure(systems(args.ours, args.genai_builder, args.runtime_also, args.len, args.new_tokens), args.repeat,
+                   args.wait)
     print(f"{machine()}; prompt {args.len}, {args.new_tokens} new tokens, batch 1; min / median of {args.repeat}")
     print(table(rows))
     if args.json:
