@@ -10,9 +10,9 @@ Out: one table on stdout (and --json): per system, min / median of --repeat runs
      (a) onnxruntime-genai over our --layout hf export (tools.peers' genai worker), (b) the same over its own builder's
      export, (c) transformers.js in Node (drivers/transformersjs/bench.mjs, `make install-drivers`), (d) our runtime
      (tools.bench's worker) on the same export, and on each --runtime-also artifact.
-The machine must be quiet: each run waits (up to --wait seconds) for a 1-minute load average < 1.5, and is run again
-(up to 3 times) when other processes took more than a quarter of a CPU during it (busy time in /proc/stat less the
-run's own, from getrusage); each row reports the highest such share left in its runs.
+The machine must be quiet: each run waits (up to --wait seconds) for a 1-minute load average < 1.5 and under a
+quarter of a CPU busy, and is run again (up to 3 times) when other processes took more than a quarter of a CPU during
+it (busy time in /proc/stat less the run's own, from getrusage); each row reports the highest load and share left.
 """
 
 from __future__ import annotations
@@ -74,11 +74,19 @@ def _children_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _busy_now(seconds: float = 2.0) -> float:
+    """CPUs kept busy over the next `seconds` (by others: we run nothing meanwhile)."""
+    busy = _busy_s()
+    time.sleep(seconds)
+    return (_busy_s() - busy) / seconds
+
+
 def run_once(system: dict, wait: float) -> dict:
-    """One run after the load average falls under 1.5 (or `wait` seconds), with the CPU share others took meanwhile."""
+    """One run once the machine is quiet (load average < 1.5 and under a quarter of a CPU busy, or after `wait`
+    seconds), with the CPU share others took meanwhile."""
     deadline = time.monotonic() + wait
-    while os.getloadavg()[0] >= 1.5 and time.monotonic() < deadline:
-        time.sleep(5)
+    while (os.getloadavg()[0] >= 1.5 or _busy_now() > 0.25) and time.monotonic() < deadline:
+        time.sleep(3)
     load, busy, ours, start = os.getloadavg()[0], _busy_s(), _children_s(), time.monotonic()
     done = subprocess.run(system["cmd"], input=system.get("stdin"), capture_output=True, text=True, cwd=ROOT)
     others = (_busy_s() - busy - (_children_s() - ours)) / (time.monotonic() - start)
