@@ -298,8 +298,8 @@ def test_transformers_js_in_the_browser_gives_golden_ids(hf_exports, browser_pag
     """transformers.js's pipeline in headless Chromium (onnxruntime-web, wasm) over the int4 standard-op export (the
     portable profile: onnxruntime-web 1.31's build refuses the GroupQueryAttention graph of --ops ort at session
     creation, a ShapeInferenceError). Its tokenizer gives the golden prompt ids and its greedy ids are the artifact's
-    golden ids, batch included: wasm's MatMulNBits ignores the int8 accuracy level, so it reproduces the float32
-    reference's tokens here, not the runtime's (which differ from step 8 of the plain prompt on this fixture)."""
+    golden ids (the float32 reference's), batch included, where the CPU runtime with the manifest's int8 accuracy level
+    for MatMulNBits leaves them at step 8 of the plain prompt: the wasm build does not reproduce that level."""
     runner, url = browser_page
     page = run_page(runner, url + "int4-standard/")
     assert page["title"] == "passed", page["status"]
