@@ -8,7 +8,7 @@ SYNTH  ?= checkpoints/synthetic-full
 DEMO   ?= artifacts/synthetic-full
 PROMPT ?= Hello from ERNIE
 
-.PHONY: install test test-slow test-all demo export synthetic generate serve serve-ray profiles bench bench-peers bench-pairs eval bench-serve clean
+.PHONY: install test test-slow test-all demo export synthetic generate serve serve-ray profiles bench bench-peers bench-pairs eval bench-serve moe clean
 
 install: $(VENV)/.installed
 
@@ -82,6 +82,17 @@ bench-peers: profiles  ## + llama.cpp (f32/q8_0/q4_0) and onnxruntime-genai int4
 
 bench-pairs: profiles  ## decode and prefill ratios to llama.cpp in the same format, taking turns in one process (after make bench-peers)
 	$(PY) -m tools.pairs --model $(ARTIFACTS) --peers $(PEERS)/peers.json --json bench-pairs.json
+
+# ERNIE 4.5 21B-A3B (MoE): a synthetic checkpoint in the real layout (43.7 GB bfloat16, RANDOM weights) unless MOE_CKPT
+# holds the real one; the export streams it (peak RSS and disk: README), verifies layer by layer, then generates.
+MOE_CKPT    ?= checkpoints/moe-full
+MOE_OUT     ?= artifacts/moe-full-$(MOE_PROFILE)
+MOE_PROFILE ?= cpu
+moe: install  ## ERNIE 4.5 21B-A3B: synthetic full-size checkpoint (if MOE_CKPT has none) -> streamed int4 export, verified layer by layer -> generation
+	test -f $(MOE_CKPT)/config.json || $(PY) -m ernie_export.checkpoint.synthetic --arch moe --size full --out $(MOE_CKPT)
+	$(PY) -m ernie_export --model $(MOE_CKPT) --out $(MOE_OUT) --profile $(MOE_PROFILE) --overwrite
+	$(PY) -m runtime.generate --model $(MOE_OUT) --prompt "$(PROMPT)" --max-new-tokens 32 --greedy --stream
+	@echo "(random weights: the text is noise; the timings are real)"
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

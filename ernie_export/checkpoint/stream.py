@@ -42,13 +42,17 @@ def fused_names(cfg: ErnieConfig, i: int) -> dict[str, tuple[int, ...]]:
     return {p + "gate_up_proj": (e, 2 * m, h), p + "down_proj": (e, h, m)}
 
 
+def expert_slice(per_expert: dict[str, torch.Tensor], prefix: str, e: int, fused: str) -> torch.Tensor:
+    """Expert e's part of the fused tensor `fused`: "gate_up_proj" [2I, H] (gate rows first) or "down_proj" [H, I]."""
+    if fused == "gate_up_proj":
+        return torch.cat([per_expert[f"{prefix}{e}.gate_proj.weight"], per_expert[f"{prefix}{e}.up_proj.weight"]])
+    return per_expert[f"{prefix}{e}.down_proj.weight"]
+
+
 def stack_experts(per_expert: dict[str, torch.Tensor], prefix: str, experts: int, fused: str) -> torch.Tensor:
     """One MoE layer's per-expert tensors (`{prefix}E.{gate,up,down}_proj.weight`, prefix `model.layers.N.mlp.experts.`)
     -> the fused tensor `fused`: "gate_up_proj" [E, 2I, H] (gate rows first) or "down_proj" [E, H, I]."""
-    if fused == "gate_up_proj":
-        return torch.stack([torch.cat([per_expert[f"{prefix}{e}.gate_proj.weight"], per_expert[f"{prefix}{e}.up_proj.weight"]])
-                            for e in range(experts)])
-    return torch.stack([per_expert[f"{prefix}{e}.down_proj.weight"] for e in range(experts)])
+    return torch.stack([expert_slice(per_expert, prefix, e, fused) for e in range(experts)])
 
 
 def fuse_experts(weights: dict[str, torch.Tensor], cfg: ErnieConfig) -> dict[str, torch.Tensor]:
@@ -85,12 +89,15 @@ class StreamedWeights:
             self._cached[kind] = (key, tensors)
         return self._cached[kind][1]
 
-    def get(self, name: str) -> np.ndarray:
-        """One export tensor as float32 (a fused experts tensor stacked from the per-expert ones)."""
+    def get(self, name: str, expert: int | None = None) -> np.ndarray:
+        """One export tensor as float32 (a fused experts tensor stacked from the per-expert ones), or with `expert`
+        that expert's part of it only (what the quantizer reads: one expert at a time, not 2 GB of float32)."""
         layer = layer_of(name)
         if layer is not None and EXPERTS in name:
             prefix = f"model.layers.{layer}{EXPERTS}"
-            tensor = stack_experts(self._part(layer, True), prefix, self.cfg.moe_num_experts, name[len(prefix):])
+            part, fused = self._part(layer, True), name[len(prefix):]
+            tensor = (stack_experts(part, prefix, self.cfg.moe_num_experts, fused) if expert is None
+                      else expert_slice(part, prefix, expert, fused))
         else:
             tensor = self._part(layer, False)[name]
         return tensor.float().numpy()

@@ -2,7 +2,7 @@
 
 In:  ONNX IR models traced from model.moe_fused's `skeleton` (large initializers fake: shapes, no data) and
      `get(name) -> np.ndarray` (checkpoint.stream.StreamedWeights.get).
-Out: the same models, each fake initializer's value an `ir.LazyTensor` calling `get` when its bytes are asked for
+Out: the same models, each fake initializer's value a `StreamedTensor` calling `get` when its bytes are asked for
      (by the quantizer, or by the artifact writer); one object per name, shared by the graphs, so that the writer,
      which stores a tensor by identity, reads each weight once.
 """
@@ -20,17 +20,29 @@ def is_fake(tensor) -> bool:
     return isinstance(getattr(tensor, "raw", None), FakeTensor)
 
 
-def bind(models: dict[str, ir.Model], get: Callable[[str], np.ndarray]) -> int:
-    """Replace the fake initializers of `models` by lazy reads of `get`; returns how many names were bound."""
-    lazy: dict[str, ir.LazyTensor] = {}
+class StreamedTensor(ir.LazyTensor):
+    """A checkpoint tensor read when its bytes are asked for; a stacked experts tensor [E, ...] also one expert at a
+    time (`expert(e)`, graph/qmoe.py)."""
+
+    def __init__(self, get: Callable[..., np.ndarray], name: str, dtype: ir.DataType, shape: ir.Shape):
+        super().__init__(lambda: ir.tensor(get(name)), dtype, shape, name=name)
+        self._get = get
+
+    def expert(self, e: int) -> np.ndarray:
+        return self._get(self.name, expert=e)
+
+
+def bind(models: dict[str, ir.Model], get: Callable[..., np.ndarray]) -> int:
+    """Replace the fake initializers of `models` by lazy reads of `get(name)` (`get(name, expert=e)` for one expert of a
+    stacked experts tensor); returns how many names were bound."""
+    lazy: dict[str, StreamedTensor] = {}
     for model in models.values():
         for value in model.graph.initializers.values():
             tensor = value.const_value
             if not is_fake(tensor):
                 continue
             if value.name not in lazy:
-                lazy[value.name] = ir.LazyTensor(lambda name=value.name: ir.tensor(get(name)), tensor.dtype,
-                                                 tensor.shape, name=value.name)
+                lazy[value.name] = StreamedTensor(get, value.name, tensor.dtype, tensor.shape)
             value.const_value = lazy[value.name]
     unbound = [v.name for m in models.values() for v in m.graph.all_nodes() for v in v.inputs
                if v is not None and is_fake(v.const_value)]

@@ -28,15 +28,15 @@ from ernie_export.graph.quantize import (ACCURACY_LEVEL, DIVISORS, ROUND_TO_NEAR
 
 
 def interleave(gate_up: np.ndarray) -> np.ndarray:
-    """[E, 2I, H] gate rows then up rows -> [E, 2I, H] rows g0, u0, g1, u1, ... (QMoE's swiglu_fusion 1)."""
-    e, two_i, h = gate_up.shape
-    return np.stack(np.split(gate_up, 2, axis=1), axis=2).reshape(e, two_i, h)
+    """[..., 2I, H] gate rows then up rows -> [..., 2I, H] rows g0, u0, g1, u1, ... (QMoE's swiglu_fusion 1)."""
+    return np.stack(np.split(gate_up, 2, axis=-2), axis=-2).reshape(gate_up.shape)
 
 
-def quantize_experts(w: np.ndarray, bits: int, block: int, divisors) -> tuple[np.ndarray, np.ndarray]:
-    """[E, N, K] float -> (packed uint8 [E, N, K * bits / 8], float16 scales [E, N, K / block]), expert by expert."""
+def quantize_experts(experts, bits: int, block: int, divisors) -> tuple[np.ndarray, np.ndarray]:
+    """Experts' [N, K] float weights, one at a time -> (packed uint8 [E, N, K * bits / 8], float16 scales
+    [E, N, K / block])."""
     packed, scales = [], []
-    for expert in w:
+    for expert in experts:
         q, s = quantize_blocks(expert, bits, block, divisors)
         packed.append(pack(q, bits, unsigned=True))
         scales.append(s.astype(SCALE_DTYPE))
@@ -50,8 +50,9 @@ def _lazy_pair(quantizer: Quantizer, value: ir.Value, bits: int, block: int, row
     divisors = ROUND_TO_NEAREST[bits] if quantizer.round_to_nearest else DIVISORS[bits]
 
     def compute() -> None:
-        w = value.const_value.numpy()  # the float weights, read from the checkpoint now
-        packed, scales = quantize_experts(interleave(w) if rows else w, bits, block, divisors)
+        tensor = value.const_value  # read from the checkpoint now, expert by expert where it can (bind.StreamedTensor)
+        experts = (tensor.expert(x) for x in range(e)) if hasattr(tensor, "expert") else iter(tensor.numpy())
+        packed, scales = quantize_experts((interleave(w) if rows else w for w in experts), bits, block, divisors)
         kept.update(packed=packed, scales=scales)
 
     def part(which: str):

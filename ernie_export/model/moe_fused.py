@@ -108,8 +108,9 @@ class ErnieMoeForExport(ErnieMoeForCausalLM):
 
 
 
-# Tensors of fewer elements are real in a skeleton (norms, the correction bias): the exporter's constant folding reads
-# small initializers, and they cost nothing; the rest are fake (shapes only) and bound to the checkpoint after tracing.
+# Vectors (the norms) and tensors of fewer elements (the correction bias) are real in a skeleton: the exporter's constant
+# folding and rewrite rules read them (measured: a rule read a full-size norm weight), and they cost nothing; the rest are
+# fake (shapes only) and bound to the checkpoint after tracing.
 REAL_BELOW = 1024
 
 
@@ -121,7 +122,7 @@ def skeleton(cfg: ErnieMoeConfig, ops: str, shapes: dict[str, tuple[int, ...]],
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     state = {}
     for name, shape in shapes.items():
-        if math.prod(shape) < REAL_BELOW:
+        if len(shape) == 1 or math.prod(shape) < REAL_BELOW:
             state[name] = torch.from_numpy(get(name))
         else:
             with fake:
