@@ -35,11 +35,12 @@ WORDS = ("the manual describes each device, its cables, its error codes and the 
 def system_prompt(model: str, tokens: int) -> tuple[str, int]:
     """A system prompt of about `tokens` tokens (the artifact's tokenizer counts them) and its exact count."""
     tok = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
+    count = lambda text: len(tok.encode(text + "\n\n", add_special_tokens=False).ids)  # noqa: E731
     text, i = "You are the support assistant of a hardware company. Use only this reference:\n", 0
-    while len(tok.encode(text, add_special_tokens=False).ids) < tokens:
-        text += " ".join(WORDS).format(i=i) + " "
+    while count(text) < tokens:
+        text += " " + WORDS[i % len(WORDS)].format(i=i // len(WORDS))
         i += 1
-    return text + "\n\n", len(tok.encode(text + "\n\n", add_special_tokens=False).ids)
+    return text + "\n\n", count(text)
 
 
 def user_turn(i: int) -> str:
