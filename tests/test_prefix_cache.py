@@ -136,7 +136,7 @@ def test_off_by_one_reuse_is_caught(gen, opts, monkeypatch):
     """Negative control: a reuse that feeds the prefix's last token again (claims one token fewer than the keys
     and values it returns) must fail the identity comparison the tests above make."""
     real = PrefixCache.lookup
-    monkeypatch.setattr(PrefixCache, "lookup", lambda self, prompt: (lambda n, kv: (max(n - 1, 0), kv))(
+    monkeypatch.setattr(PrefixCache, "lookup", lambda self, prompt: (lambda n, blocks: (max(n - 1, 0), blocks))(
         *real(self, prompt)))
     engine = Engine(gen)
     prompts = [encode(gen, SYSTEM, u) for u in USERS[:2]]
@@ -167,9 +167,9 @@ def test_lru_bound_keeps_parents_and_evicts_oldest():
         assert cache.bytes <= cache.limit_bytes and cache.bytes == len(cache) * block
         assert cache.match(shared + [0]) == 32  # the shared parents outlive their evicted children
     assert cache.match(shared + [19] * 33) == 64 and cache.match(shared + [0] * 33) == 32  # newest kept, oldest gone
-    n, kv = cache.lookup(shared + [19] * 33)
-    assert n == 64 and kv.shape == (4, 2, 64, 8) and list(kv[0, 0, ::16, 0]) == [0, 16, 32, 48]
-    assert cache.lookup(shared[:16]) == (0, None)  # the last token is always fed: a 16-token prompt reuses nothing
+    n, blocks = cache.lookup(shared + [19] * 33)
+    assert n == 64 and [b.shape for b in blocks] == [(4, 2, 16, 8)] * 4 and [b[0, 0, 0, 0] for b in blocks] == [0, 16, 32, 48]
+    assert cache.lookup(shared[:16]) == (0, [])  # the last token is always fed: a 16-token prompt reuses nothing
 
 
 def test_limit_flag_refuses_negative():

@@ -205,8 +205,8 @@ class Engine:
             return
         if any(reused):
             for i, request in enumerate(group):
-                reused[i], kv = self.prefixes.lookup(request.prompt)
-                one = (as_cache(kv, model.decode.io.past, model.kind, model.decode.device) if reused[i]
+                reused[i], blocks = self.prefixes.lookup(request.prompt)
+                one = (as_cache(blocks, model.decode.io.past, model, len(request.prompt)) if reused[i]
                        else model.empty_cache(1))
                 past = one if past is None else model.merge_caches(past, one)
         if self.prefixes is not None:

@@ -3,8 +3,9 @@
 In:  after a prefill, each row's prompt and its cache (`insert`, with `rows_kv` reading the rows of a batch's
      cache); before one, a new prompt (`lookup`).
 Out: the longest cached prefix of the prompt, block aligned and at least one token short of it (the last
-     token must be fed to get the logits): its length n and its keys and values [names, KV, n, D], which
-     `as_cache` turns into a batch-1 `KVCache` of the model's kind, for `Model.start` to feed the rest after.
+     token must be fed to get the logits): its length n and its blocks' keys and values ([names, KV, BLOCK, D]
+     each), which `as_cache` writes into a batch-1 `KVCache` of the model's kind, for `Model.start` to feed
+     the rest after.
 
 Design: a prompt is split into blocks of BLOCK tokens; a block is keyed by (its parent block's id, its own
 tokens), so a key names the whole prefix up to and including it, exactly (no hash collisions to guard), and
@@ -33,7 +34,8 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.core.kv_cache import KVCache, Kind, to_device
+from runtime.core.kv_cache import KVCache, to_device
+from runtime.core.step import Model
 
 KVSlice = Callable[[int, int], np.ndarray]  # (lo, hi) -> keys and values of tokens lo..hi-1, [names, KV, hi-lo, D]
 
@@ -70,14 +72,12 @@ class PrefixCache:
         """How many tokens `lookup` would reuse now (nothing is read or touched)."""
         return len(self._chain(prompt, (len(prompt) - 1) // self.BLOCK)) * self.BLOCK
 
-    def lookup(self, prompt: list[int]) -> tuple[int, np.ndarray | None]:
-        """(n, keys and values [names, KV, n, D]) of the longest cached block-aligned prefix of `prompt` shorter than
-        it; (0, None) when none."""
+    def lookup(self, prompt: list[int]) -> tuple[int, list[np.ndarray]]:
+        """(n, the blocks' keys and values, [names, KV, BLOCK, D] each, in order) of the longest cached block-aligned
+        prefix of `prompt` shorter than it; (0, []) when none. The blocks are the cache's own: read them only."""
         keys = self._chain(prompt, (len(prompt) - 1) // self.BLOCK)
         self._touch(keys)
-        if not keys:
-            return 0, None
-        return len(keys) * self.BLOCK, np.concatenate([self._blocks[key][1] for key in keys], axis=2)
+        return len(keys) * self.BLOCK, [self._blocks[key][1] for key in keys]
 
     def insert(self, tokens: list[int], kv: KVSlice) -> None:
         """Keep the keys and values of `tokens`' whole blocks (`kv` reads those not cached yet), then evict the least
@@ -110,8 +110,18 @@ def rows_kv(cache: KVCache, names: tuple[str, ...]) -> list[KVSlice]:
     return [reader(row) for row in range(len(cache.mask))]
 
 
-def as_cache(kv: np.ndarray, names: tuple[str, ...], kind: Kind, device: str) -> KVCache:
-    """A batch-1 cache of `kind` holding `kv` [names, KV, n, D] at positions 0..n-1 (capacity n: `Model.start`
-    grows a buffer as it needs)."""
-    values = {name: to_device(np.moveaxis(kv[i], 1, kind.axis(name) - 1)[None], device) for i, name in enumerate(names)}
-    return KVCache(values, np.ones((1, kv.shape[2]), np.int64), kind)
+def as_cache(blocks: list[np.ndarray], names: tuple[str, ...], model: Model, total: int) -> KVCache:
+    """A batch-1 cache of the model's kind holding `blocks` (from `lookup`) at positions 0..n-1, with the room the
+    kind reserves for `total` positions (a shared buffer: `Model.start` then feeds the rest without growing it)."""
+    n, kind, device = sum(b.shape[2] for b in blocks), model.kind, model.decode.device
+    room = model.reserve(model.empty_cache(1), total)  # the kind's buffers for `total` positions (a concat: none)
+    if room.capacity < n or device != "cpu":  # a cache that grows by itself, or one not writable from the host
+        kv = np.concatenate(blocks, axis=2)
+        values = {name: to_device(np.moveaxis(kv[i], 1, kind.axis(name) - 1)[None], device)
+                  for i, name in enumerate(names)}
+        return KVCache(values, np.ones((1, n), np.int64), kind)
+    for i, name in enumerate(names):  # written in place: one pass over the prefix, no copy of a copy
+        view = np.moveaxis(room.values[name].numpy()[0], kind.axis(name) - 1, 1)  # [KV, capacity, D]
+        for lo, block in zip(range(0, n, PrefixCache.BLOCK), blocks):
+            view[:, lo:lo + block.shape[2]] = block[i]
+    return KVCache(room.values, np.ones((1, n), np.int64), kind)
