@@ -16,7 +16,9 @@ Out: (a) the layout's files, derived from the manifest and listed in it; the shi
      (f) in headless Chromium (onnxruntime-web, wasm; drivers/transformersjs/browser.html, served with http.server on
      127.0.0.1), the int4 standard-op export gives the golden greedy ids (single, chat, batch); right padding breaks
      the batch (negative control); (g) optimum's ORTModelForCausalLM (drivers/optimum, its own transformers in
-     drivers/optimum/site) with the documented two lines gives our greedy ids; without them it fails.
+     drivers/optimum/site) with the documented two lines gives our greedy ids; without them it fails; (h)
+     tools.bench_embed times genai, transformers.js and our runtime on the int4 export, and refuses a folder
+     without the layout.
 """
 
 from __future__ import annotations
@@ -350,3 +352,19 @@ def test_optimum_without_the_two_lines_fails(hf_exports):
     """Negative control: optimum's own cache shape (KV heads = query heads) is refused by onnxruntime."""
     done = run_optimum(hf_exports["float32"], "--no-workaround")
     assert done.returncode == 1 and "past_key_values" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+
+
+def test_bench_embed_times_every_path(hf_exports, transformers_js, tmp_path):
+    """tools.bench_embed on the tiny int4 export: onnxruntime-genai, transformers.js and our runtime each give positive
+    figures (no error row); a folder without the layout is refused with one line (exit 2)."""
+    run = [sys.executable, "-m", "tools.bench_embed", "--repeat", "1", "--len", "16", "--new-tokens", "4", "--wait", "0"]
+    done = subprocess.run([*run, "--ours", str(hf_exports["int4"]), "--json", str(tmp_path / "embed.json")],
+                          capture_output=True, text=True, timeout=300, cwd=TJS_DIR.parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "embed.json").read_text())["rows"]
+    assert [r["system"].split(",")[0].split(" ")[0] for r in rows] == ["onnxruntime-genai", "transformers.js", "our"]
+    assert all(r["decode_tok_s"][0] > 0 and r["prefill_tok_s"][0] > 0 and r["peak_rss_mb"][0] > 0 for r in rows), rows
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    refused = subprocess.run([*run, "--ours", str(bare)], capture_output=True, text=True, timeout=60, cwd=TJS_DIR.parents[1])
+    assert refused.returncode == 2 and refused.stderr.strip().startswith("error:") and "\n" not in refused.stderr.strip()
