@@ -191,3 +191,18 @@ def test_rows_kv_reads_each_rows_real_tokens(gen):
         _, alone = gen.model.start([prompt], gen.pad_id)
         expect = prefix_cache.rows_kv(alone, gen.model.decode.io.past)[0](0, len(prompt))
         np.testing.assert_allclose(kv(0, len(prompt)), expect, atol=1e-5)
+
+
+def test_prefix_evicted_between_admission_and_prefill(gen, opts):
+    """A hit planned at admission whose blocks the same step's earlier prefill evicted is fed from scratch (an
+    empty past), still identical to a fresh run."""
+    engine = Engine(gen)
+    serve_all(engine, [encode(gen, SYSTEM, "Hello")], opts)
+    block = engine.prefixes.bytes // len(engine.prefixes)
+    hit, miss = encode(gen, SYSTEM, USERS[0]), G.encode_prompt(gen, "Another system prompt entirely, " * 6)
+    engine.prefixes.limit_bytes = len(miss) // PrefixCache.BLOCK * block  # the miss's own blocks fill the cache
+    assert engine.prefixes.match(hit) >= 2 * PrefixCache.BLOCK  # at admission it is a hit
+    results = serve_all(engine, [hit, miss], opts)  # the miss is prefilled first: its blocks evict the prefix
+    m = engine.metrics()
+    assert m["prefix_cache_hits"] == 0 and m["prefix_cache_misses"] == 3 and m["prefix_tokens_reused"] == 0, m
+    assert_fresh(gen, [hit, miss], results, opts)
