@@ -168,7 +168,7 @@ def create_app(get_engine, model_name: str, api_key: str | None = None, timeout_
 
 
 def prometheus(values: dict) -> str:
-    counters = ("requests", "tokens_generated", "rejected")
+    counters = ("requests", "tokens_generated", "rejected", "prefix_cache_hits", "prefix_cache_misses", "prefix_tokens_reused")
     return "".join(f"# TYPE ernie_{name} {'counter' if name.startswith(counters) else 'gauge'}\nernie_{name} {value}\n"
                    for name, value in values.items())
 
