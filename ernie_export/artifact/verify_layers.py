@@ -225,8 +225,9 @@ def verify_layers(directory: Path, manifest: dict, ckpt: Path, cfg: ErnieConfig,
             "expert_choice_agreement_by_layer": {str(k): v for k, v in agreement.items()},
             "logits_max_abs_diff_vs_eager_dequantized": float((graph_logits - held_logits).abs().max()),
             "top1_agreement_vs_eager_dequantized": float((graph_logits.argmax(-1) == held_logits.argmax(-1)).float().mean()),
-            "quality": {"mean_kl_vs_float32": ours["mean_kl"], "top1_agreement_vs_float32": ours["top1"],
-                        "decisive_positions": int(mask.sum()),
+            "quality": {"positions": len(ids), "mean_kl_vs_float32": ours["mean_kl"],
+                        "top1_agreement_vs_float32": ours["top1"], "decisive_positions": int(mask.sum()),
+                        "top1_agreement_decisive": 1 - ours["decisive_flips"] / max(int(mask.sum()), 1),
                         "shipped_accuracy_level_4": {"mean_kl_vs_float32": level4["mean_kl"],
                                                      "top1_agreement_vs_float32": level4["top1"]}}}
 
