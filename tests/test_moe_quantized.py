@@ -139,3 +139,22 @@ def test_layer_by_layer_verification_catches_a_router_weighing_by_the_biased_sco
         build.export_artifact(str(ckpt), out, profile="cpu", log=lambda m: None)
     assert failed.value.report["layer_max_rel_diff"] > 1e-3 and "layer 1 " in str(failed.value), failed.value.report
     assert not out.exists()
+
+
+def test_manifest_names_where_qmoe_graphs_run_and_node_refuses_in_one_line(quantized):
+    """QMoE's accuracy_level (2x faster experts) is unknown to onnxruntime-node 1.30: the manifest's minimum says so,
+    and the Node driver refuses the artifact with one line instead of failing inside session creation."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    _, art = quantized
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["onnxruntime"] == {"minimum": "1.32.0", "tested": {"python": "1.32.0"}}
+    node_dir = Path(__file__).resolve().parents[1] / "drivers" / "node"
+    if not shutil.which("node") or not (node_dir / "node_modules" / "onnxruntime-node").is_dir():
+        pytest.skip("node or drivers/node/node_modules is missing (make install-drivers)")
+    p = subprocess.run(["node", str(node_dir / "check.mjs"), "--model", str(art), "--json"], capture_output=True,
+                       text=True, timeout=120)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(err) == 1 and "needs onnxruntime >= 1.32.0" in err[0], (p.returncode, err)

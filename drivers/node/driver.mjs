@@ -56,7 +56,19 @@ export function readManifest(dir) {
   if (!CACHE_TYPES.includes(manifest.dtype)) {
     throw new ArtifactError(`${manifest.dtype} artifacts have no JavaScript tensor type; use float32 or float16`);
   }
+  const need = manifest.onnxruntime?.minimum, have = ort.env.versions.node;
+  if (need && olderThan(have, need)) {
+    throw new ArtifactError(`this artifact needs onnxruntime >= ${need} (its graphs were run there), but ` +
+      `onnxruntime-node ${have} is installed: upgrade onnxruntime-node, or export a profile it runs`);
+  }
   return manifest;
+}
+
+/** Is version a (x.y.z) older than b? */
+function olderThan(a, b) {
+  const [x, y] = [a, b].map((v) => v.split('.').map((n) => parseInt(n, 10) || 0));
+  for (let i = 0; i < 3; i++) if ((x[i] ?? 0) !== (y[i] ?? 0)) return (x[i] ?? 0) < (y[i] ?? 0);
+  return false;
 }
 
 /** A JSON file the manifest lists under `role` (golden, generation), or null when it lists none. */
