@@ -19,14 +19,13 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 from tokenizers import Tokenizer
 
-from tools.bench_serve import one_request, run_level
+from tools.bench_serve import one_request, run_level, wait_up
 
 WORDS = ("the manual describes each device, its cables, its error codes and the steps that reset it; section "
          "{i} covers model {i} and its spare parts, warranty terms and the safety notes that apply. ").split()
@@ -59,16 +58,7 @@ def measure(model: str, cache_mb: float, port: int, system: str, args) -> dict:
                "--max-batch", str(args.clients), "--prefix-cache-mb", str(cache_mb)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                raise RuntimeError(f"the server did not come up ({' '.join(command)})")
-            time.sleep(0.5)
+        wait_up(server, url, f"the server did not come up ({' '.join(command)})")
         one_request(url, system + user_turn(0), 4)  # warm-up (and, with reuse on, caches the system prompt)
         solo = [one_request(url, system + user_turn(1 + i), 4)["ttft"] for i in range(args.solo)]
         prompts = [system + user_turn(100 + i) for i in range(args.clients * args.requests_per_client)]

@@ -76,20 +76,25 @@ def run_level(url: str, prompts: list[str], clients: int, per_client: int, max_t
             "ttft_p99": pct("ttft", 99), "latency_p50": pct("latency", 50), "latency_p99": pct("latency", 99)}
 
 
+def wait_up(server: subprocess.Popen, url: str, failure: str, timeout_s: float = 300) -> None:
+    """Until the server answers /v1/models; RuntimeError(failure) when it exits or `timeout_s` passes first."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or server.poll() is not None:
+            raise RuntimeError(failure)
+        time.sleep(0.5)
+
+
 def measure(name: str, command: list[str], url: str, prompts: list[str], args) -> dict:
     """Start a server, wait for it, measure the solo figures and every (arrivals, clients) level, stop it."""
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                raise RuntimeError(f"{name}: the server did not come up ({' '.join(command[:4])} ...)")
-            time.sleep(0.5)
+        wait_up(server, url, f"{name}: the server did not come up ({' '.join(command[:4])} ...)")
         one_request(url, prompts[0], 4)  # warm-up
         # the denominator of the TTFT goal: each prompt the clients send, alone (the median; one run was noisy)
         solo_ttft = float(np.median([one_request(url, p, 4)["ttft"] for p in prompts]))
