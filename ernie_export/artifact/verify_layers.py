@@ -31,7 +31,7 @@ from ernie_export.artifact.quality import against, decisive
 from ernie_export.checkpoint.config import ErnieConfig
 from ernie_export.checkpoint.stream import EXPERTS
 from ernie_export.checkpoint.weights import global_shapes, layer_shapes, read_part, layer_of
-from ernie_export.graph.quantize import unpack
+from ernie_export.graph.quantize import dequantize_blocks, unpack
 from ernie_export.model.dense import DecoderLayer, RMSNorm, attention_allowed, rope_cos_sin, rope_inv_freq
 from ernie_export.model.moe import ErnieMoeForCausalLM
 from runtime.core.contract import SCORE
@@ -43,10 +43,11 @@ MIN_CHOICE_AGREEMENT = 0.99  # experts the graph's routers pick of those eager p
 
 def _dequant(q: np.ndarray, scales: np.ndarray, bits: int, block: int) -> np.ndarray:
     """Quantized rows: bytes [..., N, K * bits / 8] (unsigned, zero point 2^(bits-1)) and scales [..., N, K / block]
-    -> float32 [..., N, K]."""
-    ints = unpack(q, bits, unsigned=True).astype(np.float32)
-    shape = ints.shape
-    return (ints.reshape(*shape[:-1], -1, block) * scales.astype(np.float32)[..., None]).reshape(shape)
+    -> float32 [..., N, K], through the quantizer's own unpack and dequantize_blocks."""
+    ints = unpack(q, bits, unsigned=True)
+    k = ints.shape[-1]
+    rows = dequantize_blocks(ints.reshape(-1, k), scales.astype(np.float32).reshape(-1, k // block), block)
+    return rows.reshape(ints.shape)
 
 
 def _initializer(value: ir.Value) -> np.ndarray:
