@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from runtime.core.errors import Failure
@@ -159,3 +160,69 @@ def test_smoke_command_runs_the_llama_worker_on_the_file():
     cmd = [str(c) for c in peers.smoke_command(Path("/x/q8_0.gguf"))]
     assert cmd[:3] == [sys.executable, "-m", "tools.peers"] and cmd[cmd.index("--model") + 1] == "/x/q8_0.gguf"
     assert cmd[cmd.index("--worker") + 1] == "llama"
+
+
+class FakeLlamaCpp:
+    """The few llama.cpp calls tools.llama_batch makes, over a fake model whose logits at a batch index are a one-hot
+    of (that token's id + its position + 1): so each row's greedy ids tell which token and position the worker fed."""
+    VOCAB = 64
+
+    def __init__(self):
+        self.decoded: list[list[tuple[int, int, int, int]]] = []
+        self.logits: dict[int, np.ndarray] = {}
+
+    def llama_batch_init(self, n, embd, seqs):
+        class Batch:
+            pass
+        b = Batch()
+        b.n_tokens, b.token, b.pos, b.n_seq_id, b.logits = 0, [0] * n, [0] * n, [0] * n, [0] * n
+        b.seq_id = [[0] for _ in range(n)]
+        return b
+
+    def llama_batch_free(self, batch):
+        pass
+
+    def llama_memory_clear(self, memory, data):
+        pass
+
+    def llama_get_memory(self, ctx):
+        return None
+
+    def llama_synchronize(self, ctx):
+        pass
+
+    def llama_decode(self, ctx, b):
+        rows = [(b.token[i], b.pos[i], b.seq_id[i][0], b.logits[i]) for i in range(b.n_tokens)]
+        self.decoded.append(rows)
+        self.logits = {i: np.eye(self.VOCAB, dtype=np.float32)[(t + p + 1) % self.VOCAB]
+                       for i, (t, p, _, want) in enumerate(rows) if want}
+        return 0
+
+    def llama_get_logits_ith(self, ctx, i):
+        return self.logits[i]  # KeyError: logits read at an index the worker did not ask for
+
+
+def test_batched_llama_feeds_each_row_its_own_sequence_and_reads_its_own_logits(monkeypatch):
+    """tools.llama_batch (llama.cpp's batch > 1 rows): every prompt token goes to its row's sequence at its position,
+    logits are asked for only at each row's last prompt position and then at every decode token, and each row's
+    greedy ids follow from its own logits. Negative control: a worker reading the last row's logits for every row
+    (one index for the whole batch, as the batch-1 worker's `llama_get_logits_ith(ctx, -1)`) gives other ids."""
+    from tools import llama_batch
+
+    monkeypatch.setattr(np.ctypeslib, "as_array", lambda logits, shape: logits)
+    fake = FakeLlamaCpp()
+    prompts = [[3, 5, 7], [11, 13, 17]]
+    _, ids = llama_batch.run_batched((fake, None, None, fake.VOCAB, 0.0), prompts, 3)
+    prompt_batch, *steps = fake.decoded
+    assert prompt_batch == [(t, p, r, int(p == 2)) for r, row in enumerate(prompts) for p, t in enumerate(row)]
+    assert [[(pos, seq) for _, pos, seq, _ in s] for s in steps] == [[(3, 0), (3, 1)], [(4, 0), (4, 1)]]
+    expected = []
+    for row in prompts:  # token t at position p -> next id t + p + 1
+        out = [row[-1] + 2 + 1]
+        for pos in (3, 4):
+            out.append(out[-1] + pos + 1)
+        expected.append(out)
+    assert ids == expected
+    monkeypatch.setattr(llama_batch, "_argmax", lambda lc, ctx, index, vocab: int(lc.logits[max(lc.logits)].argmax()))
+    _, wrong = llama_batch.run_batched((fake, None, None, fake.VOCAB, 0.0), prompts, 3)
+    assert wrong != expected

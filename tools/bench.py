@@ -5,7 +5,7 @@ In:  --model ARTIFACT [ARTIFACT ...] [--peers ~/.cache/ernie-peers/peers.json] [
 Out: one table (and --json file): per system, prompt length and batch, time to first token, prefill
      tokens/s, decode tokens/s, peak resident memory, file size, and for our artifacts the ratios to
      llama.cpp in the same format (float32 : f32, int8 : q8_0, int4 : q4_0) measured in the same run.
-     Peers come from `python -m tools.peers setup` (llama.cpp is measured at batch 1 only); the eager
+     Peers come from `python -m tools.peers setup` (llama.cpp at any batch: tools.llama_batch); the eager
      model is transformers' (the project's numerical reference) when torch and transformers are installed.
 
 Every configuration runs in its own subprocess so peak RSS is that configuration's alone. Prompts
@@ -70,8 +70,9 @@ def worker_eager(checkpoint: str, length: int, batch: int, new: int, threads: in
         torch.set_num_threads(threads)
     prompts = torch.tensor(_prompts(length, batch))
     mask = torch.ones_like(prompts)
+    t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    marks = []
+    load_s, marks = time.perf_counter() - t0, []
 
     class Clock(BaseStreamer):
         def put(self, value):
@@ -89,7 +90,8 @@ def worker_eager(checkpoint: str, length: int, batch: int, new: int, threads: in
     first, end = marks[1], marks[-1]  # marks[0]: the prompt; marks[1]: first new token
     return {"impl": "transformers", "ttft_s": round(first - start, 4),
             "prefill_tok_s": round(length * batch / (first - start), 2),
-            "decode_tok_s": round((new - 1) * batch / (end - first), 2), "peak_rss_mb": round(peak_rss_mb())}
+            "decode_tok_s": round((new - 1) * batch / (end - first), 2), "load_s": round(load_s, 2),
+            "peak_rss_mb": round(peak_rss_mb())}
 
 
 def _run(kind: str, target: str, length: int, batch: int, new: int, threads: int | None,
@@ -106,7 +108,7 @@ def _run(kind: str, target: str, length: int, batch: int, new: int, threads: int
 PEER_WORKERS = ("llama", "genai")
 # Which llama.cpp file each of our formats is compared with (same bits per weight).
 SAME_FORMAT = {"float32": "llama.cpp f32", "int8": "llama.cpp q8_0", "int4": "llama.cpp q4_0"}
-METRICS = ("ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
+METRICS = ("ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "load_s")
 
 
 def _size_mb(path: Path) -> float:
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.getloadavg()[0]:.2f}; {args.new_tokens} new tokens; median of {args.repeat} (systems in turn); x = ours / llama.cpp "
           "in the same format, same run", flush=True)
     print(f"{'system':<22} {'prompt':>6} {'batch':>5} | {'TTFT s':>7} {'prefill t/s':>11} {'decode t/s':>10} "
-          f"{'RSS MB':>7} {'file MB':>7} | {'prefill x':>9} {'decode x':>8}", flush=True)
+          f"{'RSS MB':>7} {'file MB':>7} {'load s':>6} | {'prefill x':>9} {'decode x':>8}", flush=True)
     rows = []
     for length in args.prompt_lens:
         for batch in args.batches:
@@ -193,14 +195,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(head + f"{r['error']}", flush=True)
                     continue
                 peer = next((x for x in rows if x["system"] == SAME_FORMAT.get(system.get("format")) and
-                             x["prompt"] == length and x["batch"] == 1 and "error" not in x), None)
+                             x["prompt"] == length and x["batch"] == batch and "error" not in x), None)
                 ratios = ""
-                if peer and batch == 1:
+                if peer:
                     rows[-1]["prefill_x"] = round(r["prefill_tok_s"] / peer["prefill_tok_s"], 2)
                     rows[-1]["decode_x"] = round(r["decode_tok_s"] / peer["decode_tok_s"], 2)
                     ratios = f"{rows[-1]['prefill_x']:>8.2f}x {rows[-1]['decode_x']:>7.2f}x"
                 print(head + f"{r['ttft_s']:>7.3f} {r['prefill_tok_s']:>11.1f} {r['decode_tok_s']:>10.2f} "
-                      f"{r['peak_rss_mb']:>7.0f} {system['size_mb']:>7.0f} | {ratios}", flush=True)
+                      f"{r['peak_rss_mb']:>7.0f} {system['size_mb']:>7.0f} {r['load_s']:>6.1f} | {ratios}", flush=True)
     quality = quality_table(found, args.model[0], args.threads)
     if args.json:
         with open(args.json, "w") as f:

@@ -50,6 +50,7 @@ import numpy as np
 
 from runtime.core.errors import ErnieError
 from tools.bench import _prompts, peak_rss_mb
+from tools.llama_batch import open_batched, run_batched
 from tools.llama_build import LLAMA_CPP, converter, install_llama_cpp, install_llama_server, sh, smoke
 
 GENAI = "onnxruntime-genai==0.18.0"
@@ -186,7 +187,7 @@ def _greedy(llm) -> int:
 
 def worker_llama(model: str, length: int, batch: int, new: int, threads: int | None) -> dict:
     if batch > 1:
-        return {"error": "batch > 1 not measured"}
+        return worker_llama_batched(model, length, batch, new, threads)
     t0 = time.perf_counter()
     llm = _llama(model, length + new, max(length, 512), threads)
     load_s = time.perf_counter() - t0
@@ -209,6 +210,17 @@ def worker_llama(model: str, length: int, batch: int, new: int, threads: int | N
     return {"impl": f"llama.cpp (llama-cpp-python {importlib.metadata.version('llama-cpp-python')})",
             "ttft_s": round(first - start, 4), "prefill_tok_s": round(length / (prefilled - start), 2),
             "decode_tok_s": round((new - 1) / (end - first), 2), "load_s": round(load_s, 2),
+            "peak_rss_mb": round(peak_rss_mb())}
+
+
+def worker_llama_batched(model: str, length: int, batch: int, new: int, threads: int | None) -> dict:
+    handle = open_batched(model, batch, length + new, batch * length, threads)
+    prompts = _prompts(length, batch)
+    run_batched(handle, [p[:16] for p in prompts], 4)  # warm-up
+    (start, prefilled, first, end), _ = run_batched(handle, prompts, new)
+    return {"impl": f"llama.cpp (llama-cpp-python {importlib.metadata.version('llama-cpp-python')})",
+            "ttft_s": round(first - start, 4), "prefill_tok_s": round(length * batch / (prefilled - start), 2),
+            "decode_tok_s": round((new - 1) * batch / (end - first), 2), "load_s": round(handle[-1], 2),
             "peak_rss_mb": round(peak_rss_mb())}
 
 
