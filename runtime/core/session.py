@@ -189,8 +189,9 @@ def open_model(directory: str | Path, manifest: dict, provider: str = "cpu", thr
         return Step(session, io, cache_device, dims["vocab_size"], dims["max_position_embeddings"],
                     manifest["full_logits"] or every, every, kind=kind, in_place=in_place)
 
-    # Huge pages for the packed weights: measured faster for float32 only (runtime.hugepages).
-    huge = hugepages.wanted(provider == "cpu" and prepacked(manifest) and manifest["profile"]["quantization"] == "none")
+    # Huge pages for the packed weights: measured faster for float32 and for MoE experts only (runtime.hugepages).
+    huge = hugepages.wanted(provider == "cpu" and prepacked(manifest) and (manifest["profile"]["quantization"] == "none"
+                                                                           or manifest["model"]["type"] == "ernie4_5_moe"))
     before = hugepages.anonymous_regions() if huge else set()
     steps = {graph: step(graph, shared.get(graph)) for graph in graphs}
     if huge:
