@@ -216,7 +216,9 @@ def quality_table(found: list[dict], artifact: str, threads: int | None) -> list
     rows = []
     for system in found:
         if system["kind"] == "ort" and system["format"] in ("int8", "int4"):
-            q = json.loads((Path(system["target"]) / "parity.json").read_text())["quality"]
+            q = json.loads((Path(system["target"]) / "parity.json").read_text()).get("quality")
+            if q is None:  # exported with --no-verify: no quality figures to show
+                continue
             rows.append({"system": system["name"], "mean_kl": q["mean_kl_vs_float32"],
                          "top1_agreement": q["top1_agreement_vs_float32"], "positions": q["positions"],
                          "decisive_positions": q.get("decisive_positions"),  # artifacts verified before the gate lack it
