@@ -158,23 +158,3 @@ def test_manifest_names_where_qmoe_graphs_run_and_node_refuses_in_one_line(quant
                        text=True, timeout=120)
     err = p.stderr.strip().splitlines()
     assert p.returncode != 0 and len(err) == 1 and "needs onnxruntime >= 1.32.0" in err[0], (p.returncode, err)
-
-
-@pytest.mark.parametrize("env,expected", [(None, True), ("0", False)])
-def test_moe_experts_go_to_huge_pages_by_default(quantized, monkeypatch, env, expected):
-    """A quantized MoE artifact's packed weights are collapsed into huge pages on the CPU by default (measured at full
-    size: decode 9.86 / 9.85 vs 9.58 / 9.24 tok/s, runtime.core.hugepages), unlike a dense int4 one (no gain there:
-    tests/test_hugepages.py); ERNIE_HUGE_PAGES=0 turns it off."""
-    from runtime.core import hugepages
-    from runtime.core.contract import load_manifest
-    from runtime.core.session import open_model
-
-    calls = []
-    monkeypatch.setattr(hugepages, "collapse", lambda regions: calls.append(regions) or 0)
-    if env is None:
-        monkeypatch.delenv("ERNIE_HUGE_PAGES", raising=False)
-    else:
-        monkeypatch.setenv("ERNIE_HUGE_PAGES", env)
-    _, path = quantized
-    open_model(path, load_manifest(path))
-    assert bool(calls) == expected
