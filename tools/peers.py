@@ -185,6 +185,18 @@ def _greedy(llm) -> int:
     return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).argmax())
 
 
+def _llama_impl() -> str:
+    return f"llama.cpp (llama-cpp-python {importlib.metadata.version('llama-cpp-python')})"
+
+
+def _figures(impl: str, times: tuple[float, float, float, float], length: int, batch: int, new: int, load_s: float) -> dict:
+    """A worker's JSON line from its (start, prefilled, first, end) times: tokens/s are totals over the batch."""
+    start, prefilled, first, end = times
+    return {"impl": impl, "ttft_s": round(first - start, 4), "prefill_tok_s": round(length * batch / (prefilled - start), 2),
+            "decode_tok_s": round((new - 1) * batch / (end - first), 2), "load_s": round(load_s, 2),
+            "peak_rss_mb": round(peak_rss_mb())}
+
+
 def worker_llama(model: str, length: int, batch: int, new: int, threads: int | None) -> dict:
     if batch > 1:
         return worker_llama_batched(model, length, batch, new, threads)
@@ -206,22 +218,15 @@ def worker_llama(model: str, length: int, batch: int, new: int, threads: int | N
 
     [prompt] = _prompts(length, 1)
     run(prompt[:16], 4)  # warm-up
-    start, prefilled, first, end = run(prompt, new)
-    return {"impl": f"llama.cpp (llama-cpp-python {importlib.metadata.version('llama-cpp-python')})",
-            "ttft_s": round(first - start, 4), "prefill_tok_s": round(length / (prefilled - start), 2),
-            "decode_tok_s": round((new - 1) / (end - first), 2), "load_s": round(load_s, 2),
-            "peak_rss_mb": round(peak_rss_mb())}
+    return _figures(_llama_impl(), run(prompt, new), length, 1, new, load_s)
 
 
 def worker_llama_batched(model: str, length: int, batch: int, new: int, threads: int | None) -> dict:
     handle = open_batched(model, batch, length + new, batch * length, threads)
     prompts = _prompts(length, batch)
     run_batched(handle, [p[:16] for p in prompts], 4)  # warm-up
-    (start, prefilled, first, end), _ = run_batched(handle, prompts, new)
-    return {"impl": f"llama.cpp (llama-cpp-python {importlib.metadata.version('llama-cpp-python')})",
-            "ttft_s": round(first - start, 4), "prefill_tok_s": round(length * batch / (prefilled - start), 2),
-            "decode_tok_s": round((new - 1) * batch / (end - first), 2), "load_s": round(handle[-1], 2),
-            "peak_rss_mb": round(peak_rss_mb())}
+    times, _ = run_batched(handle, prompts, new)
+    return _figures(_llama_impl(), times, length, batch, new, handle[-1])
 
 
 def worker_genai(model: str, length: int, batch: int, new: int, threads: int | None) -> dict:
@@ -250,11 +255,7 @@ def worker_genai(model: str, length: int, batch: int, new: int, threads: int | N
 
     prompts = _prompts(length, batch)
     run([p[:16] for p in prompts], 4)  # warm-up
-    start, prefilled, first, end = run(prompts, new)
-    return {"impl": f"onnxruntime-genai {og.__version__}", "ttft_s": round(first - start, 4),
-            "prefill_tok_s": round(length * batch / (prefilled - start), 2),
-            "decode_tok_s": round((new - 1) * batch / (end - first), 2), "load_s": round(load_s, 2),
-            "peak_rss_mb": round(peak_rss_mb())}
+    return _figures(f"onnxruntime-genai {og.__version__}", run(prompts, new), length, batch, new, load_s)
 
 
 def _log_probs(model: str, ids: list[int], threads: int | None) -> np.ndarray:
